@@ -1,0 +1,21 @@
+//! The streaming artifact format, version 1 (specified in docs/format.md).
+//!
+//! This is the innermost layer of streamsnap: the table of contents (TOC) and chunk table of a
+//! streaming layer, the media types and annotations of the artifact, content digests and the OCI
+//! manifest types the artifact is written in. It is pure: no I/O, no network, no async runtime.
+//! Everything that reads bytes from somewhere hands them to this crate as slices.
+
+pub mod api;
+mod chunk;
+mod digest;
+mod error;
+pub mod media;
+pub mod oci;
+mod path;
+mod toc;
+
+pub use chunk::{MAX_CHUNK_SIZE, compress_chunk, decode_chunk, max_compressed_size};
+pub use digest::{Digest, DigestHasher};
+pub use error::{Error, Result};
+pub use path::{normalize_tar_path, validate_path};
+pub use toc::{FORMAT_VERSION, MAX_TOC_DECODED_SIZE, Piece, Toc, encode_toc};

@@ -1,0 +1,75 @@
+//! Media types, artifact type and annotation keys: the names the artifact is found and read by.
+
+/// `artifactType` of a streaming artifact manifest.
+pub const ARTIFACT_TYPE: &str = "application/vnd.streamsnap.streaming.v1";
+/// A streaming layer's table of contents: protobuf `streamsnap.toc.v1.Toc`, zstd-compressed.
+pub const TOC: &str = "application/vnd.streamsnap.toc.v1.protobuf+zstd";
+/// A streaming layer's data blob: independently zstd-compressed chunks, back to back.
+pub const CHUNKS: &str = "application/vnd.streamsnap.chunks.v1+zstd";
+
+/// Manifest annotation: the format version the artifact was written in.
+pub const ANNOTATION_FORMAT_VERSION: &str = "io.streamsnap.format.version";
+/// Manifest annotation: digest of the image manifest the artifact was made from.
+pub const ANNOTATION_SOURCE_MANIFEST: &str = "io.streamsnap.source.manifest";
+/// Layer annotation (on TOC and data descriptors): digest of the original layer blob.
+pub const ANNOTATION_LAYER_DIGEST: &str = "io.streamsnap.layer.digest";
+/// Layer annotation (on TOC and data descriptors): diff ID of the original layer.
+pub const ANNOTATION_LAYER_DIFF_ID: &str = "io.streamsnap.layer.diffid";
+/// Manifest annotation: version of the streamsnap build that converted the image.
+pub const ANNOTATION_CONVERTER: &str = "io.streamsnap.converter";
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_SCHEMA1_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v1+json";
+pub const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+
+/// The content of the OCI empty descriptor, and its digest.
+pub const OCI_EMPTY_CONTENT: &[u8] = b"{}";
+pub const OCI_EMPTY_DIGEST: &str =
+    "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
+
+/// Every manifest and index media type, for an `Accept` header. Some registries (distribution
+/// 2.8) answer 404 for a manifest whose media type the request does not accept.
+pub const MANIFEST_ACCEPT: &[&str] = &[
+    OCI_MANIFEST,
+    OCI_INDEX,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+];
+
+pub fn is_index(media_type: &str) -> bool {
+    media_type == OCI_INDEX || media_type == DOCKER_MANIFEST_LIST
+}
+
+pub fn is_image_manifest(media_type: &str) -> bool {
+    media_type == OCI_MANIFEST || media_type == DOCKER_MANIFEST
+}
+
+/// How an image layer's tar stream is compressed, from its media type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerCompression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl LayerCompression {
+    /// `None` for media types that are not image layers this build can read (foreign or
+    /// non-distributable layers, encrypted layers, other artifacts).
+    pub fn from_media_type(media_type: &str) -> Option<Self> {
+        match media_type {
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar" => Some(Self::None),
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Some(Self::Gzip),
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Some(Self::Zstd),
+            _ => None,
+        }
+    }
+}
