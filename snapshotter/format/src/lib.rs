@@ -18,4 +18,4 @@ pub use chunk::{MAX_CHUNK_SIZE, compress_chunk, decode_chunk, max_compressed_siz
 pub use digest::{Digest, DigestHasher};
 pub use error::{Error, Result};
 pub use path::{normalize_tar_path, validate_path};
-pub use toc::{FORMAT_VERSION, MAX_TOC_DECODED_SIZE, Piece, Toc, encode_toc};
+pub use toc::{FORMAT_VERSION, MAX_TOC_DECODED_SIZE, Piece, Toc, encode_toc, tar_name};

@@ -27,6 +27,30 @@ pub fn encode_toc(toc: &api::Toc) -> Vec<u8> {
     zstd::bulk::compress(&raw, 9).expect("zstd compression of an in-memory buffer cannot fail")
 }
 
+/// The name the entry had in the original layer tar: whiteouts and opaque markers get their
+/// `.wh.` names back. Useful to compare a TOC with its source and for listings.
+pub fn tar_name(entry: &api::Entry) -> Vec<u8> {
+    let marker = |parent: &[u8], name: &[u8]| {
+        let mut out = parent.to_vec();
+        if !out.is_empty() {
+            out.push(b'/');
+        }
+        out.extend_from_slice(name);
+        out
+    };
+    match EntryType::try_from(entry.r#type) {
+        Ok(EntryType::Opaque) => marker(&entry.path, b".wh..wh..opq"),
+        Ok(EntryType::Whiteout) => {
+            let (parent, name) = match entry.path.iter().rposition(|&b| b == b'/') {
+                Some(slash) => (&entry.path[..slash], &entry.path[slash + 1..]),
+                None => (&entry.path[..0], &entry.path[..]),
+            };
+            marker(parent, &[b".wh.".as_slice(), name].concat())
+        }
+        _ => entry.path.clone(),
+    }
+}
+
 /// A decoded TOC that passed validation: every index, offset and length in it is in bounds, so
 /// readers can use it without further checks.
 #[derive(Clone, Debug)]
@@ -431,6 +455,16 @@ mod tests {
             mutate(&mut raw);
             assert!(Toc::from_raw(raw).is_err(), "{name} must be refused");
         }
+    }
+
+    #[test]
+    fn tar_name_restores_whiteout_markers() {
+        let entry = |path: &[u8], kind: EntryType| api::Entry { path: path.to_vec(), r#type: kind as i32, ..Default::default() };
+        assert_eq!(tar_name(&entry(b"etc/passwd", EntryType::Whiteout)), b"etc/.wh.passwd");
+        assert_eq!(tar_name(&entry(b"top", EntryType::Whiteout)), b".wh.top");
+        assert_eq!(tar_name(&entry(b"var/cache", EntryType::Opaque)), b"var/cache/.wh..wh..opq");
+        assert_eq!(tar_name(&entry(b"", EntryType::Opaque)), b".wh..wh..opq");
+        assert_eq!(tar_name(&entry(b"a/b", EntryType::Regular)), b"a/b");
     }
 
     #[test]
