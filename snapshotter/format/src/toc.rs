@@ -160,6 +160,9 @@ impl Toc {
     pub fn pieces(&self, entry: &api::Entry, offset: u64, len: u64) -> Vec<Piece> {
         let end = offset.saturating_add(len).min(entry.size);
         let mut pieces = Vec::new();
+        if end <= offset {
+            return pieces;
+        }
         let mut extent_start = 0u64;
         for extent in &entry.extents {
             let extent_end = extent_start + u64::from(extent.length);
@@ -407,6 +410,7 @@ mod tests {
             }]
         );
         assert!(toc.pieces(big, 2500, 10).is_empty());
+        assert!(toc.pieces(big, 10, 0).is_empty());
         assert!(toc.pieces(big, u64::MAX, u64::MAX).is_empty());
     }
 
@@ -459,10 +463,20 @@ mod tests {
 
     #[test]
     fn tar_name_restores_whiteout_markers() {
-        let entry = |path: &[u8], kind: EntryType| api::Entry { path: path.to_vec(), r#type: kind as i32, ..Default::default() };
-        assert_eq!(tar_name(&entry(b"etc/passwd", EntryType::Whiteout)), b"etc/.wh.passwd");
+        let entry = |path: &[u8], kind: EntryType| api::Entry {
+            path: path.to_vec(),
+            r#type: kind as i32,
+            ..Default::default()
+        };
+        assert_eq!(
+            tar_name(&entry(b"etc/passwd", EntryType::Whiteout)),
+            b"etc/.wh.passwd"
+        );
         assert_eq!(tar_name(&entry(b"top", EntryType::Whiteout)), b".wh.top");
-        assert_eq!(tar_name(&entry(b"var/cache", EntryType::Opaque)), b"var/cache/.wh..wh..opq");
+        assert_eq!(
+            tar_name(&entry(b"var/cache", EntryType::Opaque)),
+            b"var/cache/.wh..wh..opq"
+        );
         assert_eq!(tar_name(&entry(b"", EntryType::Opaque)), b".wh..wh..opq");
         assert_eq!(tar_name(&entry(b"a/b", EntryType::Regular)), b"a/b");
     }

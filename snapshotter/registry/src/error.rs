@@ -1,0 +1,223 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use streamsnap_format::Digest;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong talking to a registry. URLs in these variants never carry a
+/// query string or userinfo (upload state and signed redirect URLs live there), and no variant
+/// ever holds a password, a token or an `Authorization` header.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid image reference {reference:?}: {reason}")]
+    InvalidReference { reference: String, reason: String },
+
+    #[error("docker config {}: cannot read it", path.display())]
+    DockerConfigRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("docker config {}: malformed JSON", path.display())]
+    DockerConfigParse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("docker config {}: entry for {registry}: {reason}", path.display())]
+    DockerConfigEntry {
+        path: PathBuf,
+        registry: String,
+        reason: &'static str,
+    },
+
+    #[error("invalid media type {media_type:?}: not a valid HTTP header value")]
+    InvalidMediaType { media_type: String },
+
+    #[error("invalid client configuration: {field}: {reason}")]
+    InvalidConfig {
+        field: &'static str,
+        reason: &'static str,
+    },
+
+    #[error("cannot set up TLS")]
+    Tls(#[source] rustls::Error),
+
+    #[error("invalid URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: &'static str },
+
+    #[error("{method} {url}: cannot connect or send the request")]
+    Transport {
+        method: Method,
+        url: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+
+    #[error("{method} {url}: no progress for {after:?} while waiting for the {phase}")]
+    Timeout {
+        method: Method,
+        url: String,
+        phase: &'static str,
+        after: Duration,
+    },
+
+    #[error("{method} {url}: reading the response body failed")]
+    Body {
+        method: Method,
+        url: String,
+        #[source]
+        source: hyper::Error,
+    },
+
+    #[error(
+        "{method} {url}: body ended after {received} bytes, expected {expected} \
+         (connection closed early)"
+    )]
+    ShortBody {
+        method: Method,
+        url: String,
+        expected: u64,
+        received: u64,
+    },
+
+    #[error("{registry}: unauthorized: {reason}")]
+    Unauthorized { registry: String, reason: String },
+
+    #[error("{method} {url}: not found{}", registry_message(code, message))]
+    NotFound {
+        method: Method,
+        url: String,
+        code: Option<String>,
+        message: Option<String>,
+    },
+
+    #[error(
+        "{method} {url}: registry answered {status}{}",
+        registry_message(code, message)
+    )]
+    Status {
+        method: Method,
+        url: String,
+        status: StatusCode,
+        code: Option<String>,
+        message: Option<String>,
+    },
+
+    #[error("{method} {url}: unexpected response: {reason}")]
+    UnexpectedResponse {
+        method: Method,
+        url: String,
+        reason: String,
+    },
+
+    #[error("{method} {url}: more than {limit} redirects")]
+    TooManyRedirects {
+        method: Method,
+        url: String,
+        limit: usize,
+    },
+
+    #[error("{url}: body is larger than the limit of {limit} bytes")]
+    TooLarge { url: String, limit: u64 },
+
+    #[error("{url}: content does not match digest {expected} (got {actual})")]
+    DigestMismatch {
+        url: String,
+        expected: Digest,
+        actual: Digest,
+    },
+
+    #[error("{url}: malformed {what}")]
+    InvalidJson {
+        url: String,
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("{}: {action}", path.display())]
+    File {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{}: content is {actual}, not the digest {expected} it is pushed as", path.display())]
+    FileDigestMismatch {
+        path: PathBuf,
+        expected: Digest,
+        actual: Digest,
+    },
+
+    #[error("referrer manifest has no subject: set `subject` to the manifest it refers to")]
+    MissingSubject,
+
+    #[error("cannot serialize {what}")]
+    Serialize {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// The registry answered 404 (blob, manifest, tag or repository unknown).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::NotFound { .. })
+    }
+
+    /// The HTTP status the registry answered with, for errors that come from a status.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            Self::NotFound { .. } => Some(StatusCode::NOT_FOUND),
+            Self::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// ` (CODE: message)` for a registry's error body, or nothing.
+pub(crate) fn registry_message(code: &Option<String>, message: &Option<String>) -> String {
+    match (code, message) {
+        (Some(c), Some(m)) if !m.is_empty() => format!(" ({c}: {m})"),
+        (Some(c), _) => format!(" ({c})"),
+        (None, Some(m)) if !m.is_empty() => format!(" ({m})"),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_errors_show_the_registry_code_and_message() {
+        let e = Error::Status {
+            method: Method::PUT,
+            url: "http://r/v2/a/manifests/x".into(),
+            status: StatusCode::BAD_REQUEST,
+            code: Some("MANIFEST_INVALID".into()),
+            message: Some("manifest invalid".into()),
+        };
+        assert_eq!(
+            e.to_string(),
+            "PUT http://r/v2/a/manifests/x: registry answered 400 Bad Request \
+             (MANIFEST_INVALID: manifest invalid)"
+        );
+        assert!(!e.is_not_found());
+        let nf = Error::NotFound {
+            method: Method::GET,
+            url: "u".into(),
+            code: None,
+            message: None,
+        };
+        assert!(nf.is_not_found());
+        assert_eq!(nf.to_string(), "GET u: not found");
+    }
+}
