@@ -1,0 +1,127 @@
+//! `streamsnap artifact-streaming create`
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use streamsnap_convert::{ConvertOptions, CreateOptions, Progress};
+use streamsnap_format::MAX_CHUNK_SIZE;
+
+use crate::output::{Format, human_bytes};
+use crate::registry_args::{RegistryArgs, parse_reference};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Image to convert: REGISTRY/REPO:TAG or REGISTRY/REPO@DIGEST (linux/amd64, or an index
+    /// with a linux/amd64 entry).
+    #[arg(long)]
+    image: String,
+    /// text: a summary; json: the pushed artifact's descriptor and nothing else on stdout.
+    #[arg(long, value_enum, default_value_t)]
+    output: Format,
+    /// Convert and push even if the image already has a streaming artifact.
+    #[arg(long)]
+    force: bool,
+    /// Largest uncompressed chunk in bytes (64 KiB to 16 MiB).
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u32).range(65536..=i64::from(MAX_CHUNK_SIZE)))]
+    chunk_size: u32,
+    /// zstd compression level of the chunks (1 to 19).
+    #[arg(long, value_name = "LEVEL", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    compression_level: i32,
+    /// Directory for the chunk blobs staged before upload [default: the system temp dir].
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let reference = parse_reference(&args.image)?;
+    let client = args.registry.client_for(&reference)?;
+    let options = CreateOptions {
+        convert: ConvertOptions {
+            max_chunk_size: args.chunk_size,
+            compression_level: args.compression_level,
+            ..ConvertOptions::default()
+        },
+        force: args.force,
+        work_dir: args.work_dir,
+    };
+    let progress = Arc::new(Progress::default());
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| show_progress(progress.clone()));
+    let started = Instant::now();
+    let result = streamsnap_convert::create(&client, &reference, &options, progress).await;
+    if let Some(bar) = bar {
+        bar.abort();
+        let _ = bar.await;
+    }
+    let created = result.with_context(|| format!("converting {reference}"))?;
+    match args.output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&created.artifact)?),
+        Format::Text => {
+            if created.existing {
+                println!(
+                    "{reference} already has a streaming artifact (use --force to convert again)"
+                );
+            } else {
+                let source: u64 = created.layers.iter().map(|l| l.source_size).sum();
+                let uncompressed: u64 = created.layers.iter().map(|l| l.uncompressed_size).sum();
+                let streaming: u64 = created
+                    .layers
+                    .iter()
+                    .map(|l| l.data.size + l.toc.size)
+                    .sum();
+                let seconds = started.elapsed().as_secs_f64();
+                println!(
+                    "converted {reference}: {} layers, {} compressed ({} uncompressed) -> {} streaming, in {seconds:.1} s ({:.0} MB/s uncompressed)",
+                    created.layers.len(),
+                    human_bytes(source),
+                    human_bytes(uncompressed),
+                    human_bytes(streaming),
+                    uncompressed as f64 / 1e6 / seconds.max(1e-9),
+                );
+            }
+            println!("artifact {}", created.artifact.digest);
+            println!(
+                "  artifactType {}",
+                created.artifact.artifact_type.as_deref().unwrap_or("-")
+            );
+            println!("  subject {}", created.subject.digest);
+        }
+    }
+    Ok(())
+}
+
+/// Draws a progress bar on stderr from the conversion's counters until aborted.
+fn show_progress(progress: Arc<Progress>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} converting [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("progress template is valid")
+            .progress_chars("=> "),
+        );
+        let _clear = ClearOnDrop(bar.clone());
+        loop {
+            bar.set_length(progress.total.load(Ordering::Relaxed));
+            bar.set_position(progress.done.load(Ordering::Relaxed));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+struct ClearOnDrop(indicatif::ProgressBar);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}

@@ -1,0 +1,99 @@
+//! `streamsnap`: the command line of the registry side. Converts images into streaming
+//! artifacts and inspects what a registry holds.
+
+mod create;
+mod list_referrers;
+mod output;
+mod registry_args;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "streamsnap",
+    version,
+    about = "Artifact streaming for container images"
+)]
+struct Cli {
+    /// More log output on stderr (-v info, -vv debug). STREAMSNAP_LOG=<filter> overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Streaming artifacts: create them from images.
+    #[command(subcommand)]
+    ArtifactStreaming(ArtifactStreaming),
+    /// Manifests in a registry.
+    #[command(subcommand)]
+    Manifest(Manifest),
+}
+
+#[derive(Debug, Subcommand)]
+enum ArtifactStreaming {
+    /// Convert a linux/amd64 image into a streaming artifact and push it as an OCI referrer.
+    Create(create::Args),
+}
+
+#[derive(Debug, Subcommand)]
+enum Manifest {
+    /// List the referrers of an image manifest (OCI referrers API, or the fallback tag).
+    ListReferrers(list_referrers::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::ArtifactStreaming(ArtifactStreaming::Create(args)) => create::run(args).await,
+            Command::Manifest(Manifest::ListReferrers(args)) => list_referrers::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", output::error_chain(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    let default = match verbose {
+        0 => LevelFilter::WARN,
+        1 => LevelFilter::INFO,
+        2 => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
+    };
+    let filter = std::env::var("STREAMSNAP_LOG")
+        .ok()
+        .and_then(|spec| spec.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(default));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false),
+        )
+        .with(filter)
+        .init();
+}

@@ -1,0 +1,20 @@
+//! Conversion: container image in, streaming artifact out, pushed as an OCI referrer of the
+//! image it was made from.
+//!
+//! This layer knows the format (how a layer becomes a TOC and chunk blob) and the registry
+//! client (where bytes come from and go to). It knows nothing of containerd, FUSE or the node.
+//! Conversion itself is synchronous and CPU-bound (`layer`, `chunker`); `create` drives it from
+//! async code, streaming each layer from the registry into a blocking conversion thread.
+
+mod chunker;
+mod create;
+mod entry;
+mod error;
+mod layer;
+mod source;
+mod tarstream;
+
+pub use create::{CreateOptions, Created, LayerReport, Progress, create, find_existing};
+pub use error::{Error, Result};
+pub use layer::{ConvertOptions, ConvertedLayer, LayerSource, convert_layer};
+pub use source::{PLATFORM_ARCHITECTURE, PLATFORM_OS, SourceImage, SourceLayer, resolve};
