@@ -1,0 +1,30 @@
+//! `streamsnap-bench`: benchmark programs. Each prints its figures (median, min/max over runs,
+//! and the ratio to a baseline measured in the same run); none asserts on time. Results and how
+//! to read them: docs/benchmarks.md.
+
+mod convert;
+mod stats;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "streamsnap-bench",
+    about = "streamsnap benchmarks (print figures)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Conversion throughput of a generated layer against `ctr-remote image convert --estargz`.
+    Convert(convert::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().bench {
+        Bench::Convert(args) => convert::run(args),
+    }
+}
