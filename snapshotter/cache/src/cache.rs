@@ -1,0 +1,394 @@
+//! [`ChunkCache`]: memory, then disk, then the source, for the chunks of one `get`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use streamsnap_format::Digest;
+
+use crate::config::CacheConfig;
+use crate::disk::{Layout, Load, lock};
+use crate::error::{Error, Result};
+use crate::fetch::{self, Deadline, Flights, Lead, Outcome, Role};
+use crate::index::Index;
+use crate::memory::Memory;
+use crate::stats::{self, Counters, Stats};
+use crate::{BlobSource, ChunkRef};
+
+/// Verified chunks on local disk, bounded by a byte cap, with a small memory LRU in front and
+/// single-flight fetching behind. `Send + Sync`: share one through an `Arc` for all layers.
+/// One cache per directory: two caches on the same directory would delete each other's files.
+#[derive(Debug)]
+pub struct ChunkCache {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: CacheConfig,
+    layout: Layout,
+    index: Mutex<Index>,
+    memory: Mutex<Memory>,
+    flights: Flights,
+    counters: Counters,
+}
+
+/// How much the cache holds now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Sum of the sizes of the chunk files in the index.
+    pub disk_bytes: u64,
+    pub disk_chunks: u64,
+    pub memory_bytes: u64,
+}
+
+impl ChunkCache {
+    /// Opens the cache in `config.dir`: creates the directories, deletes leftovers of
+    /// interrupted writes and files that are not chunks, indexes the chunk files (LRU order from
+    /// their modification and access times, contents are not read), then evicts down to the
+    /// capacity. Blocking file system work: in async code, call it from `spawn_blocking`.
+    pub fn open(config: CacheConfig) -> Result<Self> {
+        config.validate()?;
+        let layout = Layout::new(&config.dir);
+        let mut index = Index::new(config.capacity_bytes);
+        for found in layout.open()? {
+            index.insert_existing(found.digest, found.size);
+        }
+        let counters = Counters::default();
+        let victims = index.evict_over_capacity();
+        let bytes: u64 = victims.iter().map(|(_, size)| size).sum();
+        for (digest, _) in &victims {
+            layout.remove(digest);
+        }
+        index.deleted(bytes);
+        stats::add(&counters.evictions, victims.len() as u64);
+        stats::add(&counters.evicted_bytes, bytes);
+        tracing::debug!(
+            dir = %config.dir.display(),
+            chunks = index.len(),
+            bytes = index.stored_bytes(),
+            evicted = victims.len(),
+            "opened chunk cache"
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                memory: Mutex::new(Memory::new(config.memory_bytes)),
+                index: Mutex::new(index),
+                layout,
+                config,
+                flights: Flights::default(),
+                counters,
+            }),
+        })
+    }
+
+    /// The verified, uncompressed content of each chunk, in the order asked (chunks may
+    /// repeat). Hits come from memory, then disk (re-verified). Misses are fetched from `source`
+    /// in merged range requests, concurrently, shared with concurrent calls missing the same
+    /// chunks; bad frames are refetched alone up to `verify_attempts` times; retryable source
+    /// errors are retried until `fetch_deadline`. Never returns bytes that fail verification.
+    pub async fn get(
+        &self,
+        source: &Arc<dyn BlobSource>,
+        chunks: &[ChunkRef],
+    ) -> Result<Vec<Bytes>> {
+        let source: &dyn BlobSource = source.as_ref();
+        let deadline = Deadline::after(self.inner.config.fetch_deadline);
+        let counters = &self.inner.counters;
+        let mut found: HashMap<Digest, Bytes> = HashMap::with_capacity(chunks.len());
+        let mut seen = HashSet::with_capacity(chunks.len());
+        let mut wanted: Vec<ChunkRef> = chunks
+            .iter()
+            .filter(|chunk| seen.insert(chunk.digest))
+            .copied()
+            .collect();
+
+        while !wanted.is_empty() {
+            let mut leads = Vec::new();
+            let mut follows = Vec::new();
+            for chunk in wanted.drain(..) {
+                if let Some(data) = self.memory_get(&chunk) {
+                    stats::add(&counters.hits_memory, 1);
+                    found.insert(chunk.digest, data);
+                    continue;
+                }
+                match self.inner.flights.join(chunk.digest) {
+                    Role::Lead(lead) => leads.push((chunk, lead)),
+                    Role::Follow(follow) => follows.push((chunk, follow)),
+                }
+            }
+            for (digest, outcome) in self.lead(source, leads, &deadline).await {
+                found.insert(digest, outcome?);
+            }
+            let mut first_error = None;
+            for (chunk, follow) in follows {
+                stats::add(&counters.coalesced, 1);
+                match tokio::time::timeout_at(deadline.at, follow.wait()).await {
+                    Ok(Some(Ok(data))) if data.len() == chunk.size as usize => {
+                        found.insert(chunk.digest, data);
+                    }
+                    // Same digest, other size: this ref (its TOC) is wrong.
+                    Ok(Some(Ok(data))) => {
+                        first_error.get_or_insert(Error::Corrupt {
+                            blob: source.describe(),
+                            digest: chunk.digest,
+                            attempts: 1,
+                            reason: format!(
+                                "the chunk has {} bytes, the TOC says {}",
+                                data.len(),
+                                chunk.size
+                            ),
+                        });
+                    }
+                    Ok(Some(Err(e))) => {
+                        first_error.get_or_insert(e);
+                    }
+                    // The leading call was cancelled: try again.
+                    Ok(None) => wanted.push(chunk),
+                    Err(_elapsed) => {
+                        let last = "waiting for a concurrent read of the same chunk".to_string();
+                        first_error.get_or_insert(deadline.exceeded(source, Some(last)));
+                    }
+                }
+            }
+            if let Some(e) = first_error {
+                return Err(e);
+            }
+        }
+        Ok(chunks.iter().map(|c| found[&c.digest].clone()).collect())
+    }
+
+    /// Whether the chunk is in memory or on disk (as far as the index knows; no I/O).
+    pub fn contains(&self, digest: &Digest) -> bool {
+        lock(&self.inner.memory).contains(digest) || lock(&self.inner.index).contains(digest)
+    }
+
+    pub fn usage(&self) -> Usage {
+        let (disk_bytes, disk_chunks) = {
+            let index = lock(&self.inner.index);
+            (index.stored_bytes(), index.len() as u64)
+        };
+        Usage {
+            disk_bytes,
+            disk_chunks,
+            memory_bytes: lock(&self.inner.memory).bytes(),
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot()
+    }
+
+    fn memory_get(&self, chunk: &ChunkRef) -> Option<Bytes> {
+        lock(&self.inner.memory)
+            .get(&chunk.digest)
+            .filter(|data| data.len() == chunk.size as usize)
+    }
+
+    /// Gets the chunks this call leads: from disk where indexed, else from the source.
+    async fn lead<'a>(
+        &'a self,
+        source: &dyn BlobSource,
+        leads: Vec<(ChunkRef, Lead<'a>)>,
+        deadline: &Deadline,
+    ) -> Vec<(Digest, Outcome)> {
+        if leads.is_empty() {
+            return Vec::new();
+        }
+        let (on_disk, mut missing): (Vec<_>, Vec<_>) = {
+            let mut index = lock(&self.inner.index);
+            leads
+                .into_iter()
+                .partition(|(chunk, _)| index.touch(&chunk.digest))
+        };
+        let loads = join_all(on_disk.into_iter().map(|(chunk, lead)| async move {
+            let data = self.load(chunk).await;
+            (chunk, lead, data)
+        }))
+        .await;
+        let mut results = Vec::new();
+        for (chunk, lead, data) in loads {
+            match data {
+                Some(data) => {
+                    stats::add(&self.inner.counters.hits_disk, 1);
+                    lock(&self.inner.memory).insert(chunk.digest, data.clone());
+                    lead.resolve(Ok(data.clone()));
+                    results.push((chunk.digest, Ok(data)));
+                }
+                None => missing.push((chunk, lead)),
+            }
+        }
+        if missing.is_empty() {
+            return results;
+        }
+        stats::add(&self.inner.counters.misses, missing.len() as u64);
+        let config = &self.inner.config;
+        let runs = fetch::plan_runs(missing, config.max_request_bytes, config.max_gap_bytes);
+        let fetched = join_all(
+            runs.into_iter()
+                .map(|run| self.fetch_run(source, run, deadline)),
+        )
+        .await;
+        results.extend(fetched.into_iter().flatten());
+        results
+    }
+
+    /// Reads a chunk file and verifies it. A file that is missing, unreadable or corrupt is
+    /// taken out of the index (and deleted): `None`, fetch it.
+    async fn load(&self, chunk: ChunkRef) -> Option<Bytes> {
+        let inner = Arc::clone(&self.inner);
+        let digest = chunk.digest;
+        let loaded = tokio::task::spawn_blocking(move || {
+            let loaded = inner.layout.load(&digest);
+            let delete = match &loaded {
+                Load::Verified(_) => false,
+                Load::Missing => true,
+                Load::Corrupt(actual) => {
+                    stats::add(&inner.counters.verify_failures, 1);
+                    tracing::warn!(%digest, %actual, "cached chunk is corrupt on disk, deleting it");
+                    true
+                }
+                Load::Failed(e) => {
+                    tracing::warn!(%digest, error = %e, "cannot read a cached chunk, deleting it");
+                    true
+                }
+            };
+            let taken = if delete { lock(&inner.index).take(&digest) } else { None };
+            if let Some(size) = taken {
+                if !matches!(loaded, Load::Missing) {
+                    inner.layout.remove(&digest);
+                }
+                lock(&inner.index).deleted(size);
+            }
+            loaded
+        })
+        .await;
+        match loaded {
+            Ok(Load::Verified(data)) if data.len() == chunk.size as usize => {
+                Some(Bytes::from(data))
+            }
+            _ => None,
+        }
+    }
+
+    /// Fetches one run, verifies each frame (refetching bad ones alone), then hands each
+    /// outcome to its followers and stores the good chunks.
+    async fn fetch_run(
+        &self,
+        source: &dyn BlobSource,
+        run: fetch::Run<Lead<'_>>,
+        deadline: &Deadline,
+    ) -> Vec<(Digest, Outcome)> {
+        let counters = &self.inner.counters;
+        let body = match fetch::read_range(source, run.offset, run.len, deadline, counters).await {
+            Ok(body) => body,
+            Err(e) => {
+                return run
+                    .chunks
+                    .into_iter()
+                    .map(|(chunk, lead)| {
+                        lead.resolve(Err(e.clone()));
+                        (chunk.digest, Err(e.clone()))
+                    })
+                    .collect();
+            }
+        };
+        if body.len() as u64 != run.len {
+            tracing::debug!(
+                blob = %source.describe(), offset = run.offset, len = run.len, got = body.len(),
+                "source returned a body of the wrong length"
+            );
+        }
+        let frames = run
+            .chunks
+            .iter()
+            .map(|(chunk, _)| (*chunk, frame_of(&body, run.offset, chunk)))
+            .collect();
+        let verified = fetch::verify(frames).await;
+        let finishing =
+            run.chunks
+                .into_iter()
+                .zip(verified)
+                .map(|((chunk, lead), first)| async move {
+                    let outcome = match first {
+                        Ok(data) => Ok(data),
+                        Err(reason) => self.refetch(source, chunk, reason, deadline).await,
+                    };
+                    self.finish(chunk.digest, lead, outcome).await
+                });
+        join_all(finishing).await
+    }
+
+    /// After a frame failed verification (`reason`): fetches it alone until it verifies or
+    /// `verify_attempts` fetches in all failed.
+    async fn refetch(
+        &self,
+        source: &dyn BlobSource,
+        chunk: ChunkRef,
+        mut reason: String,
+        deadline: &Deadline,
+    ) -> Outcome {
+        let counters = &self.inner.counters;
+        let mut attempts = 1;
+        loop {
+            stats::add(&counters.verify_failures, 1);
+            tracing::debug!(blob = %source.describe(), digest = %chunk.digest, attempts, %reason, "chunk failed verification");
+            if attempts >= self.inner.config.verify_attempts {
+                return Err(Error::Corrupt {
+                    blob: source.describe(),
+                    digest: chunk.digest,
+                    attempts,
+                    reason,
+                });
+            }
+            attempts += 1;
+            let len = u64::from(chunk.compressed_size);
+            let body = fetch::read_range(source, chunk.offset, len, deadline, counters).await?;
+            let frame = frame_of(&body, chunk.offset, &chunk);
+            match fetch::verify(vec![(chunk, frame)]).await.pop() {
+                Some(Ok(data)) => return Ok(data),
+                Some(Err(why)) => reason = why,
+                None => reason = "verification gave no result".into(),
+            }
+        }
+    }
+
+    /// Publishes the outcome: memory first and the followers, then the disk, and only then
+    /// ends the flight, so that a call arriving meanwhile finds either the flight or the file.
+    async fn finish(&self, digest: Digest, lead: Lead<'_>, outcome: Outcome) -> (Digest, Outcome) {
+        if let Ok(data) = &outcome {
+            lock(&self.inner.memory).insert(digest, data.clone());
+            lead.resolve(Ok(data.clone()));
+            let inner = Arc::clone(&self.inner);
+            let data = data.clone();
+            let stored = tokio::task::spawn_blocking(move || {
+                inner
+                    .layout
+                    .store(&inner.index, &inner.counters, &digest, &data)
+            })
+            .await;
+            if stored.is_err() {
+                stats::add(&self.inner.counters.store_failures, 1);
+            }
+        } else if let Err(e) = &outcome {
+            lead.resolve(Err(e.clone()));
+        }
+        drop(lead);
+        (digest, outcome)
+    }
+}
+
+/// The frame of `chunk` in a body fetched from `offset`, or why it is not all there.
+fn frame_of(body: &Bytes, offset: u64, chunk: &ChunkRef) -> Result<Bytes, String> {
+    let start = chunk.offset - offset;
+    let end = start + u64::from(chunk.compressed_size);
+    if end > body.len() as u64 {
+        return Err(format!(
+            "short body: the source returned {} bytes from offset {offset}, the frame ends at {}",
+            body.len(),
+            chunk.end()
+        ));
+    }
+    Ok(body.slice(start as usize..end as usize))
+}
