@@ -1,0 +1,481 @@
+//! The `fuser` adapter: kernel requests in, [`LayerFs`] calls, replies out.
+//!
+//! Metadata requests are answered inline on the fuser thread (they only read the inode table).
+//! Reads are spawned on the tokio runtime whose handle the caller passes in and answered from
+//! the task, so a slow chunk fetch holds up no other request. The layer is immutable: open files
+//! keep the page cache, attributes and entries are cached for a long TTL, and every request that
+//! would change something is refused with EROFS.
+
+use std::ffi::OsStr;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, CopyFileRangeFlags, Errno as FuseErrno, FileAttr, FileHandle, FileType,
+    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use nix::errno::Errno;
+use tokio::runtime::Handle;
+
+use crate::layer::{Attr, FileKind, LayerFs};
+
+/// Readahead asked of the kernel (it may allow less): chunks are up to 1 MiB and fetched whole.
+const MAX_READAHEAD: u32 = 1 << 20;
+/// Background requests (readahead, async reads) the kernel may have in flight at once.
+const MAX_BACKGROUND: u16 = 64;
+/// Capabilities asked for when the kernel offers them: parallel reads of one file, lookups and
+/// readdirs in one directory in parallel, symlink targets in the page cache, large requests.
+const WANTED_CAPABILITIES: InitFlags = InitFlags::FUSE_ASYNC_READ
+    .union(InitFlags::FUSE_PARALLEL_DIROPS)
+    .union(InitFlags::FUSE_CACHE_SYMLINKS)
+    .union(InitFlags::FUSE_MAX_PAGES);
+
+/// A [`LayerFs`] served through FUSE. Cheap to create; one per mount.
+#[derive(Debug)]
+pub struct FuseLayer {
+    fs: Arc<LayerFs>,
+    handle: Handle,
+    ttl: Duration,
+}
+
+impl FuseLayer {
+    /// `handle` runs the reads; `ttl` is how long the kernel may cache entries and attributes.
+    pub fn new(fs: Arc<LayerFs>, handle: Handle, ttl: Duration) -> Self {
+        Self { fs, handle, ttl }
+    }
+
+    fn attr(&self, attr: &Attr) -> FileAttr {
+        to_file_attr(attr)
+    }
+}
+
+fn errno(error: Errno) -> FuseErrno {
+    FuseErrno::from_i32(error as i32)
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::Directory => FileType::Directory,
+        FileKind::RegularFile => FileType::RegularFile,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+        FileKind::NamedPipe => FileType::NamedPipe,
+    }
+}
+
+fn to_file_attr(attr: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(attr.ino),
+        size: attr.size,
+        blocks: attr.blocks,
+        atime: attr.mtime,
+        mtime: attr.mtime,
+        ctime: attr.mtime,
+        crtime: UNIX_EPOCH,
+        kind: file_type(attr.kind),
+        perm: attr.perm,
+        nlink: attr.nlink,
+        uid: attr.uid,
+        gid: attr.gid,
+        rdev: attr.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+/// Replies to an xattr request: the size when asked for it, ERANGE when the buffer is small.
+fn reply_xattr(reply: ReplyXattr, size: u32, value: Result<Vec<u8>, Errno>) {
+    match value {
+        Err(error) => reply.error(errno(error)),
+        Ok(value) if size == 0 => reply.size(value.len() as u32),
+        Ok(value) if value.len() > size as usize => reply.error(FuseErrno::ERANGE),
+        Ok(value) => reply.data(&value),
+    }
+}
+
+fn read_only<T>(_: T) -> FuseErrno {
+    FuseErrno::EROFS
+}
+
+impl Filesystem for FuseLayer {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let offered = config.capabilities();
+        // Only asks for what the kernel offers, so this cannot fail.
+        let _ = config.add_capabilities(WANTED_CAPABILITIES & offered);
+        if let Err(kernel_max) = config.set_max_readahead(MAX_READAHEAD) {
+            let _ = config.set_max_readahead(kernel_max);
+        }
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND / 4 * 3);
+        tracing::debug!(
+            layer = %self.fs.toc().layer_digest(),
+            capabilities = ?(WANTED_CAPABILITIES & offered),
+            "fuse session initialised"
+        );
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.fs.lookup(parent.0, name) {
+            Ok(attr) => reply.entry(&self.ttl, &self.attr(&attr), Generation(0)),
+            Err(error) => reply.error(errno(error)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(attr) => reply.attr(&self.ttl, &self.attr(&attr)),
+            Err(error) => reply.error(errno(error)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(target) => reply.data(&target),
+            Err(error) => reply.error(errno(error)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            return reply.error(FuseErrno::EROFS);
+        }
+        match self.fs.getattr(ino.0) {
+            Ok(attr) if attr.kind == FileKind::Directory => reply.error(FuseErrno::EISDIR),
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(error) => reply.error(errno(error)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let fs = Arc::clone(&self.fs);
+        // If the runtime is shutting down the task is dropped, and with it the reply: fuser then
+        // answers EIO.
+        self.handle.spawn(async move {
+            match fs.read(ino.0, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(error) => reply.error(errno(error)),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _ds: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(FuseErrno::EROFS);
+        }
+        match self.fs.getattr(ino.0) {
+            Ok(attr) if attr.kind != FileKind::Directory => reply.error(FuseErrno::ENOTDIR),
+            // listings never change: let the kernel keep them in its cache
+            Ok(_) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(error) => reply.error(errno(error)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.fs.readdir_iter(ino.0, offset) {
+            Ok(entries) => {
+                for entry in entries {
+                    if reply.add(
+                        INodeNo(entry.ino),
+                        entry.offset,
+                        file_type(entry.kind),
+                        entry.name,
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(error) => reply.error(errno(error)),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ds: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = self.fs.statfs();
+        reply.statfs(
+            s.blocks,
+            0,
+            0,
+            s.files,
+            0,
+            s.block_size,
+            s.name_max,
+            s.block_size,
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        reply_xattr(reply, size, self.fs.getxattr(ino.0, name));
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        reply_xattr(reply, size, self.fs.listxattr(ino.0));
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        match self.fs.getattr(ino.0) {
+            Ok(_) if mask.contains(AccessFlags::W_OK) => reply.error(FuseErrno::EROFS),
+            Ok(_) => reply.ok(),
+            Err(error) => reply.error(errno(error)),
+        }
+    }
+
+    // Everything below would change the layer.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(read_only(ino));
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(read_only(parent));
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(read_only(parent));
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(read_only(parent));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(read_only(parent));
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(read_only(parent));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(read_only(parent));
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(read_only(ino));
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(read_only(ino));
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(read_only(ino));
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(read_only(ino));
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(read_only(parent));
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(read_only(ino));
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        reply.error(read_only(ino_out));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_mapping_keeps_the_code() {
+        for error in [
+            Errno::ENOENT,
+            Errno::EIO,
+            Errno::ENODATA,
+            Errno::ENOTDIR,
+            Errno::EISDIR,
+        ] {
+            assert_eq!(i32::from(errno(error)), error as i32);
+        }
+    }
+
+    #[test]
+    fn attributes_carry_over_to_fuser() {
+        let attr = Attr {
+            ino: 7,
+            kind: FileKind::CharDevice,
+            perm: 0o4755,
+            nlink: 2,
+            uid: 1000,
+            gid: 100,
+            size: 1025,
+            blocks: 3,
+            rdev: crate::layer::makedev(4, 64),
+            mtime: UNIX_EPOCH + Duration::new(1_700_000_000, 5),
+        };
+        let fuse = to_file_attr(&attr);
+        assert_eq!(fuse.ino, INodeNo(7));
+        assert_eq!(fuse.kind, FileType::CharDevice);
+        assert_eq!(
+            (fuse.perm, fuse.nlink, fuse.uid, fuse.gid),
+            (0o4755, 2, 1000, 100)
+        );
+        assert_eq!((fuse.size, fuse.blocks, fuse.rdev), (1025, 3, 0x440));
+        assert_eq!(fuse.mtime, attr.mtime);
+    }
+}
