@@ -14,9 +14,7 @@ const MAX_CONFIG_SIZE: u64 = 16 << 20;
 /// Largest layer blob accepted: a descriptor claiming more is malformed, not big.
 const MAX_LAYER_BLOB_SIZE: u64 = 1 << 40;
 
-/// The one platform streaming artifacts are made for.
-pub const PLATFORM_OS: &str = "linux";
-pub const PLATFORM_ARCHITECTURE: &str = "amd64";
+pub use streamsnap_format::oci::{PLATFORM_ARCHITECTURE, PLATFORM_OS};
 
 /// A linux/amd64 image manifest ready to convert.
 #[derive(Debug)]
@@ -147,32 +145,12 @@ pub async fn resolve(client: &Client, reference: &Reference) -> Result<SourceIma
 }
 
 fn pick_platform<'a>(image: &str, index: &'a ImageIndex) -> Result<&'a Descriptor> {
-    let is_target = |d: &&Descriptor| {
-        d.platform
-            .as_ref()
-            .is_some_and(|p| p.os == PLATFORM_OS && p.architecture == PLATFORM_ARCHITECTURE)
-            && media::is_image_manifest(&d.media_type)
-    };
-    index.manifests.iter().find(is_target).ok_or_else(|| {
-        let mut platforms: Vec<String> = index
-            .manifests
-            .iter()
-            .map(|d| {
-                d.platform
-                    .as_ref()
-                    .map_or_else(|| "unknown".to_owned(), ToString::to_string)
-            })
-            .collect();
-        platforms.dedup();
-        Error::UnsupportedPlatform {
+    index
+        .manifest_for(PLATFORM_OS, PLATFORM_ARCHITECTURE)
+        .ok_or_else(|| Error::UnsupportedPlatform {
             image: image.to_owned(),
-            platforms: if platforms.is_empty() {
-                "none".into()
-            } else {
-                platforms.join(", ")
-            },
-        }
-    })
+            platforms: index.platforms(),
+        })
 }
 
 fn check_is_image(image: &str, manifest: &ImageManifest) -> Result<()> {

@@ -101,7 +101,31 @@ pub struct ImageIndex {
     pub annotations: Annotations,
 }
 
+/// The one platform streaming artifacts are made for.
+pub const PLATFORM_OS: &str = "linux";
+pub const PLATFORM_ARCHITECTURE: &str = "amd64";
+
 impl ImageIndex {
+    /// The first image manifest of this index for `os`/`architecture` (any variant).
+    pub fn manifest_for(&self, os: &str, architecture: &str) -> Option<&Descriptor> {
+        self.manifests.iter().find(|d| {
+            crate::media::is_image_manifest(&d.media_type)
+                && d.platform.as_ref().is_some_and(|p| p.os == os && p.architecture == architecture)
+        })
+    }
+
+    /// The platforms this index lists, for messages: "linux/arm64/v8, unknown" ("none" when
+    /// empty).
+    pub fn platforms(&self) -> String {
+        let mut platforms: Vec<String> = self
+            .manifests
+            .iter()
+            .map(|d| d.platform.as_ref().map_or_else(|| "unknown".to_owned(), ToString::to_string))
+            .collect();
+        platforms.dedup();
+        if platforms.is_empty() { "none".into() } else { platforms.join(", ") }
+    }
+
     /// An empty OCI index, as the referrers API and the fallback tag hold.
     pub fn empty() -> Self {
         Self {

@@ -172,6 +172,20 @@ impl Error {
         matches!(self, Self::NotFound { .. })
     }
 
+    /// A failure that may pass: the network or the registry misbehaved (connection, timeout, cut
+    /// body, 429, 5xx). A caller with time left may try again; the client already retried.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Transport { .. } | Self::Timeout { .. } | Self::Body { .. } | Self::ShortBody { .. } => {
+                true
+            }
+            Self::Status { status, .. } => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            _ => false,
+        }
+    }
+
     /// The HTTP status the registry answered with, for errors that come from a status.
     pub fn status(&self) -> Option<StatusCode> {
         match self {

@@ -1,0 +1,177 @@
+//! The daemon's configuration: one TOML file, every section strict (an unknown key is an error
+//! at start, naming the key), defaults that work on a stock node. Flags override the file.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_ADDRESS: &str = "/run/streamsnap/snapshotter.sock";
+pub const DEFAULT_ROOT: &str = "/var/lib/streamsnap";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The unix socket containerd connects to.
+    pub address: PathBuf,
+    /// Where snapshots, the chunk cache and the metadata live.
+    pub root: PathBuf,
+    pub cache: CacheSection,
+    pub fetch: FetchSection,
+    pub fuse: FuseSection,
+    pub registry: RegistrySection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSection {
+    /// Disk cap of the chunk cache (`<root>/cache`), in bytes.
+    pub max_size_bytes: u64,
+    /// In-memory cache of recently read chunks, in bytes.
+    pub memory_bytes: u64,
+    /// Largest merged range request, in bytes.
+    pub max_request_bytes: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchSection {
+    /// A read whose chunks cannot be fetched within this many seconds fails with EIO.
+    pub deadline_seconds: u64,
+    /// Wait for a registry response (or the next bytes of one) before retrying.
+    pub timeout_seconds: u64,
+    /// Extra attempts of a failed request, with exponential backoff.
+    pub retries: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FuseSection {
+    /// FUSE event-loop threads per mounted layer.
+    pub threads: usize,
+    /// Seconds the kernel may cache entries and attributes (the content never changes).
+    pub attr_timeout_seconds: u64,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySection {
+    /// Registries (host[:port]) reached over plain HTTP; loopback always is.
+    pub plain_http: Vec<String>,
+    /// Docker config file with registry credentials [default: $DOCKER_CONFIG/config.json or
+    /// ~/.docker/config.json of the daemon's user].
+    pub docker_config: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            address: DEFAULT_ADDRESS.into(),
+            root: DEFAULT_ROOT.into(),
+            cache: CacheSection::default(),
+            fetch: FetchSection::default(),
+            fuse: FuseSection::default(),
+            registry: RegistrySection::default(),
+        }
+    }
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        Self {
+            max_size_bytes: 10 << 30,
+            memory_bytes: 64 << 20,
+            max_request_bytes: 8 << 20,
+        }
+    }
+}
+
+impl Default for FetchSection {
+    fn default() -> Self {
+        Self {
+            deadline_seconds: 60,
+            timeout_seconds: 30,
+            retries: 3,
+        }
+    }
+}
+
+impl Default for FuseSection {
+    fn default() -> Self {
+        Self {
+            threads: 2,
+            attr_timeout_seconds: 3600,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a config file; the error names the file and, for a bad key, the key.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let config: Self = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.fetch.deadline_seconds > 0,
+            "fetch.deadline_seconds must be at least 1"
+        );
+        anyhow::ensure!(
+            self.fetch.timeout_seconds > 0,
+            "fetch.timeout_seconds must be at least 1"
+        );
+        anyhow::ensure!(self.fuse.threads > 0, "fuse.threads must be at least 1");
+        anyhow::ensure!(
+            self.cache.max_request_bytes > 0,
+            "cache.max_request_bytes must be at least 1"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.address, PathBuf::from(DEFAULT_ADDRESS));
+        assert_eq!(config.cache.max_size_bytes, 10 << 30);
+    }
+
+    #[test]
+    fn sections_parse_and_unknown_keys_are_errors_naming_the_key() {
+        let config = Config::parse(
+            "root = \"/srv/ss\"\n[cache]\nmax_size_bytes = 1024\n[registry]\nplain_http = [\"r:5000\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.root, PathBuf::from("/srv/ss"));
+        assert_eq!(config.cache.max_size_bytes, 1024);
+        assert_eq!(
+            config.cache.memory_bytes,
+            64 << 20,
+            "unset keys keep their defaults"
+        );
+        assert_eq!(config.registry.plain_http, vec!["r:5000".to_owned()]);
+
+        let error = format!(
+            "{:#}",
+            Config::parse("[cache]\nmax_size = 1\n").unwrap_err()
+        );
+        assert!(error.contains("max_size"), "{error}");
+        let error = format!(
+            "{:#}",
+            Config::parse("[fetch]\ndeadline_seconds = 0\n").unwrap_err()
+        );
+        assert!(error.contains("deadline_seconds"), "{error}");
+    }
+}

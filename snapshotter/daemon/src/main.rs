@@ -1,0 +1,169 @@
+//! `streamsnap-snapshotterd --address SOCKET --root DIR [--config FILE]`
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use streamsnap_cache::{CacheConfig, ChunkCache};
+use streamsnap_registry::{Client, ClientConfig, CredentialStore};
+use streamsnap_snapshotter::Snapshotter;
+use streamsnap_snapshotter::config::Config;
+use streamsnap_snapshotter::mounter::FuseMounter;
+use streamsnap_snapshotter::remote::RemoteLayers;
+use streamsnap_snapshotter::service::Service;
+use streamsnap_snapshotter::startup::{RootLock, remount_remote_snapshots};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "streamsnap-snapshotterd",
+    version,
+    about = "containerd remote snapshotter for streaming images"
+)]
+struct Args {
+    /// Unix socket to serve the snapshots API on [default: /run/streamsnap/snapshotter.sock].
+    #[arg(long, value_name = "SOCKET")]
+    address: Option<PathBuf>,
+    /// State directory: snapshots, chunk cache, metadata [default: /var/lib/streamsnap].
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// TOML config file (see docs/snapshotter.md); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log filter, e.g. info or streamsnap_snapshotter=debug (env STREAMSNAP_LOG).
+    #[arg(long, env = "STREAMSNAP_LOG", default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_logging(&args.log_level);
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(address) = args.address {
+        config.address = address;
+    }
+    if let Some(root) = args.root {
+        config.root = root;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("streamsnap")
+        .build()?;
+    let _lock = RootLock::acquire(&config.root)?;
+    let remote = build_remote(&config, runtime.handle().clone())?;
+    let snapshotter = Arc::new(Snapshotter::open(&config.root, Some(remote.clone()))?);
+    let remounted = remount_remote_snapshots(&snapshotter)?;
+    if remounted > 0 {
+        tracing::info!(remounted, "remote snapshots mounted again");
+    }
+    let result = runtime.block_on(serve(&config, snapshotter));
+    remote.unmount_all();
+    result
+}
+
+fn build_remote(
+    config: &Config,
+    handle: tokio::runtime::Handle,
+) -> anyhow::Result<Arc<RemoteLayers>> {
+    let credentials = CredentialStore::from_docker_config(config.registry.docker_config.as_deref())
+        .context("reading registry credentials")?;
+    let client = Client::new(ClientConfig {
+        credentials,
+        plain_http: config.registry.plain_http.clone(),
+        request_timeout: Duration::from_secs(config.fetch.timeout_seconds),
+        retries: config.fetch.retries,
+        ..ClientConfig::default()
+    })?;
+    let cache = ChunkCache::open(CacheConfig {
+        memory_bytes: config.cache.memory_bytes,
+        max_request_bytes: config.cache.max_request_bytes,
+        fetch_deadline: Duration::from_secs(config.fetch.deadline_seconds),
+        ..CacheConfig::new(config.root.join("cache"), config.cache.max_size_bytes)
+    })
+    .context("opening the chunk cache")?;
+    let mounter = FuseMounter::new(
+        handle,
+        streamsnap_fs::MountOptions {
+            threads: config.fuse.threads,
+            ttl: Duration::from_secs(config.fuse.attr_timeout_seconds),
+            ..Default::default()
+        },
+    );
+    Ok(Arc::new(RemoteLayers::new(
+        client,
+        Arc::new(cache),
+        Arc::new(mounter),
+    )))
+}
+
+async fn serve(config: &Config, snapshotter: Arc<Snapshotter>) -> anyhow::Result<()> {
+    let address = &config.address;
+    if let Some(dir) = address.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // The root lock proves no other daemon of this root runs; a socket file left by a crash is
+    // removed. A socket of another daemon (another root) is refused, not stolen.
+    if address.exists() {
+        if tokio::net::UnixStream::connect(address).await.is_ok() {
+            anyhow::bail!(
+                "{} is in use by another process; pass another --address",
+                address.display()
+            );
+        }
+        std::fs::remove_file(address)
+            .with_context(|| format!("removing stale socket {}", address.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(address)
+        .with_context(|| format!("binding {}", address.display()))?;
+    tracing::info!(address = %address.display(), root = %config.root.display(), "serving the containerd snapshots API");
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let server = tonic::transport::Server::builder()
+        .add_service(Service::new(snapshotter).into_server())
+        .serve_with_incoming(incoming);
+    // containerd keeps its connection open, so a graceful shutdown would wait forever: race the
+    // server with the signal and stop serving when it comes.
+    tokio::select! {
+        result = server => result.context("serving gRPC")?,
+        signal = shutdown_signal() => tracing::info!(signal, "shutting down"),
+    }
+    let _ = std::fs::remove_file(address);
+    Ok(())
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+fn init_logging(filter: &str) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = filter
+        .parse::<Targets>()
+        .unwrap_or_else(|_| Targets::new().with_default(LevelFilter::INFO));
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .init();
+}

@@ -1,0 +1,282 @@
+//! Remote layers: from the labels containerd sends on Prepare to a FUSE-mounted streaming layer.
+//!
+//! Discovery (image -> manifest -> streaming artifact -> the layer's TOC) goes through the
+//! registry client; content is read through the chunk cache. A failure anywhere is a
+//! [`RemoteError`]: the caller falls back to an ordinary prepare and containerd pulls as usual.
+
+mod artifact;
+mod labels;
+mod source;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use streamsnap_cache::ChunkCache;
+use streamsnap_format::{Digest, Toc};
+use streamsnap_fs::{FsOptions, LayerFs};
+use streamsnap_registry::{Client, Repository};
+
+pub use self::artifact::{Artifact, ArtifactCache};
+pub use self::labels::{LayerRequest, TARGET_LABEL};
+use self::source::{CacheReader, RegistryBlob};
+use crate::mounter::{MountedFs, Mounter};
+use crate::store::RemoteSource;
+
+/// Largest TOC blob fetched (compressed).
+const MAX_TOC_BLOB: u64 = 256 << 20;
+/// A fallback is logged once per image per this period.
+const FALLBACK_LOG_PERIOD: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("invalid image reference in labels: {0}")]
+    Reference(#[source] streamsnap_registry::Error),
+    #[error(
+        "{image}: no streaming artifact (convert it with `streamsnap artifact-streaming create`)"
+    )]
+    NoArtifact { image: String },
+    #[error("{image}: no linux/amd64 manifest in the index")]
+    NoPlatform { image: String },
+    #[error("streaming artifact {artifact} does not cover layer {layer}")]
+    LayerNotInArtifact { artifact: Digest, layer: Digest },
+    #[error("streaming artifact {artifact} is malformed: {reason}")]
+    InvalidArtifact { artifact: Digest, reason: String },
+    #[error("TOC {toc} describes layer {found}, expected {expected}")]
+    TocMismatch {
+        toc: Digest,
+        found: Digest,
+        expected: Digest,
+    },
+    #[error(transparent)]
+    Registry(#[from] streamsnap_registry::Error),
+    #[error("TOC of layer {layer} is invalid")]
+    Toc {
+        layer: Digest,
+        #[source]
+        source: streamsnap_format::Error,
+    },
+    #[error("layer {layer} cannot be presented")]
+    Fs {
+        layer: Digest,
+        #[source]
+        source: streamsnap_fs::Error,
+    },
+    #[error("{action} {}", path.display())]
+    Io {
+        action: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counters of the remote path (exported as metrics by the daemon).
+#[derive(Debug, Default)]
+pub struct RemoteStats {
+    pub mounted: AtomicU64,
+    pub fallbacks: AtomicU64,
+}
+
+pub struct RemoteLayers {
+    client: Client,
+    cache: Arc<ChunkCache>,
+    mounter: Arc<dyn Mounter>,
+    artifacts: ArtifactCache,
+    mounts: Mutex<HashMap<u64, Box<dyn MountedFs>>>,
+    fallback_logged: Mutex<HashMap<String, Instant>>,
+    pub stats: RemoteStats,
+}
+
+impl std::fmt::Debug for RemoteLayers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteLayers")
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RemoteLayers {
+    pub fn new(client: Client, cache: Arc<ChunkCache>, mounter: Arc<dyn Mounter>) -> Self {
+        Self {
+            artifacts: ArtifactCache::new(client.clone()),
+            client,
+            cache,
+            mounter,
+            mounts: Mutex::new(HashMap::new()),
+            fallback_logged: Mutex::new(HashMap::new()),
+            stats: RemoteStats::default(),
+        }
+    }
+
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    /// Finds the layer's streaming form, fetches its TOC into `dir/toc` and mounts it on
+    /// `dir/fs`.
+    pub async fn mount(
+        &self,
+        id: u64,
+        dir: &Path,
+        request: &LayerRequest,
+    ) -> Result<RemoteSource, RemoteError> {
+        let artifact = self.artifacts.get(request).await?;
+        let (toc_descriptor, data_descriptor) = artifact.layer(&request.layer_digest)?;
+        let repo = &artifact.repository;
+        // The client checks the blob against the digest the artifact manifest pins.
+        let blob = self
+            .client
+            .get_blob_bytes(repo, &toc_descriptor.digest, MAX_TOC_BLOB)
+            .await?;
+        let toc = Toc::decode(&blob).map_err(|source| RemoteError::Toc {
+            layer: request.layer_digest,
+            source,
+        })?;
+        if toc.layer_digest() != request.layer_digest {
+            return Err(RemoteError::TocMismatch {
+                toc: toc_descriptor.digest,
+                found: toc.layer_digest(),
+                expected: request.layer_digest,
+            });
+        }
+        if toc.data_digest() != data_descriptor.digest || toc.data_size() != data_descriptor.size {
+            return Err(RemoteError::InvalidArtifact {
+                artifact: artifact.digest,
+                reason: format!(
+                    "TOC {} names another data blob than the manifest",
+                    toc_descriptor.digest
+                ),
+            });
+        }
+        let source = RemoteSource {
+            registry: repo.registry.clone(),
+            repository: repo.name.clone(),
+            layer_digest: request.layer_digest,
+            toc_digest: toc_descriptor.digest,
+            data_digest: data_descriptor.digest,
+            data_size: data_descriptor.size,
+        };
+        write_atomically(&dir.join("toc"), &blob)?;
+        self.mount_toc(id, dir, toc, &source)?;
+        Ok(source)
+    }
+
+    /// Mounts a remote snapshot again from its saved TOC (after a restart): no network needed.
+    pub fn remount(&self, id: u64, dir: &Path, source: &RemoteSource) -> Result<(), RemoteError> {
+        let path = dir.join("toc");
+        let blob = std::fs::read(&path).map_err(|e| RemoteError::Io {
+            action: "reading",
+            path: path.clone(),
+            source: e,
+        })?;
+        if Digest::sha256(&blob) != source.toc_digest {
+            return Err(RemoteError::Io {
+                action: "verifying",
+                path,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "saved TOC does not match its digest",
+                ),
+            });
+        }
+        let toc = Toc::decode(&blob).map_err(|e| RemoteError::Toc {
+            layer: source.layer_digest,
+            source: e,
+        })?;
+        crate::mounter::detach_all_under(&dir.join("fs"));
+        self.mount_toc(id, dir, toc, source)
+    }
+
+    fn mount_toc(
+        &self,
+        id: u64,
+        dir: &Path,
+        toc: Toc,
+        source: &RemoteSource,
+    ) -> Result<(), RemoteError> {
+        let fs_dir = dir.join("fs");
+        std::fs::create_dir_all(&fs_dir).map_err(|e| RemoteError::Io {
+            action: "creating",
+            path: fs_dir.clone(),
+            source: e,
+        })?;
+        let repo = Repository::new(source.registry.clone(), source.repository.clone());
+        let blob = Arc::new(RegistryBlob::new(
+            self.client.clone(),
+            repo,
+            source.data_digest,
+        ));
+        let toc = Arc::new(toc);
+        let reader = Arc::new(CacheReader::new(self.cache.clone(), blob, toc.clone()));
+        let layer =
+            LayerFs::new(toc, reader, FsOptions::default()).map_err(|e| RemoteError::Fs {
+                layer: source.layer_digest,
+                source: e,
+            })?;
+        let mounted =
+            self.mounter
+                .mount(Arc::new(layer), &fs_dir)
+                .map_err(|e| RemoteError::Io {
+                    action: "mounting a FUSE layer on",
+                    path: fs_dir.clone(),
+                    source: e,
+                })?;
+        self.mounts.lock().expect("mounts lock").insert(id, mounted);
+        self.stats.mounted.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Unmounts snapshot `id`'s layer if this process mounted it.
+    pub fn unmount(&self, id: u64) {
+        let mounted = self.mounts.lock().expect("mounts lock").remove(&id);
+        if let Some(mounted) = mounted
+            && let Err(error) = mounted.unmount()
+        {
+            tracing::warn!(id, %error, "unmounting a remote layer failed");
+        }
+    }
+
+    /// Unmounts every layer (at shutdown).
+    pub fn unmount_all(&self) {
+        let mounts: Vec<_> = self.mounts.lock().expect("mounts lock").drain().collect();
+        for (id, mounted) in mounts {
+            if let Err(error) = mounted.unmount() {
+                tracing::warn!(id, %error, "unmounting a remote layer failed");
+            }
+        }
+    }
+
+    /// Counts a fallback to an ordinary pull, and logs it once per image per period.
+    pub fn note_fallback(&self, request: &LayerRequest, error: &crate::error::Error) {
+        self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+        let mut logged = self.fallback_logged.lock().expect("fallback log lock");
+        let now = Instant::now();
+        logged.retain(|_, at| now.duration_since(*at) < FALLBACK_LOG_PERIOD);
+        if logged.insert(request.image.clone(), now).is_none() {
+            tracing::warn!(image = request.image, layer = %request.layer_digest, error = %crate::error::chain(error), "cannot stream this image; falling back to a normal pull");
+        } else {
+            tracing::debug!(image = request.image, layer = %request.layer_digest, "falling back to a normal pull");
+        }
+    }
+}
+
+fn write_atomically(path: &Path, data: &[u8]) -> Result<(), RemoteError> {
+    let tmp = path.with_extension("tmp");
+    let io = |action, p: &Path| {
+        let path = p.to_owned();
+        move |source| RemoteError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
+    }
+    std::fs::write(&tmp, data).map_err(io("writing", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("renaming", &tmp))?;
+    Ok(())
+}
