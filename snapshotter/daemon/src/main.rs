@@ -159,9 +159,16 @@ fn init_logging(filter: &str) {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let filter = filter
+    let mut targets = filter
         .parse::<Targets>()
         .unwrap_or_else(|_| Targets::new().with_default(LevelFilter::INFO));
+    // A bare level ("debug") is about streamsnap: keep the HTTP/2 and gRPC plumbing at info.
+    if !filter.contains('=') {
+        for noisy in ["h2", "hyper", "hyper_util", "tonic", "tower"] {
+            targets = targets.with_target(noisy, LevelFilter::INFO);
+        }
+    }
+    let filter = targets;
     tracing_subscriber::registry()
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .with(filter)

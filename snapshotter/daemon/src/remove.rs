@@ -21,10 +21,10 @@ impl Snapshotter {
             tx.delete(key)?;
             Ok(record)
         })?;
-        if record.remote.is_some() {
-            if let Some(remote) = &self.remote {
-                remote.unmount(record.id);
-            }
+        if record.remote.is_some()
+            && let Some(remote) = &self.remote
+        {
+            remote.unmount(record.id);
         }
         let dir = self.snapshot_dir(record.id);
         if let Err(error) = std::fs::remove_dir_all(&dir) {
@@ -50,10 +50,8 @@ impl Snapshotter {
                 continue;
             }
             let path = entry.path();
-            if let Ok(id) = name.parse::<u64>() {
-                if let Some(remote) = &self.remote {
-                    remote.unmount(id);
-                }
+            if let (Ok(id), Some(remote)) = (name.parse::<u64>(), &self.remote) {
+                remote.unmount(id);
             }
             crate::mounter::detach_all_under(&path);
             match std::fs::remove_dir_all(&path) {

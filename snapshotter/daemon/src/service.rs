@@ -124,6 +124,7 @@ impl crate::api::snapshots_server::Snapshots for Service {
         &self,
         request: Request<ViewSnapshotRequest>,
     ) -> Result<Response<ViewSnapshotResponse>, Status> {
+        tracing::debug!(request = ?request.get_ref(), "view");
         let r = request.into_inner();
         let m = self
             .snapshotter
@@ -136,6 +137,7 @@ impl crate::api::snapshots_server::Snapshots for Service {
         &self,
         request: Request<MountsRequest>,
     ) -> Result<Response<MountsResponse>, Status> {
+        tracing::debug!(request = ?request.get_ref(), "mounts");
         let m = self
             .snapshotter
             .mounts(&request.into_inner().key)
@@ -147,6 +149,7 @@ impl crate::api::snapshots_server::Snapshots for Service {
         &self,
         request: Request<CommitSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
+        tracing::debug!(request = ?request.get_ref(), "commit");
         let r = request.into_inner();
         self.snapshotter
             .commit(&r.name, &r.key, labels(r.labels))
@@ -158,6 +161,7 @@ impl crate::api::snapshots_server::Snapshots for Service {
         &self,
         request: Request<RemoveSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
+        tracing::debug!(request = ?request.get_ref(), "remove");
         self.snapshotter
             .remove(&request.into_inner().key)
             .map_err(|e| status(&e))?;
@@ -168,6 +172,7 @@ impl crate::api::snapshots_server::Snapshots for Service {
         &self,
         request: Request<StatSnapshotRequest>,
     ) -> Result<Response<StatSnapshotResponse>, Status> {
+        tracing::debug!(request = ?request.get_ref(), "stat");
         let i = self
             .snapshotter
             .stat(&request.into_inner().key)
@@ -181,6 +186,7 @@ impl crate::api::snapshots_server::Snapshots for Service {
         &self,
         request: Request<UpdateSnapshotRequest>,
     ) -> Result<Response<UpdateSnapshotResponse>, Status> {
+        tracing::debug!(request = ?request.get_ref(), "update");
         let r = request.into_inner();
         let given = r
             .info
@@ -201,6 +207,7 @@ impl crate::api::snapshots_server::Snapshots for Service {
         &self,
         request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<Self::ListStream>, Status> {
+        tracing::debug!(request = ?request.get_ref(), "list");
         let infos = self
             .snapshotter
             .list(&request.into_inner().filters)
@@ -220,6 +227,7 @@ impl crate::api::snapshots_server::Snapshots for Service {
         &self,
         request: Request<UsageRequest>,
     ) -> Result<Response<UsageResponse>, Status> {
+        tracing::debug!(request = ?request.get_ref(), "usage");
         let u = self
             .snapshotter
             .usage(&request.into_inner().key)
@@ -230,7 +238,8 @@ impl crate::api::snapshots_server::Snapshots for Service {
         }))
     }
 
-    async fn cleanup(&self, _request: Request<CleanupRequest>) -> Result<Response<()>, Status> {
+    async fn cleanup(&self, request: Request<CleanupRequest>) -> Result<Response<()>, Status> {
+        tracing::debug!(request = ?request.get_ref(), "cleanup");
         self.snapshotter.cleanup().map_err(|e| status(&e))?;
         Ok(Response::new(()))
     }

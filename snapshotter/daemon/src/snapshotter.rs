@@ -168,14 +168,18 @@ impl Snapshotter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::filter::{Filter, Fields};
+    use crate::filter::{Fields, Filter};
 
     fn info(parent: Option<&str>) -> Info {
         Info {
             name: "remote/1/sha256:abc".into(),
             parent: parent.map(str::to_owned),
             kind: Kind::Committed,
-            labels: [("containerd.io/snapshot.ref".to_owned(), "sha256:abc".to_owned())].into(),
+            labels: [(
+                "containerd.io/snapshot.ref".to_owned(),
+                "sha256:abc".to_owned(),
+            )]
+            .into(),
             created: Timestamp::default(),
             updated: Timestamp::default(),
         }
@@ -184,9 +188,13 @@ mod tests {
     #[test]
     fn containerds_adoption_filter_matches_a_parentless_remote_snapshot() {
         // The filter containerd's metadata snapshotter walks with after AlreadyExists.
-        let filter = Filter::parse(r#"labels."containerd.io/snapshot.ref"==sha256:abc,parent=="""#).unwrap();
+        let filter =
+            Filter::parse(r#"labels."containerd.io/snapshot.ref"==sha256:abc,parent=="""#).unwrap();
         assert!(filter.matches(&info(None)));
         assert!(!filter.matches(&info(Some("x"))));
-        assert_eq!(info(None).field(&["kind".into()]).as_deref(), Some("committed"));
+        assert_eq!(
+            info(None).field(&["kind".into()]).as_deref(),
+            Some("committed")
+        );
     }
 }

@@ -110,7 +110,9 @@ impl ImageIndex {
     pub fn manifest_for(&self, os: &str, architecture: &str) -> Option<&Descriptor> {
         self.manifests.iter().find(|d| {
             crate::media::is_image_manifest(&d.media_type)
-                && d.platform.as_ref().is_some_and(|p| p.os == os && p.architecture == architecture)
+                && d.platform
+                    .as_ref()
+                    .is_some_and(|p| p.os == os && p.architecture == architecture)
         })
     }
 
@@ -120,10 +122,18 @@ impl ImageIndex {
         let mut platforms: Vec<String> = self
             .manifests
             .iter()
-            .map(|d| d.platform.as_ref().map_or_else(|| "unknown".to_owned(), ToString::to_string))
+            .map(|d| {
+                d.platform
+                    .as_ref()
+                    .map_or_else(|| "unknown".to_owned(), ToString::to_string)
+            })
             .collect();
         platforms.dedup();
-        if platforms.is_empty() { "none".into() } else { platforms.join(", ") }
+        if platforms.is_empty() {
+            "none".into()
+        } else {
+            platforms.join(", ")
+        }
     }
 
     /// An empty OCI index, as the referrers API and the fallback tag hold.

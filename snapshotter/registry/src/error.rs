@@ -176,9 +176,10 @@ impl Error {
     /// body, 429, 5xx). A caller with time left may try again; the client already retried.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Transport { .. } | Self::Timeout { .. } | Self::Body { .. } | Self::ShortBody { .. } => {
-                true
-            }
+            Self::Transport { .. }
+            | Self::Timeout { .. }
+            | Self::Body { .. }
+            | Self::ShortBody { .. } => true,
             Self::Status { status, .. } => {
                 status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
             }

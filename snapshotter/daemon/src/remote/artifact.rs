@@ -67,7 +67,7 @@ impl Artifact {
                 "format version {version:?} is not supported (this node reads {FORMAT_VERSION})"
             )));
         }
-        if manifest.layers.len() % 2 != 0 || manifest.layers.len() > 2 * MAX_ENTRIES {
+        if !manifest.layers.len().is_multiple_of(2) || manifest.layers.len() > 2 * MAX_ENTRIES {
             return Err(invalid(format!(
                 "{} layer descriptors",
                 manifest.layers.len()
