@@ -3,6 +3,7 @@
 //! to read them: docs/benchmarks.md.
 
 mod convert;
+mod startup;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -21,10 +22,13 @@ struct Cli {
 enum Bench {
     /// Conversion throughput of a generated layer against `ctr-remote image convert --estargz`.
     Convert(convert::Args),
+    /// Container start-up: lazy (streamsnap) against a full pull (overlayfs), cold.
+    Startup(startup::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
         Bench::Convert(args) => convert::run(args),
+        Bench::Startup(args) => startup::run(args),
     }
 }

@@ -215,9 +215,13 @@ impl Drop for RootfsGuard<'_> {
     }
 }
 
-/// Mounts the rootfs of `image` (pulled before, or unpacked now by `ctr`) as unpacked by
-/// `snapshotter`, read-only, at `<containerd dir>/mnt/<key>`: `ctr images mount --snapshotter S
-/// IMAGE TARGET` creates a view snapshot named TARGET on the image's top layer.
+/// Mounts the rootfs of `image` (pulled before, or unpacked now by `ctr`) read-only at
+/// `<containerd dir>/mnt/<key>`: `ctr images mount IMAGE TARGET` creates a view snapshot named
+/// TARGET on the image's top layer.
+///
+/// containerd 1.6's `ctr images mount` ignores `--snapshotter` (it reads a global flag that does
+/// not exist) and always uses overlayfs: use it for overlayfs rootfs only, and
+/// [`crate::snapshotterd::mount_view`] for another snapshotter's.
 ///
 /// What the mounts are is up to the snapshotter. overlayfs mounts the view of a single-layer
 /// image as a read-only bind mount of the layer's dir (whiteouts and `trusted.overlay.*` xattrs

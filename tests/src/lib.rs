@@ -23,6 +23,7 @@ pub mod layers;
 pub mod proxy;
 pub mod registry;
 pub mod skopeo;
+pub mod snapshotterd;
 pub mod sys;
 pub mod targen;
 pub mod tree;
@@ -41,6 +42,9 @@ pub use layers::{every_entry_type_layer, upper_layers, upper_layers_view};
 pub use proxy::CountingProxy;
 pub use registry::Registry;
 pub use skopeo::{manifest_digest, skopeo_inspect_raw, skopeo_pull_dir, skopeo_push};
+pub use snapshotterd::{
+    Snapshotterd, SnapshotterdOptions, ViewGuard, chain_id, mount_view, run_container_in,
+};
 pub use targen::{EntryOpts, TarGen};
 pub use tree::{DiffOptions, Node, NodeKind, diff_trees, diff_trees_with, walk_tree};
 

@@ -1,9 +1,10 @@
-//! `streamsnap`: the command line of the registry side. Converts images into streaming
-//! artifacts and inspects what a registry holds.
+//! `streamsnap`: the command line. Converts images into streaming artifacts, inspects what a
+//! registry holds, and pulls images through containerd's CRI image service on a node.
 
 mod create;
 mod list_referrers;
 mod output;
+mod pull;
 mod registry_args;
 
 use std::process::ExitCode;
@@ -32,6 +33,9 @@ enum Command {
     /// Manifests in a registry.
     #[command(subcommand)]
     Manifest(Manifest),
+    /// Pull an image through containerd's CRI image service, as the kubelet does, so a remote
+    /// snapshotter gets the labels it needs to mount the layers lazily.
+    Pull(pull::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::ArtifactStreaming(ArtifactStreaming::Create(args)) => create::run(args).await,
             Command::Manifest(Manifest::ListReferrers(args)) => list_referrers::run(args).await,
+            Command::Pull(args) => pull::run(args).await,
         }
     });
     match result {
