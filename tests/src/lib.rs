@@ -39,7 +39,7 @@ pub use containerd::{CRI_NAMESPACE, Containerd, ContainerdOptions};
 pub use image::{Compression, ImageSpec, LayerBlob, OciLayout, WrittenImage, WrittenIndex};
 pub use layer_view::{EntryView, diff_views, tar_views, toc_views};
 pub use layers::{every_entry_type_layer, upper_layers, upper_layers_view};
-pub use proxy::CountingProxy;
+pub use proxy::{CountingProxy, Fault};
 pub use registry::Registry;
 pub use skopeo::{manifest_digest, skopeo_inspect_raw, skopeo_pull_dir, skopeo_push};
 pub use snapshotterd::{

@@ -22,6 +22,19 @@ const POLL: Duration = Duration::from_millis(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BUFFER: usize = 64 * 1024;
 
+/// A fault injected into a response chunk (see [`CountingProxy::set_fault`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Flip one byte in the middle of the chunk: a wrong body.
+    Corrupt,
+    /// Forward half the chunk, then close the connection: a short body.
+    Truncate,
+    /// Close the connection without forwarding the chunk: a reset mid-response.
+    Reset,
+    /// Hold the chunk this long, then forward it: a stalled response.
+    Stall(Duration),
+}
+
 /// A running proxy on `127.0.0.1:PORT`. See the module doc. Dropping it closes every
 /// connection and joins its threads.
 #[derive(Debug)]
@@ -38,6 +51,11 @@ struct Shared {
     blackhole: AtomicBool,
     refuse: AtomicBool,
     latency_micros: AtomicU64,
+    /// Injected faults on responses: what, and every how many responses (0 = off).
+    fault: Mutex<Option<Fault>>,
+    fault_every: AtomicU64,
+    responses: AtomicU64,
+    faults_injected: AtomicU64,
     downstream: AtomicU64,
     upstream_bytes: AtomicU64,
     connections: AtomicU64,
@@ -63,6 +81,10 @@ impl CountingProxy {
             blackhole: AtomicBool::new(false),
             refuse: AtomicBool::new(false),
             latency_micros: AtomicU64::new(0),
+            fault: Mutex::new(None),
+            fault_every: AtomicU64::new(0),
+            responses: AtomicU64::new(0),
+            faults_injected: AtomicU64::new(0),
             downstream: AtomicU64::new(0),
             upstream_bytes: AtomicU64::new(0),
             connections: AtomicU64::new(0),
@@ -115,6 +137,23 @@ impl CountingProxy {
     }
 
     /// While on, new connections are closed right after they are accepted; open ones go on.
+    /// Injects `fault` into every `every`-th HTTP response forwarded to clients; `None` turns
+    /// faults off. Corrupt and Truncate act on the response's first body read of at least
+    /// 8 KiB (a response without one passes untouched); Reset closes the connection instead of
+    /// forwarding the response; Stall holds the response before forwarding it.
+    pub fn set_fault(&self, fault: Option<Fault>, every: u64) {
+        *self.shared.fault.lock().expect("proxy lock poisoned") = fault;
+        self.shared.fault_every.store(
+            if fault.is_some() { every.max(1) } else { 0 },
+            Ordering::SeqCst,
+        );
+    }
+
+    /// Faults injected so far.
+    pub fn faults_injected(&self) -> u64 {
+        self.shared.faults_injected.load(Ordering::SeqCst)
+    }
+
     pub fn set_refuse(&self, on: bool) {
         self.shared.refuse.store(on, Ordering::SeqCst);
     }
@@ -214,6 +253,8 @@ fn serve(id: u64, client: TcpStream, shared: &Arc<Shared>) {
 /// shuts both down so the other direction ends too.
 fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared, counter: &AtomicU64) {
     let mut buf = vec![0u8; BUFFER];
+    // A fault chosen for the response being forwarded, waiting for its body.
+    let mut pending: Option<Fault> = None;
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) => {
@@ -225,13 +266,59 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared, counter: &Atomi
             Err(_) => break,
         };
         delay(shared);
-        if !wait_while_blackholed(shared) || to.write_all(&buf[..n]).is_err() {
+        if !wait_while_blackholed(shared) {
+            break;
+        }
+        if std::ptr::eq(counter, &shared.downstream) {
+            // On a keep-alive connection a response starts a read: the client sends its next
+            // request only after reading the whole previous response.
+            if buf[..n].starts_with(b"HTTP/1.") {
+                pending = next_fault(shared);
+                match pending {
+                    Some(Fault::Reset) => break,
+                    Some(Fault::Stall(how_long)) => {
+                        thread::sleep(how_long);
+                        pending = None;
+                    }
+                    _ => {}
+                }
+            }
+            if n >= 8192 {
+                match pending.take() {
+                    Some(Fault::Corrupt) => buf[n / 2] ^= 0x5a,
+                    Some(Fault::Truncate) => {
+                        let _ = to.write_all(&buf[..n / 2]);
+                        counter.fetch_add((n / 2) as u64, Ordering::SeqCst);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if to.write_all(&buf[..n]).is_err() {
             break;
         }
         counter.fetch_add(n as u64, Ordering::SeqCst);
     }
     let _ = from.shutdown(Shutdown::Both);
     let _ = to.shutdown(Shutdown::Both);
+}
+
+/// The fault for the response starting now, if it is its turn.
+fn next_fault(shared: &Shared) -> Option<Fault> {
+    let every = shared.fault_every.load(Ordering::SeqCst);
+    if every == 0 {
+        return None;
+    }
+    let nth = shared.responses.fetch_add(1, Ordering::SeqCst) + 1;
+    if !nth.is_multiple_of(every) {
+        return None;
+    }
+    let fault = *shared.fault.lock().expect("proxy lock poisoned");
+    if fault.is_some() {
+        shared.faults_injected.fetch_add(1, Ordering::SeqCst);
+    }
+    fault
 }
 
 fn delay(shared: &Shared) {
@@ -306,6 +393,41 @@ mod tests {
             start.elapsed() >= Duration::from_millis(300),
             "{:?}",
             start.elapsed()
+        );
+    }
+
+    #[test]
+    fn faults_hit_every_nth_response_body() {
+        let proxy = CountingProxy::start(&echo_server()).unwrap();
+        // The echo server sends back what it gets: make it look like a response.
+        let mut data = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+        data.extend((0..20_000u32).map(|i| (i % 251) as u8));
+        proxy.set_fault(Some(Fault::Corrupt), 1);
+        let back = round_trip(&proxy.addr(), &data, Duration::from_secs(10)).unwrap();
+        assert_eq!(back.len(), data.len());
+        assert_ne!(back, data, "a corrupted body must differ");
+        assert_eq!(proxy.faults_injected(), 1);
+        // Not a response start: untouched.
+        let plain: Vec<u8> = (0..20_000u32).map(|i| (i % 13) as u8).collect();
+        assert_eq!(
+            round_trip(&proxy.addr(), &plain, Duration::from_secs(10)).unwrap(),
+            plain
+        );
+
+        proxy.set_fault(Some(Fault::Truncate), 1);
+        let back = round_trip(&proxy.addr(), &data, Duration::from_secs(10)).unwrap_or_default();
+        assert!(back.len() < data.len(), "a truncated body must be short");
+        proxy.set_fault(Some(Fault::Corrupt), 2);
+        let first = round_trip(&proxy.addr(), &data, Duration::from_secs(10)).unwrap();
+        let second = round_trip(&proxy.addr(), &data, Duration::from_secs(10)).unwrap();
+        assert!(
+            (first == data) != (second == data),
+            "exactly one of two responses is hit"
+        );
+        proxy.set_fault(None, 0);
+        assert_eq!(
+            round_trip(&proxy.addr(), &data, Duration::from_secs(10)).unwrap(),
+            data
         );
     }
 

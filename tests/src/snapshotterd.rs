@@ -12,7 +12,7 @@
 //! remove the dir. `STREAMSNAP_E2E_KEEP=1` keeps it; the log's tail is printed when the thread
 //! panics (tests returning `Err` print it with [`Snapshotterd::log_tail`]).
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -64,6 +64,8 @@ pub struct SnapshotterdOptions {
     /// More TOML appended to the generated file (new sections only: the generated ones are
     /// `[cache]`, `[fetch]` and `[registry]`).
     pub extra_config: String,
+    /// Serve `/metrics` and `/healthz` on a free loopback port (see [`Snapshotterd::metrics_url`]).
+    pub metrics: bool,
 }
 
 impl Default for SnapshotterdOptions {
@@ -74,6 +76,7 @@ impl Default for SnapshotterdOptions {
             fetch_deadline_seconds: 60,
             plain_http: Vec::new(),
             extra_config: String::new(),
+            metrics: false,
         }
     }
 }
@@ -82,6 +85,12 @@ impl SnapshotterdOptions {
     /// Sets the disk cap of the chunk cache.
     pub fn with_cache_max_bytes(mut self, bytes: u64) -> Self {
         self.cache_max_bytes = bytes;
+        self
+    }
+
+    /// Serves metrics on a free port.
+    pub fn with_metrics(mut self) -> Self {
+        self.metrics = true;
         self
     }
 
@@ -109,6 +118,41 @@ impl SnapshotterdOptions {
     }
 }
 
+/// Starts the daemon, appending its output to `log_path`.
+fn spawn(
+    binary: &Path,
+    socket: &Path,
+    root: &Path,
+    config: &Path,
+    log_path: &Path,
+) -> anyhow::Result<Child> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    Command::new(binary)
+        .arg("--address")
+        .arg(socket)
+        .arg("--root")
+        .arg(root)
+        .arg("--config")
+        .arg(config)
+        .env("STREAMSNAP_LOG", "debug")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))
+}
+
+/// A free `127.0.0.1:PORT` (bound, read, released).
+fn free_loopback_port() -> anyhow::Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.to_string())
+}
+
 /// A running `streamsnap-snapshotterd`. See the module doc.
 #[derive(Debug)]
 pub struct Snapshotterd {
@@ -117,6 +161,9 @@ pub struct Snapshotterd {
     dir_path: PathBuf,
     socket: PathBuf,
     log_path: PathBuf,
+    binary: PathBuf,
+    config: PathBuf,
+    metrics_address: Option<String>,
 }
 
 impl Snapshotterd {
@@ -140,34 +187,67 @@ impl Snapshotterd {
         let root = dir_path.join("root");
         fs::create_dir(&root).with_context(|| format!("creating {}", root.display()))?;
         let config = dir_path.join("config.toml");
-        fs::write(&config, opts.config_toml())
-            .with_context(|| format!("writing {}", config.display()))?;
+        let metrics_address = if opts.metrics {
+            Some(free_loopback_port()?)
+        } else {
+            None
+        };
+        let mut text = String::new();
+        if let Some(address) = &metrics_address {
+            text.push_str(&format!("metrics_address = {address:?}\n\n"));
+        }
+        text.push_str(&opts.config_toml());
+        fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
         let log_path = dir_path.join("snapshotterd.log");
-        let log =
-            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let child = Command::new(&binary)
-            .arg("--address")
-            .arg(&socket)
-            .arg("--root")
-            .arg(&root)
-            .arg("--config")
-            .arg(&config)
-            .env("STREAMSNAP_LOG", "debug")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+        let child = spawn(&binary, &socket, &root, &config, &log_path)?;
         let daemon = Self {
             child,
             dir: Some(dir),
             dir_path,
             socket,
             log_path,
+            binary,
+            config,
+            metrics_address,
         };
         daemon.wait_ready()?;
         Ok(daemon)
+    }
+
+    /// `http://127.0.0.1:PORT` of `/metrics` and `/healthz`, if started with metrics.
+    pub fn metrics_url(&self) -> Option<String> {
+        self.metrics_address.as_ref().map(|a| format!("http://{a}"))
+    }
+
+    /// `127.0.0.1:PORT` of the metrics endpoint, if started with metrics.
+    pub fn metrics_address(&self) -> Option<&str> {
+        self.metrics_address.as_deref()
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would: its FUSE mounts go stale, nothing is
+    /// cleaned up.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        self.child
+            .kill()
+            .context("killing the snapshotter daemon")?;
+        self.child
+            .wait()
+            .context("reaping the snapshotter daemon")?;
+        Ok(())
+    }
+
+    /// Starts the daemon again on the same root, config and socket (after [`Self::kill9`] or a
+    /// crash); returns once its socket accepts connections.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.is_running(), "the daemon still runs; kill it first");
+        self.child = spawn(
+            &self.binary,
+            &self.socket,
+            &self.root(),
+            &self.config,
+            &self.log_path,
+        )?;
+        self.wait_ready()
     }
 
     fn wait_ready(&self) -> anyhow::Result<()> {

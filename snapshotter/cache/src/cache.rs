@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 use crate::fetch::{self, Deadline, Flights, Lead, Outcome, Role};
 use crate::index::Index;
 use crate::memory::Memory;
-use crate::stats::{self, Counters, Stats};
+use crate::metrics::{self, FailureReason, Metrics};
+use crate::stats::Stats;
 use crate::{BlobSource, ChunkRef};
 
 /// Verified chunks on local disk, bounded by a byte cap, with a small memory LRU in front and
@@ -31,7 +32,7 @@ struct Inner {
     index: Mutex<Index>,
     memory: Mutex<Memory>,
     flights: Flights,
-    counters: Counters,
+    metrics: Arc<Metrics>,
 }
 
 /// How much the cache holds now.
@@ -48,22 +49,25 @@ impl ChunkCache {
     /// interrupted writes and files that are not chunks, indexes the chunk files (LRU order from
     /// their modification and access times, contents are not read), then evicts down to the
     /// capacity. Blocking file system work: in async code, call it from `spawn_blocking`.
+    /// Counts into `config.metrics` (evictions at open included).
     pub fn open(config: CacheConfig) -> Result<Self> {
         config.validate()?;
+        let metrics = config.metrics.clone().unwrap_or_default();
         let layout = Layout::new(&config.dir);
-        let mut index = Index::new(config.capacity_bytes);
+        let mut index = Index::new(config.capacity_bytes)
+            .observed(metrics.disk_bytes.clone(), metrics.disk_chunks.clone());
         for found in layout.open()? {
             index.insert_existing(found.digest, found.size);
         }
-        let counters = Counters::default();
+        metrics::set(&metrics.capacity_bytes, config.capacity_bytes);
         let victims = index.evict_over_capacity();
         let bytes: u64 = victims.iter().map(|(_, size)| size).sum();
         for (digest, _) in &victims {
             layout.remove(digest);
         }
         index.deleted(bytes);
-        stats::add(&counters.evictions, victims.len() as u64);
-        stats::add(&counters.evicted_bytes, bytes);
+        metrics.evictions.inc_by(victims.len() as u64);
+        metrics.evicted_bytes.inc_by(bytes);
         tracing::debug!(
             dir = %config.dir.display(),
             chunks = index.len(),
@@ -73,12 +77,14 @@ impl ChunkCache {
         );
         Ok(Self {
             inner: Arc::new(Inner {
-                memory: Mutex::new(Memory::new(config.memory_bytes)),
+                memory: Mutex::new(
+                    Memory::new(config.memory_bytes).observed(metrics.memory_bytes.clone()),
+                ),
                 index: Mutex::new(index),
                 layout,
                 config,
                 flights: Flights::default(),
-                counters,
+                metrics,
             }),
         })
     }
@@ -95,7 +101,7 @@ impl ChunkCache {
     ) -> Result<Vec<Bytes>> {
         let source: &dyn BlobSource = source.as_ref();
         let deadline = Deadline::after(self.inner.config.fetch_deadline);
-        let counters = &self.inner.counters;
+        let metrics = &self.inner.metrics;
         let mut found: HashMap<Digest, Bytes> = HashMap::with_capacity(chunks.len());
         let mut seen = HashSet::with_capacity(chunks.len());
         let mut wanted: Vec<ChunkRef> = chunks
@@ -109,7 +115,7 @@ impl ChunkCache {
             let mut follows = Vec::new();
             for chunk in wanted.drain(..) {
                 if let Some(data) = self.memory_get(&chunk) {
-                    stats::add(&counters.hits_memory, 1);
+                    metrics.hits_memory.inc();
                     found.insert(chunk.digest, data);
                     continue;
                 }
@@ -123,13 +129,14 @@ impl ChunkCache {
             }
             let mut first_error = None;
             for (chunk, follow) in follows {
-                stats::add(&counters.coalesced, 1);
+                metrics.coalesced.inc();
                 match tokio::time::timeout_at(deadline.at, follow.wait()).await {
                     Ok(Some(Ok(data))) if data.len() == chunk.size as usize => {
                         found.insert(chunk.digest, data);
                     }
                     // Same digest, other size: this ref (its TOC) is wrong.
                     Ok(Some(Ok(data))) => {
+                        metrics.fetch_failure(FailureReason::Corrupt);
                         first_error.get_or_insert(Error::Corrupt {
                             blob: source.describe(),
                             digest: chunk.digest,
@@ -147,6 +154,7 @@ impl ChunkCache {
                     // The leading call was cancelled: try again.
                     Ok(None) => wanted.push(chunk),
                     Err(_elapsed) => {
+                        metrics.fetch_failure(FailureReason::Deadline);
                         let last = "waiting for a concurrent read of the same chunk".to_string();
                         first_error.get_or_insert(deadline.exceeded(source, Some(last)));
                     }
@@ -176,8 +184,14 @@ impl ChunkCache {
         }
     }
 
+    /// The counters, read from the cache's [`Metrics`].
     pub fn stats(&self) -> Stats {
-        self.inner.counters.snapshot()
+        self.inner.metrics.stats()
+    }
+
+    /// The metrics this cache counts into (those of [`CacheConfig::metrics`], or its own).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     fn memory_get(&self, chunk: &ChunkRef) -> Option<Bytes> {
@@ -211,7 +225,7 @@ impl ChunkCache {
         for (chunk, lead, data) in loads {
             match data {
                 Some(data) => {
-                    stats::add(&self.inner.counters.hits_disk, 1);
+                    self.inner.metrics.hits_disk.inc();
                     lock(&self.inner.memory).insert(chunk.digest, data.clone());
                     lead.resolve(Ok(data.clone()));
                     results.push((chunk.digest, Ok(data)));
@@ -222,7 +236,7 @@ impl ChunkCache {
         if missing.is_empty() {
             return results;
         }
-        stats::add(&self.inner.counters.misses, missing.len() as u64);
+        self.inner.metrics.misses.inc_by(missing.len() as u64);
         let config = &self.inner.config;
         let runs = fetch::plan_runs(missing, config.max_request_bytes, config.max_gap_bytes);
         let fetched = join_all(
@@ -245,7 +259,7 @@ impl ChunkCache {
                 Load::Verified(_) => false,
                 Load::Missing => true,
                 Load::Corrupt(actual) => {
-                    stats::add(&inner.counters.verify_failures, 1);
+                    inner.metrics.verify_failures_disk.inc();
                     tracing::warn!(%digest, %actual, "cached chunk is corrupt on disk, deleting it");
                     true
                 }
@@ -280,8 +294,8 @@ impl ChunkCache {
         run: fetch::Run<Lead<'_>>,
         deadline: &Deadline,
     ) -> Vec<(Digest, Outcome)> {
-        let counters = &self.inner.counters;
-        let body = match fetch::read_range(source, run.offset, run.len, deadline, counters).await {
+        let metrics = &self.inner.metrics;
+        let body = match fetch::read_range(source, run.offset, run.len, deadline, metrics).await {
             Ok(body) => body,
             Err(e) => {
                 return run
@@ -329,12 +343,13 @@ impl ChunkCache {
         mut reason: String,
         deadline: &Deadline,
     ) -> Outcome {
-        let counters = &self.inner.counters;
+        let metrics = &self.inner.metrics;
         let mut attempts = 1;
         loop {
-            stats::add(&counters.verify_failures, 1);
+            metrics.verify_failures_fetched.inc();
             tracing::debug!(blob = %source.describe(), digest = %chunk.digest, attempts, %reason, "chunk failed verification");
             if attempts >= self.inner.config.verify_attempts {
+                metrics.fetch_failure(FailureReason::Corrupt);
                 return Err(Error::Corrupt {
                     blob: source.describe(),
                     digest: chunk.digest,
@@ -344,7 +359,7 @@ impl ChunkCache {
             }
             attempts += 1;
             let len = u64::from(chunk.compressed_size);
-            let body = fetch::read_range(source, chunk.offset, len, deadline, counters).await?;
+            let body = fetch::read_range(source, chunk.offset, len, deadline, metrics).await?;
             let frame = frame_of(&body, chunk.offset, &chunk);
             match fetch::verify(vec![(chunk, frame)]).await.pop() {
                 Some(Ok(data)) => return Ok(data),
@@ -365,11 +380,11 @@ impl ChunkCache {
             let stored = tokio::task::spawn_blocking(move || {
                 inner
                     .layout
-                    .store(&inner.index, &inner.counters, &digest, &data)
+                    .store(&inner.index, &inner.metrics, &digest, &data)
             })
             .await;
             if stored.is_err() {
-                stats::add(&self.inner.counters.store_failures, 1);
+                self.inner.metrics.store_failures.inc();
             }
         } else if let Err(e) = &outcome {
             lead.resolve(Err(e.clone()));

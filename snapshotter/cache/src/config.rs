@@ -1,7 +1,9 @@
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 
 /// Settings of a [`ChunkCache`](crate::ChunkCache).
 #[derive(Clone, Debug)]
@@ -23,6 +25,9 @@ pub struct CacheConfig {
     pub fetch_deadline: Duration,
     /// Fetches of a chunk whose bytes fail verification before the read gives up.
     pub verify_attempts: u32,
+    /// Where the cache counts hits, misses, fetches, failures and evictions, and publishes its
+    /// size. `None`: handles registered nowhere (see [`Metrics::register`] to export them).
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl CacheConfig {
@@ -42,6 +47,7 @@ impl CacheConfig {
             max_gap_bytes: Self::DEFAULT_MAX_GAP_BYTES,
             fetch_deadline: Self::DEFAULT_FETCH_DEADLINE,
             verify_attempts: Self::DEFAULT_VERIFY_ATTEMPTS,
+            metrics: None,
         }
     }
 

@@ -15,7 +15,7 @@ use streamsnap_format::Digest;
 
 use crate::error::{Error, Result};
 use crate::index::Index;
-use crate::stats::{self, Counters};
+use crate::metrics::Metrics;
 
 const TMP: &str = "tmp";
 
@@ -171,7 +171,7 @@ impl Layout {
     pub fn store(
         &self,
         index: &Mutex<Index>,
-        counters: &Counters,
+        metrics: &Metrics,
         digest: &Digest,
         data: &[u8],
     ) -> bool {
@@ -184,8 +184,8 @@ impl Layout {
                     self.remove(victim);
                 }
                 lock(index).deleted(bytes);
-                stats::add(&counters.evictions, reservation.victims.len() as u64);
-                stats::add(&counters.evicted_bytes, bytes);
+                metrics.evictions.inc_by(reservation.victims.len() as u64);
+                metrics.evicted_bytes.inc_by(bytes);
             }
             if !reservation.granted {
                 if reservation.victims.is_empty() {
@@ -200,7 +200,7 @@ impl Layout {
                 }
                 Err(e) => {
                     lock(index).cancel(size);
-                    stats::add(&counters.store_failures, 1);
+                    metrics.store_failures.inc();
                     tracing::debug!(%digest, error = %e, "cannot write a chunk to the cache directory");
                     false
                 }

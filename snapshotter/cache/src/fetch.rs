@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::disk::lock;
 use crate::error::Error;
-use crate::stats::{self, Counters};
+use crate::metrics::{FailureReason, Metrics};
 use crate::{BlobSource, ChunkRef};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -147,28 +147,33 @@ impl Follow {
 }
 
 /// `len` bytes at `offset`, retrying retryable errors with exponential backoff until the
-/// deadline. The body is returned as received: its length is checked by the caller.
+/// deadline. The body is returned as received: its length is checked by the caller. A failure
+/// is counted in the metrics by its reason.
 pub(crate) async fn read_range(
     source: &dyn BlobSource,
     offset: u64,
     len: u64,
     deadline: &Deadline,
-    counters: &Counters,
+    metrics: &Metrics,
 ) -> Outcome {
     let mut backoff = FIRST_BACKOFF;
     let mut last = None;
     loop {
-        stats::add(&counters.range_requests, 1);
+        metrics.range_requests.inc();
         let error = match tokio::time::timeout_at(deadline.at, source.read_range(offset, len)).await
         {
-            Err(_elapsed) => return Err(deadline.exceeded(source, last)),
+            Err(_elapsed) => {
+                metrics.fetch_failure(FailureReason::Deadline);
+                return Err(deadline.exceeded(source, last));
+            }
             Ok(Ok(body)) => {
-                stats::add(&counters.fetched_bytes, body.len() as u64);
+                metrics.fetched_bytes.inc_by(body.len() as u64);
                 return Ok(body);
             }
             Ok(Err(error)) => error,
         };
         if !error.retryable {
+            metrics.fetch_failure(FailureReason::Source);
             return Err(Error::Source {
                 blob: source.describe(),
                 source: Arc::new(error),
@@ -177,6 +182,7 @@ pub(crate) async fn read_range(
         tracing::debug!(blob = %source.describe(), offset, len, error = %error, ?backoff, "range read failed, retrying");
         last = Some(error_chain(&error));
         if Instant::now() + backoff >= deadline.at {
+            metrics.fetch_failure(FailureReason::Deadline);
             return Err(deadline.exceeded(source, last));
         }
         tokio::time::sleep(backoff).await;

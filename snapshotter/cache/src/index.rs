@@ -11,7 +11,10 @@
 //! never add up to more than the cap.
 
 use lru::LruCache;
+use prometheus::IntGauge;
 use streamsnap_format::Digest;
+
+use crate::metrics;
 
 #[derive(Debug)]
 pub(crate) struct Index {
@@ -20,6 +23,8 @@ pub(crate) struct Index {
     stored: u64,
     reserved: u64,
     deleting: u64,
+    /// Gauges kept equal to `stored` and the number of files, updated with them.
+    gauges: Option<(IntGauge, IntGauge)>,
 }
 
 /// The outcome of [`Index::reserve`]: files to unlink (then report with [`Index::deleted`]),
@@ -38,6 +43,21 @@ impl Index {
             stored: 0,
             reserved: 0,
             deleting: 0,
+            gauges: None,
+        }
+    }
+
+    /// Publishes the stored bytes and files in these gauges from now on.
+    pub fn observed(mut self, bytes: IntGauge, chunks: IntGauge) -> Self {
+        self.gauges = Some((bytes, chunks));
+        self.publish();
+        self
+    }
+
+    fn publish(&self) {
+        if let Some((bytes, chunks)) = &self.gauges {
+            metrics::set(bytes, self.stored);
+            metrics::set(chunks, self.lru.len() as u64);
         }
     }
 
@@ -47,6 +67,7 @@ impl Index {
             self.stored -= old;
         }
         self.stored += size;
+        self.publish();
     }
 
     /// Evicts least recently used files until the stored ones fit the capacity (after open with
@@ -107,6 +128,7 @@ impl Index {
             self.stored -= old;
         }
         self.stored += size;
+        self.publish();
     }
 
     /// The reserved chunk could not be written.
@@ -120,6 +142,7 @@ impl Index {
         let size = self.lru.pop(digest)?;
         self.stored -= size;
         self.deleting += size;
+        self.publish();
         Some(size)
     }
 
@@ -140,6 +163,7 @@ impl Index {
         let (digest, size) = self.lru.pop_lru()?;
         self.stored -= size;
         self.deleting += size;
+        self.publish();
         Some((digest, size))
     }
 

@@ -6,7 +6,8 @@
 //! the blob with as few HTTP range requests as possible (adjacent missing frames merged into one
 //! request, concurrent misses of the same chunk sharing one fetch). Chunks are keyed by the
 //! sha256 of their content, so a chunk shared by several layers or images is fetched and stored
-//! once. The disk copy is bounded by a byte cap with LRU eviction.
+//! once. The disk copy is bounded by a byte cap with LRU eviction. Hits, misses, fetches,
+//! failures, evictions and sizes are counted in [`Metrics`].
 //!
 //! What it must not know: the registry client, HTTP, tonic, FUSE or containerd. The network is
 //! seen only through [`BlobSource`], the filesystem above it only calls [`ChunkCache::get`]. It
@@ -19,6 +20,7 @@ mod error;
 mod fetch;
 mod index;
 mod memory;
+mod metrics;
 mod stats;
 
 use std::future::Future;
@@ -29,6 +31,7 @@ use streamsnap_format::{Digest, api};
 pub use cache::{ChunkCache, Usage};
 pub use config::CacheConfig;
 pub use error::{Error, Result};
+pub use metrics::Metrics;
 pub use stats::Stats;
 
 /// A boxed future, as returned by [`BlobSource::read_range`] (keeps the trait object-safe).

@@ -2,7 +2,10 @@
 
 use bytes::Bytes;
 use lru::LruCache;
+use prometheus::IntGauge;
 use streamsnap_format::Digest;
+
+use crate::metrics;
 
 /// Decoded chunks bounded by their total length. Not locked itself: the cache holds it in a
 /// `Mutex` for short, I/O-free sections.
@@ -11,6 +14,8 @@ pub(crate) struct Memory {
     lru: LruCache<Digest, Bytes>,
     capacity: u64,
     bytes: u64,
+    /// Kept equal to `bytes`.
+    gauge: Option<IntGauge>,
 }
 
 impl Memory {
@@ -19,7 +24,15 @@ impl Memory {
             lru: LruCache::unbounded(),
             capacity,
             bytes: 0,
+            gauge: None,
         }
+    }
+
+    /// Publishes the bytes held in `gauge` from now on.
+    pub fn observed(mut self, gauge: IntGauge) -> Self {
+        metrics::set(&gauge, self.bytes);
+        self.gauge = Some(gauge);
+        self
     }
 
     /// The chunk, marked most recently used.
@@ -49,6 +62,9 @@ impl Memory {
         }
         self.bytes += len;
         self.lru.put(digest, data);
+        if let Some(gauge) = &self.gauge {
+            metrics::set(gauge, self.bytes);
+        }
     }
 
     pub fn bytes(&self) -> u64 {

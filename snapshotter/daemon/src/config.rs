@@ -1,6 +1,8 @@
 //! The daemon's configuration: one TOML file, every section strict (an unknown key is an error
 //! at start, naming the key), defaults that work on a stock node. Flags override the file.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -15,9 +17,12 @@ pub struct Config {
     pub address: PathBuf,
     /// Where snapshots, the chunk cache and the metadata live.
     pub root: PathBuf,
+    /// Serve Prometheus `/metrics` and `/healthz` on this address (off when unset).
+    pub metrics_address: Option<SocketAddr>,
     pub cache: CacheSection,
     pub fetch: FetchSection,
     pub fuse: FuseSection,
+    pub background_fetch: BackgroundFetchSection,
     pub registry: RegistrySection,
 }
 
@@ -41,6 +46,9 @@ pub struct FetchSection {
     pub timeout_seconds: u64,
     /// Extra attempts of a failed request, with exponential backoff.
     pub retries: u32,
+    /// Fetches of a chunk whose bytes fail verification (a corrupt or cut body) before the read
+    /// fails with EIO.
+    pub verify_attempts: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -52,6 +60,19 @@ pub struct FuseSection {
     pub attr_timeout_seconds: u64,
 }
 
+/// Fetching the rest of a layer after it is mounted, so later reads are local.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackgroundFetchSection {
+    /// Off by default: on-demand reads alone fetch what containers use.
+    pub enabled: bool,
+    /// Bytes per background request batch.
+    pub batch_bytes: u64,
+    /// Layers whose data blob is larger than this share of the cache capacity are not fetched
+    /// in the background (they would evict what containers read).
+    pub max_cache_share: f64,
+}
+
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrySection {
@@ -60,6 +81,20 @@ pub struct RegistrySection {
     /// Docker config file with registry credentials [default: $DOCKER_CONFIG/config.json or
     /// ~/.docker/config.json of the daemon's user].
     pub docker_config: Option<PathBuf>,
+    /// Per-registry settings, keyed by host[:port].
+    pub hosts: BTreeMap<String, HostSection>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostSection {
+    /// Reach this registry over plain HTTP.
+    pub plain_http: bool,
+    /// Registries (host[:port]) holding the same repositories, tried first for blob reads; the
+    /// content is verified by digest, so a mirror can be slow or stale but never wrong.
+    pub mirrors: Vec<String>,
+    /// A docker config.json with this registry's credentials (its `auths` entry for the host).
+    pub credentials_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -70,7 +105,9 @@ impl Default for Config {
             cache: CacheSection::default(),
             fetch: FetchSection::default(),
             fuse: FuseSection::default(),
+            background_fetch: BackgroundFetchSection::default(),
             registry: RegistrySection::default(),
+            metrics_address: None,
         }
     }
 }
@@ -85,12 +122,23 @@ impl Default for CacheSection {
     }
 }
 
+impl Default for BackgroundFetchSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            batch_bytes: 8 << 20,
+            max_cache_share: 0.5,
+        }
+    }
+}
+
 impl Default for FetchSection {
     fn default() -> Self {
         Self {
             deadline_seconds: 60,
             timeout_seconds: 30,
             retries: 3,
+            verify_attempts: 5,
         }
     }
 }
@@ -128,6 +176,10 @@ impl Config {
             self.fetch.timeout_seconds > 0,
             "fetch.timeout_seconds must be at least 1"
         );
+        anyhow::ensure!(
+            self.fetch.verify_attempts > 0,
+            "fetch.verify_attempts must be at least 1"
+        );
         anyhow::ensure!(self.fuse.threads > 0, "fuse.threads must be at least 1");
         anyhow::ensure!(
             self.cache.max_request_bytes > 0,
@@ -146,6 +198,28 @@ mod tests {
         let config = Config::parse("").unwrap();
         assert_eq!(config.address, PathBuf::from(DEFAULT_ADDRESS));
         assert_eq!(config.cache.max_size_bytes, 10 << 30);
+    }
+
+    #[test]
+    fn per_registry_settings_and_metrics_address_parse() {
+        let config = Config::parse(
+            "metrics_address = \"127.0.0.1:9464\"\n[background_fetch]\nenabled = true\n\
+             [registry.hosts.\"reg.example:5000\"]\nplain_http = true\nmirrors = [\"m:5000\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.metrics_address,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        assert!(config.background_fetch.enabled);
+        let host = &config.registry.hosts["reg.example:5000"];
+        assert!(host.plain_http);
+        assert_eq!(host.mirrors, vec!["m:5000".to_owned()]);
+        let error = format!(
+            "{:#}",
+            Config::parse("[registry.hosts.x]\nmirror = []\n").unwrap_err()
+        );
+        assert!(error.contains("mirror"), "{error}");
     }
 
     #[test]

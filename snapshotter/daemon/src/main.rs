@@ -1,7 +1,9 @@
 //! `streamsnap-snapshotterd --address SOCKET --root DIR [--config FILE]`
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,8 +12,10 @@ use streamsnap_cache::{CacheConfig, ChunkCache};
 use streamsnap_registry::{Client, ClientConfig, CredentialStore};
 use streamsnap_snapshotter::Snapshotter;
 use streamsnap_snapshotter::config::Config;
+use streamsnap_snapshotter::http::Endpoints;
+use streamsnap_snapshotter::metrics::Metrics;
 use streamsnap_snapshotter::mounter::FuseMounter;
-use streamsnap_snapshotter::remote::RemoteLayers;
+use streamsnap_snapshotter::remote::{BackgroundConfig, RemoteLayers};
 use streamsnap_snapshotter::service::Service;
 use streamsnap_snapshotter::startup::{RootLock, remount_remote_snapshots};
 
@@ -31,6 +35,9 @@ struct Args {
     /// TOML config file (see docs/snapshotter.md); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Serve Prometheus /metrics and /healthz on HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_address: Option<std::net::SocketAddr>,
     /// Log filter, e.g. info or streamsnap_snapshotter=debug (env STREAMSNAP_LOG).
     #[arg(long, env = "STREAMSNAP_LOG", default_value = "info")]
     log_level: String,
@@ -60,18 +67,24 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(root) = args.root {
         config.root = root;
     }
+    if let Some(address) = args.metrics_address {
+        config.metrics_address = Some(address);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("streamsnap")
         .build()?;
     let _lock = RootLock::acquire(&config.root)?;
-    let remote = build_remote(&config, runtime.handle().clone())?;
+    let metrics = Metrics::new()?;
+    let remote = build_remote(&config, runtime.handle().clone(), metrics.clone())?;
     let snapshotter = Arc::new(Snapshotter::open(&config.root, Some(remote.clone()))?);
-    let remounted = remount_remote_snapshots(&snapshotter)?;
-    if remounted > 0 {
-        tracing::info!(remounted, "remote snapshots mounted again");
+    let (restored, failed) = remount_remote_snapshots(&snapshotter)?;
+    metrics.mounts_restored.set(restored as i64);
+    metrics.mounts_restore_failures.set(failed as i64);
+    if restored + failed > 0 {
+        tracing::info!(restored, failed, "remote snapshots mounted again");
     }
-    let result = runtime.block_on(serve(&config, snapshotter));
+    let result = runtime.block_on(serve(&config, snapshotter, metrics));
     remote.unmount_all();
     result
 }
@@ -79,21 +92,48 @@ fn run(args: Args) -> anyhow::Result<()> {
 fn build_remote(
     config: &Config,
     handle: tokio::runtime::Handle,
+    metrics: Metrics,
 ) -> anyhow::Result<Arc<RemoteLayers>> {
-    let credentials = CredentialStore::from_docker_config(config.registry.docker_config.as_deref())
+    let registry = &config.registry;
+    let mut credentials = CredentialStore::from_docker_config(registry.docker_config.as_deref())
         .context("reading registry credentials")?;
+    let mut plain_http = registry.plain_http.clone();
+    let mut mirrors = HashMap::new();
+    for (host, settings) in &registry.hosts {
+        if settings.plain_http {
+            plain_http.push(host.clone());
+        }
+        if !settings.mirrors.is_empty() {
+            mirrors.insert(host.clone(), settings.mirrors.clone());
+        }
+        if let Some(file) = &settings.credentials_file {
+            let store = CredentialStore::from_docker_config(Some(file))
+                .with_context(|| format!("reading credentials of {host}"))?;
+            let found = store
+                .get(host)
+                .with_context(|| format!("{} has no auths entry for {host}", file.display()))?;
+            credentials.insert(host, found.clone());
+        }
+    }
+    let registry_metrics = streamsnap_registry::Metrics::register(&metrics.registry)?;
+    let cache_metrics = streamsnap_cache::Metrics::register(&metrics.registry)?;
+    let fs_metrics = streamsnap_fs::Metrics::register(&metrics.registry)?;
     let client = Client::new(ClientConfig {
         credentials,
-        plain_http: config.registry.plain_http.clone(),
+        metrics: Some(Arc::new(registry_metrics)),
+        plain_http,
         request_timeout: Duration::from_secs(config.fetch.timeout_seconds),
         retries: config.fetch.retries,
         ..ClientConfig::default()
     })?;
+    let capacity = config.cache.max_size_bytes;
     let cache = ChunkCache::open(CacheConfig {
         memory_bytes: config.cache.memory_bytes,
         max_request_bytes: config.cache.max_request_bytes,
         fetch_deadline: Duration::from_secs(config.fetch.deadline_seconds),
-        ..CacheConfig::new(config.root.join("cache"), config.cache.max_size_bytes)
+        verify_attempts: config.fetch.verify_attempts,
+        metrics: Some(Arc::new(cache_metrics)),
+        ..CacheConfig::new(config.root.join("cache"), capacity)
     })
     .context("opening the chunk cache")?;
     let mounter = FuseMounter::new(
@@ -101,17 +141,30 @@ fn build_remote(
         streamsnap_fs::MountOptions {
             threads: config.fuse.threads,
             ttl: Duration::from_secs(config.fuse.attr_timeout_seconds),
+            metrics: Some(Arc::new(fs_metrics)),
             ..Default::default()
         },
     );
+    let background = BackgroundConfig {
+        enabled: config.background_fetch.enabled,
+        batch_bytes: config.background_fetch.batch_bytes,
+        max_layer_bytes: (capacity as f64 * config.background_fetch.max_cache_share) as u64,
+    };
     Ok(Arc::new(RemoteLayers::new(
         client,
         Arc::new(cache),
         Arc::new(mounter),
+        mirrors,
+        background,
+        metrics,
     )))
 }
 
-async fn serve(config: &Config, snapshotter: Arc<Snapshotter>) -> anyhow::Result<()> {
+async fn serve(
+    config: &Config,
+    snapshotter: Arc<Snapshotter>,
+    metrics: Metrics,
+) -> anyhow::Result<()> {
     let address = &config.address;
     if let Some(dir) = address.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -128,13 +181,30 @@ async fn serve(config: &Config, snapshotter: Arc<Snapshotter>) -> anyhow::Result
         std::fs::remove_file(address)
             .with_context(|| format!("removing stale socket {}", address.display()))?;
     }
+    let serving = Arc::new(AtomicBool::new(false));
+    let _metrics_server = match config.metrics_address {
+        Some(metrics_address) => {
+            let endpoints = Arc::new(Endpoints {
+                metrics: metrics.clone(),
+                snapshotter: snapshotter.clone(),
+                serving: serving.clone(),
+            });
+            Some(
+                streamsnap_snapshotter::http::serve(metrics_address, endpoints)
+                    .await
+                    .with_context(|| format!("binding the metrics address {metrics_address}"))?,
+            )
+        }
+        None => None,
+    };
     let listener = tokio::net::UnixListener::bind(address)
         .with_context(|| format!("binding {}", address.display()))?;
     tracing::info!(address = %address.display(), root = %config.root.display(), "serving the containerd snapshots API");
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let server = tonic::transport::Server::builder()
-        .add_service(Service::new(snapshotter).into_server())
+        .add_service(Service::new(snapshotter, metrics).into_server())
         .serve_with_incoming(incoming);
+    serving.store(true, Ordering::Relaxed);
     // containerd keeps its connection open, so a graceful shutdown would wait forever: race the
     // server with the signal and stop serving when it comes.
     tokio::select! {

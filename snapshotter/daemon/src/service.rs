@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::snapshotter::{Info, Mount, Snapshotter};
 use crate::store::{Kind, Timestamp};
 
@@ -26,11 +27,37 @@ const LIST_BATCH: usize = 100;
 #[derive(Debug, Clone)]
 pub struct Service {
     snapshotter: Arc<Snapshotter>,
+    metrics: Metrics,
 }
 
 impl Service {
-    pub fn new(snapshotter: Arc<Snapshotter>) -> Self {
-        Self { snapshotter }
+    pub fn new(snapshotter: Arc<Snapshotter>, metrics: Metrics) -> Self {
+        Self {
+            snapshotter,
+            metrics,
+        }
+    }
+
+    /// Runs one call, recording its duration and, if it fails, its gRPC code.
+    async fn observed<T>(
+        &self,
+        method: &'static str,
+        call: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        self.metrics
+            .rpc_duration
+            .with_label_values(&[method])
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(status) = &result {
+            let code = format!("{:?}", status.code());
+            self.metrics
+                .rpc_errors
+                .with_label_values(&[method, &code])
+                .inc();
+        }
+        result
     }
 
     pub fn into_server(self) -> crate::api::snapshots_server::SnapshotsServer<Self> {
@@ -96,9 +123,8 @@ fn info(info: Info) -> pb::Info {
 
 type ListStream = Pin<Box<dyn Stream<Item = Result<ListSnapshotsResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl crate::api::snapshots_server::Snapshots for Service {
-    async fn prepare(
+impl Service {
+    async fn prepare_call(
         &self,
         request: Request<PrepareSnapshotRequest>,
     ) -> Result<Response<PrepareSnapshotResponse>, Status> {
@@ -120,7 +146,7 @@ impl crate::api::snapshots_server::Snapshots for Service {
         }
     }
 
-    async fn view(
+    async fn view_call(
         &self,
         request: Request<ViewSnapshotRequest>,
     ) -> Result<Response<ViewSnapshotResponse>, Status> {
@@ -133,7 +159,7 @@ impl crate::api::snapshots_server::Snapshots for Service {
         Ok(Response::new(ViewSnapshotResponse { mounts: mounts(m) }))
     }
 
-    async fn mounts(
+    async fn mounts_call(
         &self,
         request: Request<MountsRequest>,
     ) -> Result<Response<MountsResponse>, Status> {
@@ -145,7 +171,7 @@ impl crate::api::snapshots_server::Snapshots for Service {
         Ok(Response::new(MountsResponse { mounts: mounts(m) }))
     }
 
-    async fn commit(
+    async fn commit_call(
         &self,
         request: Request<CommitSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
@@ -157,7 +183,7 @@ impl crate::api::snapshots_server::Snapshots for Service {
         Ok(Response::new(()))
     }
 
-    async fn remove(
+    async fn remove_call(
         &self,
         request: Request<RemoveSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
@@ -168,7 +194,7 @@ impl crate::api::snapshots_server::Snapshots for Service {
         Ok(Response::new(()))
     }
 
-    async fn stat(
+    async fn stat_call(
         &self,
         request: Request<StatSnapshotRequest>,
     ) -> Result<Response<StatSnapshotResponse>, Status> {
@@ -182,7 +208,7 @@ impl crate::api::snapshots_server::Snapshots for Service {
         }))
     }
 
-    async fn update(
+    async fn update_call(
         &self,
         request: Request<UpdateSnapshotRequest>,
     ) -> Result<Response<UpdateSnapshotResponse>, Status> {
@@ -201,12 +227,10 @@ impl crate::api::snapshots_server::Snapshots for Service {
         }))
     }
 
-    type ListStream = ListStream;
-
-    async fn list(
+    async fn list_call(
         &self,
         request: Request<ListSnapshotsRequest>,
-    ) -> Result<Response<Self::ListStream>, Status> {
+    ) -> Result<Response<ListStream>, Status> {
         tracing::debug!(request = ?request.get_ref(), "list");
         let infos = self
             .snapshotter
@@ -223,7 +247,7 @@ impl crate::api::snapshots_server::Snapshots for Service {
         Ok(Response::new(Box::pin(futures_util::stream::iter(batches))))
     }
 
-    async fn usage(
+    async fn usage_call(
         &self,
         request: Request<UsageRequest>,
     ) -> Result<Response<UsageResponse>, Status> {
@@ -238,10 +262,82 @@ impl crate::api::snapshots_server::Snapshots for Service {
         }))
     }
 
-    async fn cleanup(&self, request: Request<CleanupRequest>) -> Result<Response<()>, Status> {
+    async fn cleanup_call(&self, request: Request<CleanupRequest>) -> Result<Response<()>, Status> {
         tracing::debug!(request = ?request.get_ref(), "cleanup");
         self.snapshotter.cleanup().map_err(|e| status(&e))?;
         Ok(Response::new(()))
+    }
+}
+
+#[tonic::async_trait]
+impl crate::api::snapshots_server::Snapshots for Service {
+    type ListStream = ListStream;
+
+    async fn prepare(
+        &self,
+        request: Request<PrepareSnapshotRequest>,
+    ) -> Result<Response<PrepareSnapshotResponse>, Status> {
+        self.observed("prepare", self.prepare_call(request)).await
+    }
+
+    async fn view(
+        &self,
+        request: Request<ViewSnapshotRequest>,
+    ) -> Result<Response<ViewSnapshotResponse>, Status> {
+        self.observed("view", self.view_call(request)).await
+    }
+
+    async fn mounts(
+        &self,
+        request: Request<MountsRequest>,
+    ) -> Result<Response<MountsResponse>, Status> {
+        self.observed("mounts", self.mounts_call(request)).await
+    }
+
+    async fn commit(
+        &self,
+        request: Request<CommitSnapshotRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.observed("commit", self.commit_call(request)).await
+    }
+
+    async fn remove(
+        &self,
+        request: Request<RemoveSnapshotRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.observed("remove", self.remove_call(request)).await
+    }
+
+    async fn stat(
+        &self,
+        request: Request<StatSnapshotRequest>,
+    ) -> Result<Response<StatSnapshotResponse>, Status> {
+        self.observed("stat", self.stat_call(request)).await
+    }
+
+    async fn update(
+        &self,
+        request: Request<UpdateSnapshotRequest>,
+    ) -> Result<Response<UpdateSnapshotResponse>, Status> {
+        self.observed("update", self.update_call(request)).await
+    }
+
+    async fn list(
+        &self,
+        request: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        self.observed("list", self.list_call(request)).await
+    }
+
+    async fn usage(
+        &self,
+        request: Request<UsageRequest>,
+    ) -> Result<Response<UsageResponse>, Status> {
+        self.observed("usage", self.usage_call(request)).await
+    }
+
+    async fn cleanup(&self, request: Request<CleanupRequest>) -> Result<Response<()>, Status> {
+        self.observed("cleanup", self.cleanup_call(request)).await
     }
 }
 

@@ -129,6 +129,32 @@ impl Snapshotter {
         Ok(chain)
     }
 
+    /// Sets the snapshot gauges from the store (at each scrape).
+    pub fn refresh_gauges(&self, metrics: &crate::metrics::Metrics) {
+        let Ok(records) = self.store.list() else {
+            return;
+        };
+        metrics.snapshots.reset();
+        for (_, record) in records {
+            let kind = match record.kind {
+                Kind::View => "view",
+                Kind::Active => "active",
+                Kind::Committed => "committed",
+            };
+            let origin = if record.remote.is_some() {
+                "remote"
+            } else {
+                "local"
+            };
+            metrics.snapshots.with_label_values(&[kind, origin]).inc();
+        }
+    }
+
+    /// Whether the store answers and the root is there (for `/healthz`).
+    pub fn healthy(&self) -> bool {
+        self.store.get("").is_ok() && self.root.join("snapshots").is_dir()
+    }
+
     /// The mounts of a snapshot whose record is `record`, as containerd's overlayfs snapshotter
     /// builds them.
     pub(crate) fn mounts_of(&self, record: &Record) -> Result<Vec<Mount>> {

@@ -35,12 +35,13 @@ impl RootLock {
 
 /// Mounts every remote snapshot again from its saved TOC (stale mounts of a crashed daemon are
 /// replaced). A snapshot that cannot be mounted is logged and left in place: containers using
-/// it fail to read, the rest of the node works, and removing the image removes it.
-pub fn remount_remote_snapshots(snapshotter: &Snapshotter) -> anyhow::Result<usize> {
+/// it fail to read, the rest of the node works, and removing the image removes it. Returns the
+/// numbers mounted and failed.
+pub fn remount_remote_snapshots(snapshotter: &Snapshotter) -> anyhow::Result<(usize, usize)> {
     let Some(remote) = &snapshotter.remote else {
-        return Ok(0);
+        return Ok((0, 0));
     };
-    let mut mounted = 0;
+    let (mut mounted, mut failed) = (0, 0);
     for (key, record) in snapshotter.store.list()? {
         let Some(source) = &record.remote else {
             continue;
@@ -48,9 +49,10 @@ pub fn remount_remote_snapshots(snapshotter: &Snapshotter) -> anyhow::Result<usi
         match remote.remount(record.id, &snapshotter.snapshot_dir(record.id), source) {
             Ok(()) => mounted += 1,
             Err(error) => {
-                tracing::error!(key, error = %crate::error::chain(&error), "cannot mount a remote snapshot again")
+                failed += 1;
+                tracing::error!(key, error = %crate::error::chain(&error), "cannot mount a remote snapshot again");
             }
         }
     }
-    Ok(mounted)
+    Ok((mounted, failed))
 }

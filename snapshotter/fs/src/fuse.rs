@@ -10,7 +10,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno as FuseErrno, FileAttr, FileHandle, FileType,
@@ -20,8 +20,11 @@ use fuser::{
 };
 use nix::errno::Errno;
 use tokio::runtime::Handle;
+use tracing::Instrument as _;
 
 use crate::layer::{Attr, FileKind, LayerFs};
+use crate::metrics::{Metrics, Op};
+use crate::warnings::{READ_WARNING_INTERVAL, RateLimit};
 
 /// Readahead asked of the kernel (it may allow less): chunks are up to 1 MiB and fetched whole.
 const MAX_READAHEAD: u32 = 1 << 20;
@@ -34,18 +37,48 @@ const WANTED_CAPABILITIES: InitFlags = InitFlags::FUSE_ASYNC_READ
     .union(InitFlags::FUSE_CACHE_SYMLINKS)
     .union(InitFlags::FUSE_MAX_PAGES);
 
-/// A [`LayerFs`] served through FUSE. Cheap to create; one per mount.
+/// A [`LayerFs`] served through FUSE. Cheap to create; one per mount. Every request is timed
+/// and its errors counted in its [`Metrics`]; a read failing with EIO logs a warning at most
+/// once a minute per layer.
 #[derive(Debug)]
 pub struct FuseLayer {
     fs: Arc<LayerFs>,
     handle: Handle,
     ttl: Duration,
+    metrics: Arc<Metrics>,
+    read_warnings: Arc<RateLimit>,
 }
 
 impl FuseLayer {
     /// `handle` runs the reads; `ttl` is how long the kernel may cache entries and attributes.
+    /// Counts into metrics registered nowhere unless [`with_metrics`](Self::with_metrics).
     pub fn new(fs: Arc<LayerFs>, handle: Handle, ttl: Duration) -> Self {
-        Self { fs, handle, ttl }
+        Self {
+            fs,
+            handle,
+            ttl,
+            metrics: Arc::default(),
+            read_warnings: Arc::new(RateLimit::new(READ_WARNING_INTERVAL)),
+        }
+    }
+
+    /// Counts requests, their latency and errors, and bytes read in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Accounts for a request of kind `op` that arrived at `started`.
+    fn done<T>(&self, op: Op, started: Instant, result: &Result<T, Errno>) {
+        self.metrics
+            .observe(op, started, result.as_ref().err().copied());
+    }
+
+    /// The answer to a request that would change the layer, counted.
+    fn refuse(&self) -> FuseErrno {
+        self.metrics
+            .observe(Op::Modify, Instant::now(), Some(Errno::EROFS));
+        FuseErrno::EROFS
     }
 
     fn attr(&self, attr: &Attr) -> FileAttr {
@@ -89,17 +122,41 @@ fn to_file_attr(attr: &Attr) -> FileAttr {
 }
 
 /// Replies to an xattr request: the size when asked for it, ERANGE when the buffer is small.
-fn reply_xattr(reply: ReplyXattr, size: u32, value: Result<Vec<u8>, Errno>) {
+/// Returns the error it answered with.
+fn reply_xattr(reply: ReplyXattr, size: u32, value: Result<Vec<u8>, Errno>) -> Result<(), Errno> {
     match value {
-        Err(error) => reply.error(errno(error)),
+        Err(error) => {
+            reply.error(errno(error));
+            return Err(error);
+        }
         Ok(value) if size == 0 => reply.size(value.len() as u32),
-        Ok(value) if value.len() > size as usize => reply.error(FuseErrno::ERANGE),
+        Ok(value) if value.len() > size as usize => {
+            reply.error(FuseErrno::ERANGE);
+            return Err(Errno::ERANGE);
+        }
         Ok(value) => reply.data(&value),
     }
+    Ok(())
 }
 
-fn read_only<T>(_: T) -> FuseErrno {
-    FuseErrno::EROFS
+/// Logs a read that failed with EIO: a warning at most once per [`READ_WARNING_INTERVAL`] per
+/// layer, with how many were held back since the last one; the others at debug level.
+fn read_failed(fs: &LayerFs, warnings: &RateLimit, ino: u64, offset: u64, size: u32) {
+    let layer = fs.toc().layer_digest();
+    match warnings.allow(Instant::now()) {
+        Some(suppressed) => tracing::warn!(
+            %layer,
+            ino,
+            offset,
+            size,
+            suppressed,
+            "a read of this layer failed with EIO: its chunks could not be fetched and verified \
+             in time (details at debug level; further failures within {}s are only counted in \
+             the metrics)",
+            READ_WARNING_INTERVAL.as_secs()
+        ),
+        None => tracing::debug!(%layer, ino, offset, size, "read failed with EIO"),
+    }
 }
 
 impl Filesystem for FuseLayer {
@@ -121,33 +178,49 @@ impl Filesystem for FuseLayer {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.fs.lookup(parent.0, name) {
+        let started = Instant::now();
+        let result = self.fs.lookup(parent.0, name);
+        self.done(Op::Lookup, started, &result);
+        match result {
             Ok(attr) => reply.entry(&self.ttl, &self.attr(&attr), Generation(0)),
             Err(error) => reply.error(errno(error)),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
+        let started = Instant::now();
+        let result = self.fs.getattr(ino.0);
+        self.done(Op::Getattr, started, &result);
+        match result {
             Ok(attr) => reply.attr(&self.ttl, &self.attr(&attr)),
             Err(error) => reply.error(errno(error)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.fs.readlink(ino.0) {
+        let started = Instant::now();
+        let result = self.fs.readlink(ino.0);
+        self.done(Op::Readlink, started, &result);
+        match result {
             Ok(target) => reply.data(&target),
             Err(error) => reply.error(errno(error)),
         }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
-            return reply.error(FuseErrno::EROFS);
-        }
-        match self.fs.getattr(ino.0) {
-            Ok(attr) if attr.kind == FileKind::Directory => reply.error(FuseErrno::EISDIR),
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+        let started = Instant::now();
+        let result = if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            Err(Errno::EROFS)
+        } else {
+            match self.fs.getattr(ino.0) {
+                Ok(attr) if attr.kind == FileKind::Directory => Err(Errno::EISDIR),
+                Ok(_) => Ok(()),
+                Err(error) => Err(error),
+            }
+        };
+        self.done(Op::Open, started, &result);
+        match result {
+            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(error) => reply.error(errno(error)),
         }
     }
@@ -163,15 +236,30 @@ impl Filesystem for FuseLayer {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let started = Instant::now();
         let fs = Arc::clone(&self.fs);
+        let metrics = Arc::clone(&self.metrics);
+        let warnings = Arc::clone(&self.read_warnings);
+        let span = tracing::debug_span!("layer_read", layer = %self.fs.toc().layer_digest());
         // If the runtime is shutting down the task is dropped, and with it the reply: fuser then
         // answers EIO.
-        self.handle.spawn(async move {
-            match fs.read(ino.0, offset, size).await {
-                Ok(data) => reply.data(&data),
-                Err(error) => reply.error(errno(error)),
+        let read = async move {
+            let result = fs.read(ino.0, offset, size).await;
+            metrics.observe(Op::Read, started, result.as_ref().err().copied());
+            match result {
+                Ok(data) => {
+                    metrics.read_bytes(data.len());
+                    reply.data(&data);
+                }
+                Err(error) => {
+                    if error == Errno::EIO {
+                        read_failed(&fs, &warnings, ino.0, offset, size);
+                    }
+                    reply.error(errno(error));
+                }
             }
-        });
+        };
+        self.handle.spawn(read.instrument(span));
     }
 
     fn flush(
@@ -190,13 +278,20 @@ impl Filesystem for FuseLayer {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
-            return reply.error(FuseErrno::EROFS);
-        }
-        match self.fs.getattr(ino.0) {
-            Ok(attr) if attr.kind != FileKind::Directory => reply.error(FuseErrno::ENOTDIR),
+        let started = Instant::now();
+        let result = if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            Err(Errno::EROFS)
+        } else {
+            match self.fs.getattr(ino.0) {
+                Ok(attr) if attr.kind != FileKind::Directory => Err(Errno::ENOTDIR),
+                Ok(_) => Ok(()),
+                Err(error) => Err(error),
+            }
+        };
+        self.done(Op::Opendir, started, &result);
+        match result {
             // listings never change: let the kernel keep them in its cache
-            Ok(_) => reply.opened(
+            Ok(()) => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
             ),
@@ -212,7 +307,9 @@ impl Filesystem for FuseLayer {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.fs.readdir_iter(ino.0, offset) {
+        let started = Instant::now();
+        let result = self.fs.readdir_iter(ino.0, offset);
+        match result {
             Ok(entries) => {
                 for entry in entries {
                     if reply.add(
@@ -224,9 +321,13 @@ impl Filesystem for FuseLayer {
                         break;
                     }
                 }
+                self.metrics.observe(Op::Readdir, started, None);
                 reply.ok();
             }
-            Err(error) => reply.error(errno(error)),
+            Err(error) => {
+                self.metrics.observe(Op::Readdir, started, Some(error));
+                reply.error(errno(error));
+            }
         }
     }
 
@@ -242,7 +343,9 @@ impl Filesystem for FuseLayer {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let started = Instant::now();
         let s = self.fs.statfs();
+        self.metrics.observe(Op::Statfs, started, None);
         reply.statfs(
             s.blocks,
             0,
@@ -256,17 +359,27 @@ impl Filesystem for FuseLayer {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, size, self.fs.getxattr(ino.0, name));
+        let started = Instant::now();
+        let result = reply_xattr(reply, size, self.fs.getxattr(ino.0, name));
+        self.done(Op::Getxattr, started, &result);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, size, self.fs.listxattr(ino.0));
+        let started = Instant::now();
+        let result = reply_xattr(reply, size, self.fs.listxattr(ino.0));
+        self.done(Op::Listxattr, started, &result);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        match self.fs.getattr(ino.0) {
-            Ok(_) if mask.contains(AccessFlags::W_OK) => reply.error(FuseErrno::EROFS),
-            Ok(_) => reply.ok(),
+        let started = Instant::now();
+        let result = match self.fs.getattr(ino.0) {
+            Ok(_) if mask.contains(AccessFlags::W_OK) => Err(Errno::EROFS),
+            Ok(_) => Ok(()),
+            Err(error) => Err(error),
+        };
+        self.done(Op::Access, started, &result);
+        match result {
+            Ok(()) => reply.ok(),
             Err(error) => reply.error(errno(error)),
         }
     }
@@ -276,7 +389,7 @@ impl Filesystem for FuseLayer {
     fn setattr(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         _mode: Option<u32>,
         _uid: Option<u32>,
         _gid: Option<u32>,
@@ -291,81 +404,81 @@ impl Filesystem for FuseLayer {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        reply.error(read_only(ino));
+        reply.error(self.refuse());
     }
 
     fn mknod(
         &self,
         _req: &Request,
-        parent: INodeNo,
+        _parent: INodeNo,
         _name: &OsStr,
         _mode: u32,
         _umask: u32,
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(read_only(parent));
+        reply.error(self.refuse());
     }
 
     fn mkdir(
         &self,
         _req: &Request,
-        parent: INodeNo,
+        _parent: INodeNo,
         _name: &OsStr,
         _mode: u32,
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(read_only(parent));
+        reply.error(self.refuse());
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(read_only(parent));
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(self.refuse());
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(read_only(parent));
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(self.refuse());
     }
 
     fn symlink(
         &self,
         _req: &Request,
-        parent: INodeNo,
+        _parent: INodeNo,
         _link_name: &OsStr,
         _target: &Path,
         reply: ReplyEntry,
     ) {
-        reply.error(read_only(parent));
+        reply.error(self.refuse());
     }
 
     fn rename(
         &self,
         _req: &Request,
-        parent: INodeNo,
+        _parent: INodeNo,
         _name: &OsStr,
         _newparent: INodeNo,
         _newname: &OsStr,
         _flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(read_only(parent));
+        reply.error(self.refuse());
     }
 
     fn link(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         _newparent: INodeNo,
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(read_only(ino));
+        reply.error(self.refuse());
     }
 
     fn write(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         _fh: FileHandle,
         _offset: u64,
         _data: &[u8],
@@ -374,50 +487,50 @@ impl Filesystem for FuseLayer {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(read_only(ino));
+        reply.error(self.refuse());
     }
 
     fn setxattr(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         _name: &OsStr,
         _value: &[u8],
         _flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(read_only(ino));
+        reply.error(self.refuse());
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(read_only(ino));
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(self.refuse());
     }
 
     fn create(
         &self,
         _req: &Request,
-        parent: INodeNo,
+        _parent: INodeNo,
         _name: &OsStr,
         _mode: u32,
         _umask: u32,
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(read_only(parent));
+        reply.error(self.refuse());
     }
 
     fn fallocate(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         _fh: FileHandle,
         _offset: u64,
         _length: u64,
         _mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(read_only(ino));
+        reply.error(self.refuse());
     }
 
     fn copy_file_range(
@@ -426,14 +539,14 @@ impl Filesystem for FuseLayer {
         _ino_in: INodeNo,
         _fh_in: FileHandle,
         _offset_in: u64,
-        ino_out: INodeNo,
+        _ino_out: INodeNo,
         _fh_out: FileHandle,
         _offset_out: u64,
         _len: u64,
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        reply.error(read_only(ino_out));
+        reply.error(self.refuse());
     }
 }
 
@@ -452,6 +565,57 @@ mod tests {
         ] {
             assert_eq!(i32::from(errno(error)), error as i32);
         }
+    }
+
+    /// Counts the events logged, by level.
+    #[derive(Default)]
+    struct Events {
+        warn: std::sync::atomic::AtomicUsize,
+        debug: std::sync::atomic::AtomicUsize,
+    }
+
+    impl tracing::Subscriber for Events {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            let counter = match *event.metadata().level() {
+                tracing::Level::WARN => &self.warn,
+                tracing::Level::DEBUG => &self.debug,
+                _ => return,
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[test]
+    fn failed_reads_warn_once_per_interval_per_layer_and_the_rest_go_to_debug() {
+        let mut b = crate::testutil::LayerBuilder::new(4096);
+        b.file("f", 0o644, b"x");
+        let (toc, reader) = b.build();
+        let fs = LayerFs::new(toc, reader, crate::FsOptions::default()).unwrap();
+        let events = Arc::new(Events::default());
+        let (one, other) = (
+            RateLimit::new(READ_WARNING_INTERVAL),
+            RateLimit::new(READ_WARNING_INTERVAL),
+        );
+        tracing::subscriber::with_default(Arc::clone(&events), || {
+            for i in 0..100 {
+                read_failed(&fs, &one, 2, i * 4096, 4096);
+            }
+            read_failed(&fs, &other, 2, 0, 4096);
+        });
+        let count =
+            |c: &std::sync::atomic::AtomicUsize| c.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(count(&events.warn), 2, "one per layer");
+        assert_eq!(count(&events.debug), 99);
     }
 
     #[test]

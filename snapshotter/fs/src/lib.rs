@@ -9,7 +9,8 @@
 //!   expects (0/0 character devices, `trusted.overlay.opaque=y`).
 //! - [`FuseLayer`] and [`mount`]: a thin `fuser` adapter that serves a `LayerFs` on a mount point,
 //!   answering metadata inline and running reads as tasks on a tokio runtime handed in by the
-//!   caller.
+//!   caller. It times every request and counts errors in [`Metrics`], and rate-limits the
+//!   warnings of failing reads so a container cannot flood the log.
 //!
 //! What it must not know: HTTP, registries, the chunk cache's internals, containerd. File content
 //! arrives only through [`ChunkReader`], already decompressed and verified.
@@ -17,12 +18,14 @@
 mod error;
 mod fuse;
 mod layer;
+mod metrics;
 mod mount;
 mod table;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod testutil;
+mod warnings;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,6 +33,7 @@ use std::pin::Pin;
 pub use error::Error;
 pub use fuse::FuseLayer;
 pub use layer::{Attr, DirEntry, FileKind, FsOptions, LayerFs, ROOT_INO, StatFs};
+pub use metrics::Metrics;
 pub use mount::{MountOptions, MountedLayer, force_unmount, is_stale_mount, mount};
 pub use nix::errno::Errno;
 

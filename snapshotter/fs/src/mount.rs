@@ -12,6 +12,7 @@ use tokio::runtime::Handle;
 
 use crate::fuse::FuseLayer;
 use crate::layer::LayerFs;
+use crate::metrics::Metrics;
 
 /// How a layer is mounted.
 #[derive(Clone, Debug)]
@@ -25,6 +26,10 @@ pub struct MountOptions {
     pub threads: usize,
     /// How long the kernel may cache entries and attributes (the content never changes).
     pub ttl: Duration,
+    /// Where the mounted layer counts its requests, their latency and errors, and bytes read;
+    /// share one among all the mounts. `None`: handles registered nowhere (see
+    /// [`Metrics::register`] to export them).
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl Default for MountOptions {
@@ -34,6 +39,7 @@ impl Default for MountOptions {
             allow_other: false,
             threads: 2,
             ttl: Duration::from_secs(3600),
+            metrics: None,
         }
     }
 }
@@ -71,7 +77,10 @@ pub fn mount(
     let threads = options.threads.max(1);
     config.n_threads = Some(threads);
     config.clone_fd = threads > 1;
-    let layer = FuseLayer::new(fs, handle, options.ttl);
+    let mut layer = FuseLayer::new(fs, handle, options.ttl);
+    if let Some(metrics) = &options.metrics {
+        layer = layer.with_metrics(Arc::clone(metrics));
+    }
     let session = fuser::spawn_mount(layer, &mountpoint, &config)?;
     tracing::debug!(mountpoint = %mountpoint.display(), threads, "layer mounted");
     Ok(MountedLayer {

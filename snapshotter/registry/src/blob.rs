@@ -1,19 +1,24 @@
 //! Reading blobs: size, whole-blob streams, and the range reads lazy pulling is built on.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::{Method, StatusCode, header};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
+use prometheus::IntCounter;
 use streamsnap_format::Digest;
 
 use crate::auth::{Access, Scope};
 use crate::client::Client;
 use crate::error::{Error, Result};
+use crate::metrics::{Kind, Outcome, RetryReason};
 use crate::reference::Repository;
 use crate::transport::{Call, Response, Retry, is_transient};
+
+/// The `phase` of a [`Error::Timeout`] waiting for body bytes (a stall, not a slow answer).
+pub(crate) const BODY_PHASE: &str = "next chunk of the body";
 
 /// A response body read chunk by chunk. Waiting longer than the request timeout for the next
 /// chunk is an error, and so is a body that ends before its `Content-Length`.
@@ -24,6 +29,8 @@ pub struct BlobStream {
     timeout: Duration,
     method: Method,
     url: String,
+    /// Counts the body bytes as they arrive (range reads).
+    received_counter: Option<IntCounter>,
 }
 
 impl fmt::Debug for BlobStream {
@@ -47,7 +54,14 @@ impl BlobStream {
             timeout: response.timeout,
             method: response.method,
             url,
+            received_counter: None,
         }
+    }
+
+    /// Adds every body byte received from now on to `counter`.
+    pub(crate) fn counting(mut self, counter: &IntCounter) -> Self {
+        self.received_counter = Some(counter.clone());
+        self
     }
 
     /// The `Content-Length` the server announced, if any.
@@ -63,7 +77,7 @@ impl BlobStream {
                     return Err(Error::Timeout {
                         method: self.method.clone(),
                         url: self.url.clone(),
-                        phase: "next chunk of the body",
+                        phase: BODY_PHASE,
                         after: self.timeout,
                     });
                 }
@@ -88,6 +102,9 @@ impl BlobStream {
                 && !data.is_empty()
             {
                 self.received += data.len() as u64;
+                if let Some(counter) = &self.received_counter {
+                    counter.inc_by(data.len() as u64);
+                }
                 return Ok(Some(data));
             }
         }
@@ -193,6 +210,8 @@ impl Client {
     /// Exactly `len` bytes of the blob from `offset`, with `Range: bytes=offset-(offset+len-1)`.
     /// A 206 must start at `offset`; a 200 (a server ignoring Range) is sliced, reading no more
     /// than `offset + len` bytes. Transient failures, including bodies cut short, are retried.
+    /// Counted in the range metrics (count, bytes received, duration) and, by how it ended, in
+    /// the requests metric.
     pub async fn read_range(
         &self,
         repo: &Repository,
@@ -203,6 +222,20 @@ impl Client {
         if len == 0 {
             return Ok(Bytes::new());
         }
+        let started = Instant::now();
+        let result = self.read_range_retrying(repo, digest, offset, len).await;
+        self.metrics()
+            .range_read(Outcome::of(&result), started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn read_range_retrying(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes> {
         let last = offset
             .checked_add(len - 1)
             .ok_or_else(|| Error::InvalidUrl {
@@ -212,6 +245,10 @@ impl Client {
         let call = self
             .blob_call(Method::GET, repo, digest)?
             .header(header::RANGE, &format!("bytes={offset}-{last}"));
+        let call = Call {
+            kind: Kind::Range,
+            ..call
+        };
         let mut retry = Retry::new(self.config().retries);
         loop {
             let result = self.read_range_once(&call, &mut retry, offset, len).await;
@@ -219,6 +256,7 @@ impl Client {
                 Err(e) if is_transient(&e) => match retry.backoff(None) {
                     Some(delay) => {
                         tracing::debug!(error = %e, ?delay, "retrying range read");
+                        self.metrics().retry(RetryReason::of_error(&e));
                         tokio::time::sleep(delay).await;
                     }
                     None => return Err(e),
@@ -255,11 +293,18 @@ impl Client {
                          (range past the end of the blob?)"
                     )));
                 }
-                response.into_stream().read_slice(0, len).await
+                let counter = self.metrics().range_bytes();
+                response
+                    .into_stream()
+                    .counting(counter)
+                    .read_slice(0, len)
+                    .await
             }
             StatusCode::OK => {
                 tracing::debug!(offset, len, "server ignored Range, slicing the full body");
-                let stream = response.into_stream();
+                let stream = response
+                    .into_stream()
+                    .counting(self.metrics().range_bytes());
                 if let Some(total) = stream.content_length
                     && total < offset + len
                 {
@@ -284,7 +329,7 @@ impl Client {
         digest: &Digest,
     ) -> Result<Call<'a>> {
         let uri = self.url(repo, &format!("blobs/{digest}"))?;
-        Ok(Call::new(method, uri, pull_scope(repo)))
+        Ok(Call::new(Kind::Blob, method, uri, pull_scope(repo)))
     }
 }
 

@@ -15,6 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::auth::AuthCache;
 use crate::credentials::{CredentialStore, normalize_registry};
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::reference::{DOCKER_HUB, Repository};
 
 /// How the client reaches registries.
@@ -35,6 +36,9 @@ pub struct ClientConfig {
     /// Size of each PATCH of a chunked upload.
     pub upload_chunk_size: usize,
     pub user_agent: String,
+    /// Where the client counts its requests, range reads, retries and token fetches. `None`:
+    /// handles registered nowhere (see [`Metrics::register`] to export them).
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl Default for ClientConfig {
@@ -47,6 +51,7 @@ impl Default for ClientConfig {
             retries: 3,
             upload_chunk_size: 16 << 20,
             user_agent: concat!("streamsnap/", env!("CARGO_PKG_VERSION")).to_owned(),
+            metrics: None,
         }
     }
 }
@@ -64,6 +69,7 @@ pub(crate) struct Inner {
     pub http: HttpClient,
     pub auth: AuthCache,
     pub user_agent: HeaderValue,
+    pub metrics: Arc<Metrics>,
 }
 
 impl fmt::Debug for Client {
@@ -119,18 +125,25 @@ impl Client {
         let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(https);
+        let metrics = config.metrics.clone().unwrap_or_default();
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 http,
                 auth: AuthCache::default(),
                 user_agent,
+                metrics,
             }),
         })
     }
 
     pub(crate) fn config(&self) -> &ClientConfig {
         &self.inner.config
+    }
+
+    /// The metrics this client counts into (those of [`ClientConfig::metrics`], or its own).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// `<scheme>://<host>/v2/<name>/<tail>`.

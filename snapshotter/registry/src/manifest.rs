@@ -10,6 +10,7 @@ use streamsnap_format::{Digest, media};
 use crate::auth::{Access, Scope};
 use crate::client::Client;
 use crate::error::{Error, Result};
+use crate::metrics::Kind;
 use crate::reference::{Repository, validate_tag};
 use crate::transport::{Call, Retry};
 
@@ -203,7 +204,7 @@ impl Client {
             repository: &repo.name,
             access,
         };
-        Ok(Call::new(method, uri, scope))
+        Ok(Call::new(Kind::Manifest, method, uri, scope))
     }
 }
 

@@ -10,6 +10,7 @@ use crate::blob::pull_scope;
 use crate::client::{Client, display_url, resolve_location, with_query};
 use crate::error::{Error, Result};
 use crate::manifest::{MAX_MANIFEST_SIZE, Manifest};
+use crate::metrics::Kind;
 use crate::reference::Repository;
 use crate::transport::{Call, Retry};
 
@@ -54,7 +55,7 @@ impl Client {
         let mut manifests = Vec::new();
         let mut origin = ReferrersSource::Api;
         for page in 0.. {
-            let call = Call::new(Method::GET, uri.clone(), pull_scope(repo))
+            let call = Call::new(Kind::Referrers, Method::GET, uri.clone(), pull_scope(repo))
                 .header(header::ACCEPT, media::OCI_INDEX);
             let mut retry = Retry::new(self.config().retries);
             let response = self.execute(&call, &mut retry).await?;

@@ -15,6 +15,7 @@ use crate::auth::{Cached, Challenge, Scope, TokenResponse, parse_challenges};
 use crate::blob::BlobStream;
 use crate::client::{Client, display_url, encode_query, redact_str, resolve_location};
 use crate::error::{Error, Result, registry_message};
+use crate::metrics::{Kind, Outcome, RetryReason};
 
 const MAX_REDIRECTS: usize = 5;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
@@ -39,10 +40,12 @@ pub(crate) struct Call<'a> {
     /// (the token endpoint).
     pub scope: Option<Scope<'a>>,
     pub follow_redirects: bool,
+    /// What the request is for, in metrics.
+    pub kind: Kind,
 }
 
 impl<'a> Call<'a> {
-    pub fn new(method: Method, uri: Uri, scope: Scope<'a>) -> Self {
+    pub fn new(kind: Kind, method: Method, uri: Uri, scope: Scope<'a>) -> Self {
         let follow_redirects = method == Method::GET || method == Method::HEAD;
         Self {
             method,
@@ -51,6 +54,7 @@ impl<'a> Call<'a> {
             body: Bytes::new(),
             scope: Some(scope),
             follow_redirects,
+            kind,
         }
     }
 
@@ -228,10 +232,20 @@ fn same_origin(a: &Uri, b: &Uri) -> bool {
 
 impl Client {
     /// Sends `call`: cached auth first, the challenge flow on a 401 (once), retries for
-    /// transient failures, redirects when the call follows them.
+    /// transient failures, redirects when the call follows them. Counted in the requests metric
+    /// by the status it ends with, except range reads, which `read_range` counts once their
+    /// body is read.
     pub(crate) async fn execute(&self, call: &Call<'_>, retry: &mut Retry) -> Result<Response> {
         let span = tracing::debug_span!("registry_request", method = %call.method, path = %call.uri.path());
-        self.execute_inner(call, retry).instrument(span).await
+        let result = self.execute_inner(call, retry).instrument(span).await;
+        if call.kind != Kind::Range {
+            let outcome = match &result {
+                Ok(response) => Outcome::of_status(response.status),
+                Err(e) => Outcome::of_error(e),
+            };
+            self.metrics().request(call.kind, outcome);
+        }
+        result
     }
 
     async fn execute_inner(&self, call: &Call<'_>, retry: &mut Retry) -> Result<Response> {
@@ -331,7 +345,22 @@ impl Client {
         }))
     }
 
+    /// Gets a bearer token from `realm`, counted as a token request and a token fetch.
     async fn fetch_token(
+        &self,
+        scope: &Scope<'_>,
+        realm: &str,
+        service: Option<&str>,
+        scopes: &[String],
+    ) -> Result<(String, Duration)> {
+        let result = self.fetch_token_inner(scope, realm, service, scopes).await;
+        let outcome = Outcome::of(&result);
+        self.metrics().request(Kind::Token, outcome);
+        self.metrics().token_fetch(outcome);
+        result
+    }
+
+    async fn fetch_token_inner(
         &self,
         scope: &Scope<'_>,
         realm: &str,
@@ -368,6 +397,7 @@ impl Client {
             body: Bytes::new(),
             scope: None,
             follow_redirects: true,
+            kind: Kind::Token,
         }
         .header(header::ACCEPT, "application/json");
         let basic = credentials.map(|c| c.basic_header());
@@ -437,10 +467,17 @@ impl Client {
             let Some(delay) = retry.backoff(retry_after) else {
                 return result;
             };
-            match &result {
-                Ok(r) => tracing::debug!(status = %r.status, ?delay, "retrying"),
-                Err(e) => tracing::debug!(error = %e, ?delay, "retrying"),
-            }
+            let reason = match &result {
+                Ok(r) => {
+                    tracing::debug!(status = %r.status, ?delay, "retrying");
+                    RetryReason::of_status(r.status)
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, ?delay, "retrying");
+                    RetryReason::of_error(e)
+                }
+            };
+            self.metrics().retry(reason);
             drop(result);
             tokio::time::sleep(delay).await;
         }

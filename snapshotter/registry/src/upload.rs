@@ -12,6 +12,7 @@ use tokio::io::AsyncReadExt as _;
 use crate::auth::{Access, Scope};
 use crate::client::{Client, display_url, with_query};
 use crate::error::{Error, Result};
+use crate::metrics::Kind;
 use crate::reference::Repository;
 use crate::transport::{Call, Retry};
 
@@ -92,7 +93,7 @@ impl Client {
     /// POST `/v2/<name>/blobs/uploads/`: the session's location.
     async fn start_upload(&self, repo: &Repository) -> Result<Uri> {
         let uri = self.url(repo, "blobs/uploads/")?;
-        let call = Call::new(Method::POST, uri, push_scope(repo));
+        let call = Call::new(Kind::Upload, Method::POST, uri, push_scope(repo));
         let mut retry = Retry::new(self.config().retries);
         let response = self.execute(&call, &mut retry).await?;
         let response = response.expect(&[StatusCode::ACCEPTED]).await?;
@@ -108,10 +109,15 @@ impl Client {
         chunk: Bytes,
     ) -> Result<Uri> {
         let end = offset + chunk.len() as u64 - 1;
-        let call = Call::new(Method::PATCH, location.clone(), push_scope(repo))
-            .header(header::CONTENT_TYPE, OCTET_STREAM)
-            .header(header::CONTENT_RANGE, &format!("{offset}-{end}"))
-            .body(chunk);
+        let call = Call::new(
+            Kind::Upload,
+            Method::PATCH,
+            location.clone(),
+            push_scope(repo),
+        )
+        .header(header::CONTENT_TYPE, OCTET_STREAM)
+        .header(header::CONTENT_RANGE, &format!("{offset}-{end}"))
+        .body(chunk);
         let mut retry = Retry::new(self.config().retries);
         let response = self.execute(&call, &mut retry).await?;
         let response = response.expect(&[StatusCode::ACCEPTED]).await?;
@@ -135,7 +141,7 @@ impl Client {
         data: Bytes,
     ) -> Result<()> {
         let uri = with_query(location, "digest", &digest.to_string())?;
-        let call = Call::new(Method::PUT, uri, push_scope(repo))
+        let call = Call::new(Kind::Upload, Method::PUT, uri, push_scope(repo))
             .header(header::CONTENT_TYPE, OCTET_STREAM)
             .body(data);
         let mut retry = Retry::new(self.config().retries);
@@ -149,7 +155,12 @@ impl Client {
     /// DELETE the upload session so the registry can drop what it received. Failures are only
     /// logged: the caller is already returning the error that made it cancel.
     async fn cancel_upload(&self, repo: &Repository, location: &Uri) {
-        let call = Call::new(Method::DELETE, location.clone(), push_scope(repo));
+        let call = Call::new(
+            Kind::Upload,
+            Method::DELETE,
+            location.clone(),
+            push_scope(repo),
+        );
         let mut retry = Retry::new(0);
         match self.execute(&call, &mut retry).await {
             Ok(r) if r.status.is_success() || r.status == StatusCode::NOT_FOUND => {

@@ -5,12 +5,13 @@
 //! [`RemoteError`]: the caller falls back to an ordinary prepare and containerd pulls as usual.
 
 mod artifact;
+mod background;
 mod labels;
 mod source;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,8 +21,11 @@ use streamsnap_fs::{FsOptions, LayerFs};
 use streamsnap_registry::{Client, Repository};
 
 pub use self::artifact::{Artifact, ArtifactCache};
+use self::background::Background;
+pub use self::background::BackgroundConfig;
 pub use self::labels::{LayerRequest, TARGET_LABEL};
 use self::source::{CacheReader, RegistryBlob};
+use crate::metrics::Metrics;
 use crate::mounter::{MountedFs, Mounter};
 use crate::store::RemoteSource;
 
@@ -73,11 +77,10 @@ pub enum RemoteError {
     },
 }
 
-/// Counters of the remote path (exported as metrics by the daemon).
-#[derive(Debug, Default)]
-pub struct RemoteStats {
-    pub mounted: AtomicU64,
-    pub fallbacks: AtomicU64,
+/// A mounted layer and the switch that stops its background fetch.
+struct MountEntry {
+    fs: Box<dyn MountedFs>,
+    stop: Arc<AtomicBool>,
 }
 
 pub struct RemoteLayers {
@@ -85,29 +88,41 @@ pub struct RemoteLayers {
     cache: Arc<ChunkCache>,
     mounter: Arc<dyn Mounter>,
     artifacts: ArtifactCache,
-    mounts: Mutex<HashMap<u64, Box<dyn MountedFs>>>,
+    /// Mirrors by registry host, tried first for blob reads.
+    mirrors: HashMap<String, Vec<String>>,
+    background: Background,
+    mounts: Mutex<HashMap<u64, MountEntry>>,
     fallback_logged: Mutex<HashMap<String, Instant>>,
-    pub stats: RemoteStats,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for RemoteLayers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteLayers")
-            .field("stats", &self.stats)
+            .field("mirrors", &self.mirrors)
             .finish_non_exhaustive()
     }
 }
 
 impl RemoteLayers {
-    pub fn new(client: Client, cache: Arc<ChunkCache>, mounter: Arc<dyn Mounter>) -> Self {
+    pub fn new(
+        client: Client,
+        cache: Arc<ChunkCache>,
+        mounter: Arc<dyn Mounter>,
+        mirrors: HashMap<String, Vec<String>>,
+        background: BackgroundConfig,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             artifacts: ArtifactCache::new(client.clone()),
             client,
             cache,
             mounter,
+            mirrors,
+            background: Background::new(background),
             mounts: Mutex::new(HashMap::new()),
             fallback_logged: Mutex::new(HashMap::new()),
-            stats: RemoteStats::default(),
+            metrics,
         }
     }
 
@@ -204,18 +219,30 @@ impl RemoteLayers {
             source: e,
         })?;
         let repo = Repository::new(source.registry.clone(), source.repository.clone());
-        let blob = Arc::new(RegistryBlob::new(
+        let mirrors = self
+            .mirrors
+            .get(&repo.registry)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let blob: Arc<dyn streamsnap_cache::BlobSource> = Arc::new(RegistryBlob::new(
             self.client.clone(),
             repo,
+            mirrors,
             source.data_digest,
         ));
         let toc = Arc::new(toc);
-        let reader = Arc::new(CacheReader::new(self.cache.clone(), blob, toc.clone()));
-        let layer =
-            LayerFs::new(toc, reader, FsOptions::default()).map_err(|e| RemoteError::Fs {
+        let reader = Arc::new(CacheReader::new(
+            self.cache.clone(),
+            blob.clone(),
+            toc.clone(),
+            self.background.on_demand.clone(),
+        ));
+        let layer = LayerFs::new(toc.clone(), reader, FsOptions::default()).map_err(|e| {
+            RemoteError::Fs {
                 layer: source.layer_digest,
                 source: e,
-            })?;
+            }
+        })?;
         let mounted =
             self.mounter
                 .mount(Arc::new(layer), &fs_dir)
@@ -224,34 +251,48 @@ impl RemoteLayers {
                     path: fs_dir.clone(),
                     source: e,
                 })?;
-        self.mounts.lock().expect("mounts lock").insert(id, mounted);
-        self.stats.mounted.fetch_add(1, Ordering::Relaxed);
+        let stop = Arc::new(AtomicBool::new(false));
+        self.mounts.lock().expect("mounts lock").insert(
+            id,
+            MountEntry {
+                fs: mounted,
+                stop: stop.clone(),
+            },
+        );
+        self.metrics.remote_mounts.inc();
+        self.background
+            .start(toc, blob, self.cache.clone(), stop, self.metrics.clone());
         Ok(())
     }
 
     /// Unmounts snapshot `id`'s layer if this process mounted it.
     pub fn unmount(&self, id: u64) {
-        let mounted = self.mounts.lock().expect("mounts lock").remove(&id);
-        if let Some(mounted) = mounted
-            && let Err(error) = mounted.unmount()
-        {
-            tracing::warn!(id, %error, "unmounting a remote layer failed");
+        let entry = self.mounts.lock().expect("mounts lock").remove(&id);
+        if let Some(entry) = entry {
+            entry.stop.store(true, Ordering::Relaxed);
+            if let Err(error) = entry.fs.unmount() {
+                tracing::warn!(id, %error, "unmounting a remote layer failed");
+            }
         }
     }
 
     /// Unmounts every layer (at shutdown).
     pub fn unmount_all(&self) {
         let mounts: Vec<_> = self.mounts.lock().expect("mounts lock").drain().collect();
-        for (id, mounted) in mounts {
-            if let Err(error) = mounted.unmount() {
+        for (id, entry) in mounts {
+            entry.stop.store(true, Ordering::Relaxed);
+            if let Err(error) = entry.fs.unmount() {
                 tracing::warn!(id, %error, "unmounting a remote layer failed");
             }
         }
     }
 
-    /// Counts a fallback to an ordinary pull, and logs it once per image per period.
+    /// Counts a fallback to an ordinary pull by reason, and logs it once per image per period.
     pub fn note_fallback(&self, request: &LayerRequest, error: &crate::error::Error) {
-        self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .fallbacks
+            .with_label_values(&[fallback_reason(error)])
+            .inc();
         let mut logged = self.fallback_logged.lock().expect("fallback log lock");
         let now = Instant::now();
         logged.retain(|_, at| now.duration_since(*at) < FALLBACK_LOG_PERIOD);
@@ -260,6 +301,26 @@ impl RemoteLayers {
         } else {
             tracing::debug!(image = request.image, layer = %request.layer_digest, "falling back to a normal pull");
         }
+    }
+}
+
+/// The `reason` label of a fallback: a small fixed set.
+fn fallback_reason(error: &crate::error::Error) -> &'static str {
+    use crate::error::Error;
+    match error {
+        Error::Remote(remote) => match remote {
+            RemoteError::NoArtifact { .. } => "no_artifact",
+            RemoteError::NoPlatform { .. } => "no_platform",
+            RemoteError::LayerNotInArtifact { .. } => "layer_not_in_artifact",
+            RemoteError::InvalidArtifact { .. }
+            | RemoteError::TocMismatch { .. }
+            | RemoteError::Toc { .. } => "invalid_artifact",
+            RemoteError::Reference(_) => "invalid_reference",
+            RemoteError::Registry(e) if e.is_transient() => "registry_unavailable",
+            RemoteError::Registry(_) => "registry_error",
+            RemoteError::Fs { .. } | RemoteError::Io { .. } => "mount",
+        },
+        _ => "snapshot",
     }
 }
 

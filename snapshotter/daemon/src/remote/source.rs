@@ -2,6 +2,7 @@
 //! filesystem's `ChunkReader`.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 
 use bytes::Bytes;
 use streamsnap_cache::{BlobSource, BoxFuture, ChunkCache, ChunkRef, SourceError};
@@ -9,18 +10,27 @@ use streamsnap_format::{Digest, Toc};
 use streamsnap_fs::{ChunkReader, ReadError};
 use streamsnap_registry::{Client, Repository};
 
-/// A data blob in a registry, read by range.
+use super::background::OnDemandRead;
+
+/// A data blob in a registry, read by range: from its mirrors first (in order), then from the
+/// registry itself. Every byte is verified by the cache, so a mirror can fail or lag, never lie.
 pub struct RegistryBlob {
     client: Client,
-    repo: Repository,
+    /// The repository on each mirror, then on the origin registry (last).
+    endpoints: Vec<Repository>,
     digest: Digest,
 }
 
 impl RegistryBlob {
-    pub fn new(client: Client, repo: Repository, digest: Digest) -> Self {
+    pub fn new(client: Client, origin: Repository, mirrors: &[String], digest: Digest) -> Self {
+        let mut endpoints: Vec<Repository> = mirrors
+            .iter()
+            .map(|m| Repository::new(m.clone(), origin.name.clone()))
+            .collect();
+        endpoints.push(origin);
         Self {
             client,
-            repo,
+            endpoints,
             digest,
         }
     }
@@ -29,8 +39,24 @@ impl RegistryBlob {
 impl BlobSource for RegistryBlob {
     fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
         Box::pin(async move {
+            let (origin, mirrors) = self
+                .endpoints
+                .split_last()
+                .expect("the origin is always last");
+            for mirror in mirrors {
+                match self
+                    .client
+                    .read_range(mirror, &self.digest, offset, len)
+                    .await
+                {
+                    Ok(bytes) => return Ok(bytes),
+                    Err(error) => {
+                        tracing::debug!(%mirror, %error, "mirror failed; trying the next source");
+                    }
+                }
+            }
             self.client
-                .read_range(&self.repo, &self.digest, offset, len)
+                .read_range(origin, &self.digest, offset, len)
                 .await
                 .map_err(|error| SourceError {
                     message: error.to_string(),
@@ -41,7 +67,8 @@ impl BlobSource for RegistryBlob {
     }
 
     fn describe(&self) -> String {
-        format!("{}@{}", self.repo, self.digest)
+        let origin = self.endpoints.last().expect("the origin is always last");
+        format!("{origin}@{}", self.digest)
     }
 }
 
@@ -50,11 +77,23 @@ pub struct CacheReader {
     cache: Arc<ChunkCache>,
     source: Arc<dyn BlobSource>,
     toc: Arc<Toc>,
+    /// On-demand reads in flight, which background fetch yields to.
+    on_demand: Arc<AtomicUsize>,
 }
 
 impl CacheReader {
-    pub fn new(cache: Arc<ChunkCache>, source: Arc<dyn BlobSource>, toc: Arc<Toc>) -> Self {
-        Self { cache, source, toc }
+    pub fn new(
+        cache: Arc<ChunkCache>,
+        source: Arc<dyn BlobSource>,
+        toc: Arc<Toc>,
+        on_demand: Arc<AtomicUsize>,
+    ) -> Self {
+        Self {
+            cache,
+            source,
+            toc,
+            on_demand,
+        }
     }
 }
 
@@ -65,6 +104,7 @@ impl ChunkReader for CacheReader {
             .map(|&i| ChunkRef::from_toc(&self.toc.chunks()[i as usize]))
             .collect();
         Box::pin(async move {
+            let _reading = OnDemandRead::begin(&self.on_demand);
             self.cache.get(&self.source, &refs).await.map_err(|error| {
                 tracing::debug!(blob = self.source.describe(), %error, "chunk read failed");
                 ReadError::new(error.to_string())

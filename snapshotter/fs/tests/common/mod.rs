@@ -57,9 +57,18 @@ impl Mounted {
         reader: Arc<dyn ChunkReader>,
         handle: tokio::runtime::Handle,
     ) -> Self {
+        Self::with_options(toc, reader, handle, &mount_options())
+    }
+
+    pub fn with_options(
+        toc: Arc<streamsnap_format::Toc>,
+        reader: Arc<dyn ChunkReader>,
+        handle: tokio::runtime::Handle,
+        options: &MountOptions,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let fs = Arc::new(LayerFs::new(toc, reader, FsOptions::default()).unwrap());
-        let layer = streamsnap_fs::mount(fs, dir.path(), handle, &mount_options()).unwrap();
+        let layer = streamsnap_fs::mount(fs, dir.path(), handle, options).unwrap();
         Self {
             layer: Some(layer),
             dir,
@@ -119,4 +128,34 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
         .collect()
+}
+
+/// The value of one series in the registry's text exposition, as Prometheus would scrape it:
+/// `name` with exactly `labels`; 0 if the series does not exist (yet).
+pub fn metric(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
+    use prometheus::Encoder as _;
+    let mut text = Vec::new();
+    prometheus::TextEncoder::new()
+        .encode(&registry.gather(), &mut text)
+        .unwrap();
+    let text = String::from_utf8(text).unwrap();
+    let mut wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    wanted.sort();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let (series_name, series_labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let mut got: Vec<String> = series_labels
+            .split(',')
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+        got.sort();
+        if series_name == name && got == wanted {
+            return value.parse().unwrap();
+        }
+    }
+    0.0
 }

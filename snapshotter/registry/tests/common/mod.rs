@@ -441,3 +441,45 @@ pub async fn fake_registry(
         Server::start_with(move |addr| move |r: &Recorded| FakeRegistry::handle(&s, addr, r)).await;
     (server, state)
 }
+
+/// A client like [`client`] whose metrics are registered in a registry of their own.
+pub fn metered_client(tweak: impl FnOnce(&mut ClientConfig)) -> (Client, prometheus::Registry) {
+    let registry = prometheus::Registry::new();
+    let metrics = streamsnap_registry::Metrics::register(&registry).unwrap();
+    let client = client(|c| {
+        c.metrics = Some(Arc::new(metrics));
+        tweak(c);
+    });
+    (client, registry)
+}
+
+/// The value of one series in the registry's text exposition, as Prometheus would scrape it:
+/// `name` with exactly `labels`; for a histogram, `name` is e.g. `<histogram>_count`. Panics if
+/// the series is not exposed.
+pub fn metric(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
+    use prometheus::Encoder as _;
+    let mut text = Vec::new();
+    prometheus::TextEncoder::new()
+        .encode(&registry.gather(), &mut text)
+        .unwrap();
+    let text = String::from_utf8(text).unwrap();
+    let mut wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    wanted.sort();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let (series_name, series_labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let mut got: Vec<String> = series_labels
+            .split(',')
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+        got.sort();
+        if series_name == name && got == wanted {
+            return value.parse().unwrap();
+        }
+    }
+    panic!("no series {name}{labels:?} in\n{text}");
+}

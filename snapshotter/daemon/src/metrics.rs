@@ -1,0 +1,146 @@
+//! The daemon's own metrics, and the registry every component's metrics are registered in.
+//! Exposed as Prometheus text on `/metrics` (see `http.rs`); names and meanings in
+//! docs/metrics.md.
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Snapshots by kind (view, active, committed) and whether remote, set at each scrape.
+    pub snapshots: IntGaugeVec,
+    /// Layers mounted remotely (through FUSE) since start.
+    pub remote_mounts: IntCounter,
+    /// Prepares that fell back to an ordinary pull, by reason.
+    pub fallbacks: IntCounterVec,
+    /// Remote snapshots mounted again at start, and those that could not be.
+    pub mounts_restored: IntGauge,
+    pub mounts_restore_failures: IntGauge,
+    /// Snapshots API calls by method, and their failures by gRPC code.
+    pub rpc_duration: HistogramVec,
+    pub rpc_errors: IntCounterVec,
+    /// Compressed bytes fetched by background fetch, and layers it completed.
+    pub background_bytes: IntCounter,
+    pub background_layers: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let snapshots = IntGaugeVec::new(
+            Opts::new(
+                "streamsnap_snapshotter_snapshots",
+                "Snapshots by kind and origin (local or remote)",
+            ),
+            &["kind", "origin"],
+        )?;
+        let remote_mounts = IntCounter::new(
+            "streamsnap_snapshotter_remote_mounts_total",
+            "Layers mounted remotely through FUSE instead of being pulled",
+        )?;
+        let fallbacks = IntCounterVec::new(
+            Opts::new(
+                "streamsnap_snapshotter_fallbacks_total",
+                "Prepares of a pulled layer that fell back to an ordinary pull, by reason",
+            ),
+            &["reason"],
+        )?;
+        let mounts_restored = IntGauge::new(
+            "streamsnap_snapshotter_mounts_restored",
+            "Remote snapshots mounted again when the daemon started",
+        )?;
+        let mounts_restore_failures = IntGauge::new(
+            "streamsnap_snapshotter_mounts_restore_failures",
+            "Remote snapshots that could not be mounted again when the daemon started",
+        )?;
+        let rpc_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "streamsnap_snapshotter_rpc_duration_seconds",
+                "Snapshots API call duration by method",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
+            ]),
+            &["method"],
+        )?;
+        let rpc_errors = IntCounterVec::new(
+            Opts::new(
+                "streamsnap_snapshotter_rpc_errors_total",
+                "Snapshots API calls that failed, by method and gRPC code",
+            ),
+            &["method", "code"],
+        )?;
+        let background_bytes = IntCounter::new(
+            "streamsnap_snapshotter_background_fetch_bytes_total",
+            "Compressed bytes fetched by background fetch",
+        )?;
+        let background_layers = IntCounter::new(
+            "streamsnap_snapshotter_background_fetch_layers_total",
+            "Layers whose every chunk background fetch brought into the cache",
+        )?;
+        registry.register(Box::new(snapshots.clone()))?;
+        registry.register(Box::new(remote_mounts.clone()))?;
+        registry.register(Box::new(fallbacks.clone()))?;
+        registry.register(Box::new(mounts_restored.clone()))?;
+        registry.register(Box::new(mounts_restore_failures.clone()))?;
+        registry.register(Box::new(rpc_duration.clone()))?;
+        registry.register(Box::new(rpc_errors.clone()))?;
+        registry.register(Box::new(background_bytes.clone()))?;
+        registry.register(Box::new(background_layers.clone()))?;
+        Ok(Self {
+            registry,
+            snapshots,
+            remote_mounts,
+            fallbacks,
+            mounts_restored,
+            mounts_restore_failures,
+            rpc_duration,
+            rpc_errors,
+            background_bytes,
+            background_layers,
+        })
+    }
+
+    /// The Prometheus text exposition of every registered metric.
+    pub fn render(&self) -> String {
+        let families = self.registry.gather();
+        prometheus::TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, "encoding metrics failed");
+                String::new()
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_exposed_with_its_prefix() {
+        let metrics = Metrics::new().unwrap();
+        metrics.fallbacks.with_label_values(&["no_artifact"]).inc();
+        metrics
+            .snapshots
+            .with_label_values(&["committed", "remote"])
+            .set(2);
+        metrics
+            .rpc_duration
+            .with_label_values(&["prepare"])
+            .observe(0.01);
+        let text = metrics.render();
+        assert!(
+            text.contains("streamsnap_snapshotter_fallbacks_total{reason=\"no_artifact\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "streamsnap_snapshotter_snapshots{kind=\"committed\",origin=\"remote\"} 2"
+            )
+        );
+        assert!(text.contains("streamsnap_snapshotter_rpc_duration_seconds_bucket"));
+    }
+}

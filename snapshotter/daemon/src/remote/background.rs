@@ -1,0 +1,286 @@
+//! Background fetch: after a layer is mounted, bring the rest of its chunks into the cache at
+//! low priority, so later reads are local. Off by default. One layer at a time across the node,
+//! paused while any on-demand read waits for the network, stopped when the layer is unmounted.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use streamsnap_cache::{BlobSource, ChunkCache, ChunkRef};
+use streamsnap_format::Toc;
+
+use crate::metrics::Metrics;
+
+/// Pause between checks while on-demand reads are in flight.
+const YIELD: Duration = Duration::from_millis(20);
+/// Give up on a layer after this many failed batches in a row.
+const MAX_FAILURES: u32 = 5;
+
+#[derive(Clone, Debug)]
+pub struct BackgroundConfig {
+    pub enabled: bool,
+    pub batch_bytes: u64,
+    /// Layers with a data blob larger than this are not fetched in the background.
+    pub max_layer_bytes: u64,
+}
+
+/// Shared by every mounted layer of the daemon.
+#[derive(Debug)]
+pub struct Background {
+    config: BackgroundConfig,
+    /// On-demand reads in flight; background fetch waits while there are any.
+    pub on_demand: Arc<AtomicUsize>,
+    one_at_a_time: Arc<tokio::sync::Semaphore>,
+}
+
+impl Background {
+    pub fn new(config: BackgroundConfig) -> Self {
+        Self {
+            config,
+            on_demand: Arc::default(),
+            one_at_a_time: Arc::new(tokio::sync::Semaphore::new(1)),
+        }
+    }
+
+    /// Starts fetching `toc`'s chunks if enabled and the layer fits; `stop` ends it early.
+    pub fn start(
+        &self,
+        toc: Arc<Toc>,
+        source: Arc<dyn BlobSource>,
+        cache: Arc<ChunkCache>,
+        stop: Arc<AtomicBool>,
+        metrics: Metrics,
+    ) {
+        if !self.config.enabled {
+            return;
+        }
+        if toc.data_size() > self.config.max_layer_bytes {
+            tracing::info!(
+                layer = %toc.layer_digest(),
+                size = toc.data_size(),
+                limit = self.config.max_layer_bytes,
+                "layer too large for background fetch within the cache cap; fetching on demand only"
+            );
+            return;
+        }
+        let on_demand = self.on_demand.clone();
+        let gate = self.one_at_a_time.clone();
+        let batch_bytes = self.config.batch_bytes;
+        tokio::spawn(async move {
+            let Ok(_permit) = gate.acquire_owned().await else {
+                return;
+            };
+            let batches = batches(&toc, batch_bytes);
+            let mut failures = 0;
+            for batch in batches {
+                loop {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    if on_demand.load(Ordering::Relaxed) == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(YIELD).await;
+                }
+                let missing: Vec<ChunkRef> = batch
+                    .into_iter()
+                    .filter(|c| !cache.contains(&c.digest))
+                    .collect();
+                if missing.is_empty() {
+                    continue;
+                }
+                let bytes: u64 = missing.iter().map(|c| u64::from(c.compressed_size)).sum();
+                match cache.get(&source, &missing).await {
+                    Ok(_) => {
+                        failures = 0;
+                        metrics.background_bytes.inc_by(bytes);
+                    }
+                    Err(error) => {
+                        failures += 1;
+                        tracing::debug!(layer = %toc.layer_digest(), %error, "background fetch batch failed");
+                        if failures >= MAX_FAILURES {
+                            tracing::warn!(layer = %toc.layer_digest(), %error, "background fetch gave up; reads fetch on demand");
+                            return;
+                        }
+                        tokio::time::sleep(YIELD * 50).await;
+                    }
+                }
+            }
+            metrics.background_layers.inc();
+            tracing::debug!(layer = %toc.layer_digest(), "background fetch complete");
+        });
+    }
+}
+
+/// The layer's chunks in blob order, in groups of about `batch_bytes` compressed.
+fn batches(toc: &Toc, batch_bytes: u64) -> Vec<Vec<ChunkRef>> {
+    let mut batches = Vec::new();
+    let mut current = Vec::new();
+    let mut size = 0u64;
+    for chunk in toc.chunks() {
+        if size > 0 && size + u64::from(chunk.compressed_size) > batch_bytes {
+            batches.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += u64::from(chunk.compressed_size);
+        current.push(ChunkRef::from_toc(chunk));
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
+/// Counts an on-demand read while alive.
+pub struct OnDemandRead(Arc<AtomicUsize>);
+
+impl OnDemandRead {
+    pub fn begin(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for OnDemandRead {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use bytes::Bytes;
+    use streamsnap_cache::{BoxFuture, CacheConfig, SourceError};
+    use streamsnap_format::{Digest, api, compress_chunk};
+
+    use super::*;
+
+    /// A data blob in memory that counts range requests.
+    struct Blob {
+        data: Vec<u8>,
+        requests: AtomicU64,
+    }
+
+    impl BlobSource for Blob {
+        fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            let slice =
+                Bytes::copy_from_slice(&self.data[offset as usize..(offset + len) as usize]);
+            Box::pin(async move { Ok(slice) })
+        }
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+    }
+
+    fn layer(chunks: usize) -> (Arc<Toc>, Arc<Blob>) {
+        let mut data = Vec::new();
+        let mut table = Vec::new();
+        for i in 0..chunks {
+            let content = vec![i as u8; 4096];
+            let frame = compress_chunk(&content, 1).unwrap();
+            table.push(api::Chunk {
+                offset: data.len() as u64,
+                compressed_size: frame.len() as u32,
+                size: content.len() as u32,
+                sha256: Digest::sha256(&content).as_bytes().to_vec(),
+            });
+            data.extend_from_slice(&frame);
+        }
+        let d = Digest::sha256(b"x").to_string();
+        let toc = api::Toc {
+            version: 1,
+            layer_digest: d.clone(),
+            diff_id: d,
+            data_digest: Digest::sha256(&data).to_string(),
+            data_size: data.len() as u64,
+            max_chunk_size: 4096,
+            chunks: table,
+            entries: vec![api::Entry {
+                r#type: api::EntryType::Directory as i32,
+                mode: 0o755,
+                ..Default::default()
+            }],
+        };
+        (
+            Arc::new(Toc::from_raw(toc).unwrap()),
+            Arc::new(Blob {
+                data,
+                requests: AtomicU64::new(0),
+            }),
+        )
+    }
+
+    #[tokio::test]
+    async fn background_fetch_waits_for_on_demand_reads_then_fetches_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(CacheConfig::new(dir.path(), 1 << 30)).unwrap());
+        let (toc, blob) = layer(10);
+        let background = Background::new(BackgroundConfig {
+            enabled: true,
+            batch_bytes: 1,
+            max_layer_bytes: 1 << 30,
+        });
+        let reading = OnDemandRead::begin(&background.on_demand);
+        let metrics = Metrics::new().unwrap();
+        let source: Arc<dyn BlobSource> = blob.clone();
+        background.start(
+            toc.clone(),
+            source,
+            cache.clone(),
+            Arc::default(),
+            metrics.clone(),
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            blob.requests.load(Ordering::SeqCst),
+            0,
+            "it must wait while a read is in flight"
+        );
+        drop(reading);
+        for _ in 0..100 {
+            if metrics.background_layers.get() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(metrics.background_layers.get(), 1);
+        assert!(
+            toc.chunks()
+                .iter()
+                .all(|c| cache.contains(&ChunkRef::from_toc(c).digest))
+        );
+    }
+
+    #[tokio::test]
+    async fn background_fetch_stops_when_the_layer_is_unmounted_and_is_off_when_disabled() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(CacheConfig::new(dir.path(), 1 << 30)).unwrap());
+        let (toc, blob) = layer(10);
+        let metrics = Metrics::new().unwrap();
+        let off = Background::new(BackgroundConfig {
+            enabled: false,
+            batch_bytes: 1,
+            max_layer_bytes: 1 << 30,
+        });
+        off.start(
+            toc.clone(),
+            blob.clone(),
+            cache.clone(),
+            Arc::default(),
+            metrics.clone(),
+        );
+        let on = Background::new(BackgroundConfig {
+            enabled: true,
+            batch_bytes: 1,
+            max_layer_bytes: 1 << 30,
+        });
+        let stop = Arc::new(AtomicBool::new(true));
+        on.start(toc, blob.clone(), cache, stop, metrics.clone());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(blob.requests.load(Ordering::SeqCst), 0);
+        assert_eq!(metrics.background_layers.get(), 0);
+    }
+}
