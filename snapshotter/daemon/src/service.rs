@@ -45,7 +45,8 @@ impl Service {
         call: impl std::future::Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
         let started = std::time::Instant::now();
-        let result = call.await;
+        // One span per call: everything the call logs (registry requests, mounts) nests in it.
+        let result = call.instrument(tracing::debug_span!("rpc", method)).await;
         self.metrics
             .rpc_duration
             .with_label_values(&[method])

@@ -212,6 +212,7 @@ impl RemoteLayers {
         toc: Toc,
         source: &RemoteSource,
     ) -> Result<(), RemoteError> {
+        let _span = tracing::info_span!("layer", id, digest = %source.layer_digest).entered();
         let fs_dir = dir.join("fs");
         std::fs::create_dir_all(&fs_dir).map_err(|e| RemoteError::Io {
             action: "creating",
