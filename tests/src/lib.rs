@@ -24,6 +24,7 @@ pub mod proxy;
 pub mod registry;
 pub mod skopeo;
 pub mod snapshotterd;
+pub mod streaming_node;
 pub mod sys;
 pub mod targen;
 pub mod tree;

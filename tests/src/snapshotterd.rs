@@ -236,6 +236,41 @@ impl Snapshotterd {
         Ok(())
     }
 
+    /// Stops the daemon with SIGTERM (a graceful stop: it hands its mounts over) and waits for
+    /// it to exit, at most `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        sys::signal(self.pid(), libc::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        while matches!(self.child.try_wait(), Ok(None)) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the daemon did not exit within {timeout:?} of SIGTERM"
+            );
+            thread::sleep(POLL);
+        }
+        Ok(())
+    }
+
+    /// Runs another copy of the daemon binary at the next [`Self::restart`] (an upgrade).
+    pub fn set_binary(&mut self, binary: &Path) {
+        self.binary = binary.to_owned();
+    }
+
+    /// The binary the daemon runs from.
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// Process ids of the FUSE holder serving this daemon's root, if one runs.
+    pub fn holder_pids(&self) -> Vec<i32> {
+        let needle = format!("{}", self.root().join("fuse-holder.sock").display());
+        sys::processes_mentioning(&needle)
+            .iter()
+            .filter(|p| p.pid != self.pid())
+            .map(|p| p.pid)
+            .collect()
+    }
+
     /// Starts the daemon again on the same root, config and socket (after [`Self::kill9`] or a
     /// crash); returns once its socket accepts connections.
     pub fn restart(&mut self) -> anyhow::Result<()> {

@@ -7,143 +7,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use streamsnap_e2e::container::{rpull, run_container, run_container_with};
-use streamsnap_e2e::image::{Compression, ImageSpec, LayerBlob, OciLayout};
-use streamsnap_e2e::targen::pseudo_random_bytes;
-use streamsnap_e2e::{
-    Containerd, ContainerdOptions, CountingProxy, Fault, Registry, Snapshotterd,
-    SnapshotterdOptions, TarGen, http, require_root_tools, skopeo_push, workspace_bin,
-};
-use streamsnap_format::Digest;
-
-const TOOLS: &[&str] = &[
-    "docker-registry",
-    "skopeo",
-    "containerd",
-    "ctr",
-    "ctr-remote",
-    "runc",
-];
-/// Data files in the test image: incompressible, several chunks each.
-const FILES: usize = 8;
-const FILE_SIZE: usize = 3 << 20;
-
-/// A registry behind a fault-injecting proxy, a converted busybox image with data files, a
-/// snapshotter daemon and a containerd using it, the image pulled lazily through the proxy.
-struct Node {
-    registry: Registry,
-    proxy: CountingProxy,
-    daemon: Snapshotterd,
-    containerd: Containerd,
-    image: String,
-    /// (path in the image, sha256 hex) of every data file.
-    files: Vec<(String, String)>,
-}
-
-impl Node {
-    fn start(options: SnapshotterdOptions) -> anyhow::Result<Self> {
-        require_root_tools(TOOLS)?;
-        // With background fetch on, the daemon fetches whole layers right after mounting them.
-        let background = options.extra_config.contains("[background_fetch]");
-        let registry = Registry::start()?;
-        let mut tar = TarGen::new();
-        tar.dir("data", 0o755);
-        let mut files = Vec::new();
-        for i in 0..FILES {
-            let data = pseudo_random_bytes(100 + i as u64, FILE_SIZE);
-            let path = format!("data/f{i}.bin");
-            tar.file(&path, 0o644, &data);
-            files.push((format!("/{path}"), Digest::sha256(&data).hex()));
-        }
-        let spec = ImageSpec::busybox(vec![LayerBlob::new(tar.finish(), Compression::Gzip)])?;
-        let mut layout = OciLayout::new()?;
-        layout.write_image(&spec, "v1")?;
-        let direct = format!("{}/res/app:v1", registry.addr());
-        skopeo_push(layout.path(), "v1", &direct)?;
-        streamsnap_e2e::run(Command::new(workspace_bin("streamsnap")?).args([
-            "artifact-streaming",
-            "create",
-            "--image",
-            &direct,
-        ]))?;
-        let proxy = CountingProxy::start(&registry.addr())?;
-        let daemon = Snapshotterd::start(options)?;
-        let containerd = Containerd::start(
-            ContainerdOptions::default().with_proxy_snapshotter("streamsnap", daemon.socket()),
-        )?;
-        let image = format!("{}/res/app:v1", proxy.addr());
-        // The conversion read the layers; count only what the pull reads.
-        let before = registry.served_blob_bytes()?;
-        rpull(&containerd, &image, "streamsnap", true)?;
-        let pulled = registry.served_blob_bytes()? - before;
-        ensure!(
-            background || pulled < 2 << 20,
-            "the pull was not lazy: {pulled} bytes served"
-        );
-        let node = Self {
-            registry,
-            proxy,
-            daemon,
-            containerd,
-            image,
-            files,
-        };
-        // Start one container so what every start reads (busybox, /etc) is cached: the tests
-        // below are about reads of the data files.
-        run_container(
-            &node.containerd,
-            &node.image,
-            "streamsnap",
-            "warm-up",
-            &["true"],
-        )?;
-        Ok(node)
-    }
-
-    /// Runs `sha256sum` on `files` in a new container and checks every digest.
-    fn check_digests(&self, id: &str, files: &[(String, String)]) -> anyhow::Result<()> {
-        let mut args = vec!["sha256sum"];
-        args.extend(files.iter().map(|(p, _)| p.as_str()));
-        let out = run_container(&self.containerd, &self.image, "streamsnap", id, &args)?;
-        for (path, digest) in files {
-            let line = format!("{digest}  {path}");
-            ensure!(
-                out.lines().any(|l| l == line),
-                "{path}: wrong content or missing; sha256sum said:\n{out}"
-            );
-        }
-        Ok(())
-    }
-
-    fn metrics(&self) -> anyhow::Result<String> {
-        let address = self
-            .daemon
-            .metrics_address()
-            .context("daemon started without metrics")?;
-        let response = http::get(address, "/metrics", &[])?;
-        ensure!(
-            response.status == 200,
-            "/metrics answered {}",
-            response.status
-        );
-        Ok(String::from_utf8(response.body)?)
-    }
-}
-
-/// The value of a metric line `name{labels} value` (summed over label sets that contain
-/// every fragment of `labels`).
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|frag| l.contains(frag)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+use streamsnap_e2e::container::run_container_with;
+use streamsnap_e2e::streaming_node::{FILE_SIZE, StreamingNode, metric};
+use streamsnap_e2e::{Fault, SnapshotterdOptions, http, require_root_tools, workspace_bin};
 
 #[test]
 fn a_killed_daemon_comes_back_with_its_snapshots_and_cache() -> anyhow::Result<()> {
-    let mut node = Node::start(SnapshotterdOptions::default().with_metrics())?;
+    let mut node = StreamingNode::start(SnapshotterdOptions::default().with_metrics())?;
     node.check_digests("before", &node.files[..2])?;
     // A container of the image keeps running while the daemon dies.
     streamsnap_e2e::run(&mut node.containerd.ctr(&[
@@ -208,7 +78,7 @@ fn a_registry_outage_fails_reads_within_the_deadline_then_recovers() -> anyhow::
         fetch_deadline_seconds: deadline_seconds,
         ..Default::default()
     };
-    let node = Node::start(options)?;
+    let node = StreamingNode::start(options)?;
     for (outage, file) in [("refused", 2), ("stalled", 3)] {
         if outage == "refused" {
             node.proxy.set_refuse(true);
@@ -251,7 +121,7 @@ fn a_registry_outage_fails_reads_within_the_deadline_then_recovers() -> anyhow::
 
 #[test]
 fn corrupt_and_truncated_bodies_are_detected_and_never_served() -> anyhow::Result<()> {
-    let node = Node::start(SnapshotterdOptions::default().with_metrics())?;
+    let node = StreamingNode::start(SnapshotterdOptions::default().with_metrics())?;
     node.proxy.set_fault(Some(Fault::Corrupt), 5);
     node.check_digests("corrupt", &node.files[..4])?;
     let corrupted = node.proxy.faults_injected();
@@ -274,7 +144,7 @@ fn corrupt_and_truncated_bodies_are_detected_and_never_served() -> anyhow::Resul
 #[test]
 fn concurrent_readers_through_resets_and_stalls_read_correctly_fetching_each_chunk_once()
 -> anyhow::Result<()> {
-    let node = Node::start(SnapshotterdOptions::default().with_metrics())?;
+    let node = StreamingNode::start(SnapshotterdOptions::default().with_metrics())?;
     node.proxy.set_fault(Some(Fault::Reset), 4);
     let readers = 8;
     let errors: Vec<String> = thread::scope(|scope| {
@@ -319,7 +189,7 @@ fn concurrent_readers_through_resets_and_stalls_read_correctly_fetching_each_chu
 #[test]
 fn metrics_pass_promtool_and_a_real_prometheus_scrapes_them() -> anyhow::Result<()> {
     require_root_tools(&["promtool", "prometheus"])?;
-    let node = Node::start(SnapshotterdOptions::default().with_metrics())?;
+    let node = StreamingNode::start(SnapshotterdOptions::default().with_metrics())?;
     node.check_digests("metrics", &node.files[..1])?;
     let text = node.metrics()?;
     for name in [
@@ -422,7 +292,7 @@ fn background_fetch_brings_whole_layers_in_so_reads_survive_an_outage() -> anyho
         fetch_deadline_seconds: 5,
         ..SnapshotterdOptions::default().with_metrics()
     };
-    let node = Node::start(options)?;
+    let node = StreamingNode::start(options)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let metrics = node.metrics()?;
@@ -450,7 +320,7 @@ fn background_fetch_brings_whole_layers_in_so_reads_survive_an_outage() -> anyho
 
 #[test]
 fn background_fetch_is_off_by_default() -> anyhow::Result<()> {
-    let node = Node::start(SnapshotterdOptions::default().with_metrics())?;
+    let node = StreamingNode::start(SnapshotterdOptions::default().with_metrics())?;
     thread::sleep(Duration::from_secs(2));
     let metrics = node.metrics()?;
     ensure!(

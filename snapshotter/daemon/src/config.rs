@@ -54,10 +54,18 @@ pub struct FetchSection {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FuseSection {
-    /// FUSE event-loop threads per mounted layer.
+    /// Unused (each layer has one FUSE event loop; reads run as tasks); kept for old configs.
     pub threads: usize,
     /// Seconds the kernel may cache entries and attributes (the content never changes).
     pub attr_timeout_seconds: u64,
+    /// Keep every FUSE connection in a holder process so mounts, and the containers reading
+    /// them, survive a restart, crash or upgrade of the daemon. The daemon starts
+    /// `streamsnap-fuse-holder` (next to its own binary) when none answers on `holder_socket`.
+    pub holder: bool,
+    /// The holder's socket [default: <root>/fuse-holder.sock].
+    pub holder_socket: Option<PathBuf>,
+    /// Seconds a graceful stop (SIGTERM) waits for requests in flight before handing over.
+    pub handover_timeout_seconds: u64,
 }
 
 /// Fetching the rest of a layer after it is mounted, so later reads are local.
@@ -146,8 +154,11 @@ impl Default for FetchSection {
 impl Default for FuseSection {
     fn default() -> Self {
         Self {
-            threads: 2,
+            threads: 1,
             attr_timeout_seconds: 3600,
+            holder: true,
+            holder_socket: None,
+            handover_timeout_seconds: 10,
         }
     }
 }

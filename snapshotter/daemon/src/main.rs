@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use streamsnap_cache::{CacheConfig, ChunkCache};
+use streamsnap_holder::HolderClient;
 use streamsnap_registry::{Client, ClientConfig, CredentialStore};
 use streamsnap_snapshotter::Snapshotter;
 use streamsnap_snapshotter::config::Config;
@@ -78,15 +79,28 @@ fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Metrics::new()?;
     let remote = build_remote(&config, runtime.handle().clone(), metrics.clone())?;
     let snapshotter = Arc::new(Snapshotter::open(&config.root, Some(remote.clone()))?);
-    let (restored, failed) = remount_remote_snapshots(&snapshotter)?;
+    let (restored, failed) = remount_remote_snapshots(&snapshotter, &metrics)?;
     metrics.mounts_restored.set(restored as i64);
     metrics.mounts_restore_failures.set(failed as i64);
     if restored + failed > 0 {
         tracing::info!(restored, failed, "remote snapshots mounted again");
     }
-    let result = runtime.block_on(serve(&config, snapshotter, metrics));
-    remote.unmount_all();
-    result
+    let stopped = runtime.block_on(serve(&config, snapshotter, metrics))?;
+    match stopped {
+        // A restart or an upgrade: the next daemon takes the connections from the holder.
+        Stop::Handover if remote.holder().is_some() => {
+            remote.handover_all(Duration::from_secs(config.fuse.handover_timeout_seconds));
+            let marker = config
+                .root
+                .join(streamsnap_snapshotter::startup::HANDED_OVER);
+            if let Err(error) = std::fs::write(&marker, b"") {
+                tracing::warn!(%error, "cannot record the clean handover; the next daemon will ask the kernel to resend");
+            }
+        }
+        _ => remote.unmount_all(),
+    }
+    drop(runtime);
+    Ok(())
 }
 
 fn build_remote(
@@ -150,21 +164,76 @@ fn build_remote(
         batch_bytes: config.background_fetch.batch_bytes,
         max_layer_bytes: (capacity as f64 * config.background_fetch.max_cache_share) as u64,
     };
-    Ok(Arc::new(RemoteLayers::new(
+    let mut remote = RemoteLayers::new(
         client,
         Arc::new(cache),
         Arc::new(mounter),
         mirrors,
         background,
-        metrics,
-    )))
+        metrics.clone(),
+    );
+    if config.fuse.holder {
+        let socket = config
+            .fuse
+            .holder_socket
+            .clone()
+            .unwrap_or_else(|| config.root.join("fuse-holder.sock"));
+        match connect_holder(&socket, &config.root) {
+            Ok(holder) => {
+                metrics.fuse_holder.set(1);
+                remote = remote.with_holder(holder);
+            }
+            Err(error) => tracing::warn!(
+                "{error:#}; layer mounts will not survive a restart of the daemon (containers reading them see errors)"
+            ),
+        }
+    }
+    Ok(Arc::new(remote))
+}
+
+/// Connects to the FUSE holder on `socket`, starting one (detached, so it outlives this process)
+/// when none answers.
+fn connect_holder(
+    socket: &std::path::Path,
+    root: &std::path::Path,
+) -> anyhow::Result<HolderClient> {
+    if let Ok(holder) = HolderClient::connect(socket) {
+        tracing::info!(socket = %socket.display(), "using the running FUSE holder");
+        return Ok(holder);
+    }
+    let binary = std::env::current_exe()
+        .context("finding the daemon's own path")?
+        .with_file_name("streamsnap-fuse-holder");
+    anyhow::ensure!(
+        binary.exists(),
+        "the FUSE holder {} is missing (install it next to the daemon)",
+        binary.display()
+    );
+    let pid = streamsnap_holder::spawn_holder(&binary, socket, &root.join("fuse-holder.log"))
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match HolderClient::connect(socket) {
+            Ok(holder) => {
+                tracing::info!(pid, socket = %socket.display(), "started the FUSE holder");
+                return Ok(holder);
+            }
+            Err(error) if std::time::Instant::now() > deadline => {
+                return Err(anyhow::anyhow!(error).context(format!(
+                    "the FUSE holder {pid} does not answer on {}",
+                    socket.display()
+                )));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
 
 async fn serve(
     config: &Config,
     snapshotter: Arc<Snapshotter>,
     metrics: Metrics,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Stop> {
     let address = &config.address;
     if let Some(dir) = address.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -209,19 +278,32 @@ async fn serve(
     // server with the signal and stop serving when it comes.
     tokio::select! {
         result = server => result.context("serving gRPC")?,
-        signal = shutdown_signal() => tracing::info!(signal, "shutting down"),
+        stop = shutdown_signal() => {
+            tracing::info!(?stop, "shutting down");
+            let _ = std::fs::remove_file(address);
+            return Ok(stop);
+        }
     }
     let _ = std::fs::remove_file(address);
-    Ok(())
+    Ok(Stop::Unmount)
 }
 
-async fn shutdown_signal() -> &'static str {
+/// How the daemon was asked to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM (a restart, an upgrade, a rollout): hand the mounts over to the next daemon.
+    Handover,
+    /// SIGINT (an operator at a terminal, uninstall): unmount everything.
+    Unmount,
+}
+
+async fn shutdown_signal() -> Stop {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
     tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+        _ = term.recv() => Stop::Handover,
+        _ = int.recv() => Stop::Unmount,
     }
 }
 

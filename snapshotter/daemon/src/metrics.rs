@@ -24,6 +24,16 @@ pub struct Metrics {
     /// Compressed bytes fetched by background fetch, and layers it completed.
     pub background_bytes: IntCounter,
     pub background_layers: IntCounter,
+    /// Takeovers of the FUSE connections from the holder, by how the previous daemon ended
+    /// (graceful: it handed over; crash: it died), and mounts done afresh instead.
+    pub handovers: IntCounterVec,
+    /// FUSE_NOTIFY_RESEND notifications sent (each makes the kernel resend every request the
+    /// dead daemon took on that connection and did not answer).
+    pub fuse_resends: IntCounter,
+    /// 1 when the kernel can resend requests (Linux 6.9+), so a crash loses nothing in flight.
+    pub fuse_resend_supported: IntGauge,
+    /// 1 when a holder keeps the FUSE connections (mounts survive a daemon restart).
+    pub fuse_holder: IntGauge,
 }
 
 impl Metrics {
@@ -80,6 +90,32 @@ impl Metrics {
             "streamsnap_snapshotter_background_fetch_layers_total",
             "Layers whose every chunk background fetch brought into the cache",
         )?;
+        let handovers = IntCounterVec::new(
+            Opts::new(
+                "streamsnap_snapshotter_handovers_total",
+                "FUSE connections taken over by kind (graceful, crash) or remounted (remount)",
+            ),
+            &["kind"],
+        )?;
+        let fuse_resends = IntCounter::new(
+            "streamsnap_snapshotter_fuse_resends_total",
+            "FUSE_NOTIFY_RESEND notifications sent after taking over from a daemon that died",
+        )?;
+        let fuse_resend_supported = IntGauge::new(
+            "streamsnap_snapshotter_fuse_resend_supported",
+            "1 when the kernel resends requests a dead daemon took (Linux 6.9+)",
+        )?;
+        let fuse_holder = IntGauge::new(
+            "streamsnap_snapshotter_fuse_holder",
+            "1 when a holder process keeps the FUSE connections across daemon restarts",
+        )?;
+        for kind in ["graceful", "crash", "remount"] {
+            handovers.with_label_values(&[kind]);
+        }
+        registry.register(Box::new(handovers.clone()))?;
+        registry.register(Box::new(fuse_resends.clone()))?;
+        registry.register(Box::new(fuse_resend_supported.clone()))?;
+        registry.register(Box::new(fuse_holder.clone()))?;
         registry.register(Box::new(snapshots.clone()))?;
         registry.register(Box::new(remote_mounts.clone()))?;
         registry.register(Box::new(fallbacks.clone()))?;
@@ -100,6 +136,10 @@ impl Metrics {
             rpc_errors,
             background_bytes,
             background_layers,
+            handovers,
+            fuse_resends,
+            fuse_resend_supported,
+            fuse_holder,
         })
     }
 

@@ -5,16 +5,29 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use streamsnap_fs::{LayerFs, MountOptions, MountedLayer};
+use streamsnap_fs::{FuseConnection, LayerFs, MountOptions, MountedLayer};
 
 /// Mounts a layer filesystem on a directory.
 pub trait Mounter: Send + Sync + 'static {
+    /// A new mount.
     fn mount(&self, fs: Arc<LayerFs>, mountpoint: &Path) -> io::Result<Box<dyn MountedFs>>;
+    /// Serves a connection that is already mounted there and was initialised by a previous
+    /// process (taken back from the holder).
+    fn attach(
+        &self,
+        fs: Arc<LayerFs>,
+        connection: FuseConnection,
+        mountpoint: &Path,
+    ) -> io::Result<Box<dyn MountedFs>>;
 }
 
 /// A mounted layer; unmounted by `unmount` (or when dropped).
 pub trait MountedFs: Send + Sync {
     fn unmount(self: Box<Self>) -> io::Result<()>;
+    /// Another descriptor of the mount's FUSE connection, for the holder.
+    fn connection(&self) -> io::Result<FuseConnection>;
+    /// The FUSE mount itself, to hand over at exit; `None` for mounts that cannot be.
+    fn into_layer(self: Box<Self>) -> Option<MountedLayer>;
 }
 
 /// FUSE mounts served on the daemon's runtime.
@@ -39,11 +52,36 @@ impl Mounter for FuseMounter {
         let mounted = streamsnap_fs::mount(fs, mountpoint, self.handle.clone(), &self.options)?;
         Ok(Box::new(mounted))
     }
+
+    fn attach(
+        &self,
+        fs: Arc<LayerFs>,
+        connection: FuseConnection,
+        mountpoint: &Path,
+    ) -> io::Result<Box<dyn MountedFs>> {
+        let mounted = streamsnap_fs::serve(
+            fs,
+            connection,
+            mountpoint,
+            self.handle.clone(),
+            &self.options,
+            false,
+        )?;
+        Ok(Box::new(mounted))
+    }
 }
 
 impl MountedFs for MountedLayer {
     fn unmount(self: Box<Self>) -> io::Result<()> {
         MountedLayer::unmount(*self)
+    }
+
+    fn connection(&self) -> io::Result<FuseConnection> {
+        MountedLayer::connection(self)
+    }
+
+    fn into_layer(self: Box<Self>) -> Option<MountedLayer> {
+        Some(*self)
     }
 }
 

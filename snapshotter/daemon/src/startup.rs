@@ -5,8 +5,12 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use anyhow::Context;
+use std::collections::HashMap;
 
+use anyhow::Context;
+use streamsnap_fs::FuseConnection;
+
+use crate::metrics::Metrics;
 use crate::snapshotter::Snapshotter;
 
 /// An exclusive lock on the root directory, held for the daemon's life.
@@ -33,26 +37,89 @@ impl RootLock {
     }
 }
 
-/// Mounts every remote snapshot again from its saved TOC (stale mounts of a crashed daemon are
-/// replaced). A snapshot that cannot be mounted is logged and left in place: containers using
-/// it fail to read, the rest of the node works, and removing the image removes it. Returns the
-/// numbers mounted and failed.
-pub fn remount_remote_snapshots(snapshotter: &Snapshotter) -> anyhow::Result<(usize, usize)> {
+/// Written by a daemon that handed its layers over cleanly, read (and removed) by the next: no
+/// request was left unanswered, so nothing needs resending.
+pub const HANDED_OVER: &str = "handed-over";
+
+/// Serves every remote snapshot again before the socket accepts calls. Connections the holder
+/// kept are taken over (their mounts never went away, running containers keep reading); after a
+/// crash the kernel is asked to resend what the dead daemon took, and where it cannot (Linux
+/// before 6.9) the layer is mounted afresh instead. Snapshots without a kept connection are
+/// mounted afresh from their saved TOC. A snapshot that cannot be served is logged and left in
+/// place: containers using it fail to read, the rest of the node works, and removing the image
+/// removes it. Returns the numbers served and failed.
+pub fn remount_remote_snapshots(
+    snapshotter: &Snapshotter,
+    metrics: &Metrics,
+) -> anyhow::Result<(usize, usize)> {
     let Some(remote) = &snapshotter.remote else {
         return Ok((0, 0));
     };
+    let marker = snapshotter.root.join(HANDED_OVER);
+    let clean = marker.exists();
+    let _ = std::fs::remove_file(&marker);
+    let mut held: HashMap<u64, FuseConnection> = HashMap::new();
+    if let Some(holder) = remote.holder() {
+        for kept in holder
+            .list()
+            .context("listing the connections the FUSE holder keeps")?
+        {
+            match FuseConnection::from_parts(kept.fd, kept.init) {
+                Ok(connection) => {
+                    held.insert(kept.id, connection);
+                }
+                Err(error) => {
+                    tracing::warn!(id = kept.id, %error, "the FUSE holder kept an unusable connection")
+                }
+            }
+        }
+    }
+    let mut cannot_resend_logged = false;
     let (mut mounted, mut failed) = (0, 0);
     for (key, record) in snapshotter.store.list()? {
         let Some(source) = &record.remote else {
             continue;
         };
-        match remote.remount(record.id, &snapshotter.snapshot_dir(record.id), source) {
-            Ok(()) => mounted += 1,
+        let (connection, resend, kind) = match held.remove(&record.id) {
+            Some(connection) if clean => (Some(connection), false, "graceful"),
+            Some(connection) if connection.resend_supported() => (Some(connection), true, "crash"),
+            Some(_) => {
+                if !cannot_resend_logged {
+                    tracing::warn!(
+                        "this kernel cannot resend FUSE requests (Linux 6.9+ can): after a crash, layers are mounted afresh and containers that were reading them may see errors"
+                    );
+                    cannot_resend_logged = true;
+                }
+                if let Some(holder) = remote.holder() {
+                    let _ = holder.remove(record.id);
+                }
+                (None, false, "remount")
+            }
+            None => (None, false, "remount"),
+        };
+        match remote.remount(
+            record.id,
+            &snapshotter.snapshot_dir(record.id),
+            source,
+            connection,
+            resend,
+        ) {
+            Ok(()) => {
+                mounted += 1;
+                metrics.handovers.with_label_values(&[kind]).inc();
+            }
             Err(error) => {
                 failed += 1;
-                tracing::error!(key, error = %crate::error::chain(&error), "cannot mount a remote snapshot again");
+                tracing::error!(key, error = %crate::error::chain(&error), "cannot serve a remote snapshot again");
             }
         }
+    }
+    // Connections of snapshots removed meanwhile: let them go.
+    for (id, _) in held {
+        if let Some(holder) = remote.holder() {
+            let _ = holder.remove(id);
+        }
+        crate::mounter::detach_all_under(&snapshotter.snapshot_dir(id));
     }
     Ok((mounted, failed))
 }

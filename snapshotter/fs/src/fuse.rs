@@ -10,6 +10,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -37,6 +38,22 @@ const WANTED_CAPABILITIES: InitFlags = InitFlags::FUSE_ASYNC_READ
     .union(InitFlags::FUSE_CACHE_SYMLINKS)
     .union(InitFlags::FUSE_MAX_PAGES);
 
+/// Counts a request from the moment it is taken until its reply is sent (or the task ends).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn begin(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(counter))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A [`LayerFs`] served through FUSE. Cheap to create; one per mount. Every request is timed
 /// and its errors counted in its [`Metrics`]; a read failing with EIO logs a warning at most
 /// once a minute per layer.
@@ -47,6 +64,8 @@ pub struct FuseLayer {
     ttl: Duration,
     metrics: Arc<Metrics>,
     read_warnings: Arc<RateLimit>,
+    /// Reads taken from the kernel and not answered yet (a handover waits for them).
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl FuseLayer {
@@ -59,7 +78,13 @@ impl FuseLayer {
             ttl,
             metrics: Arc::default(),
             read_warnings: Arc::new(RateLimit::new(READ_WARNING_INTERVAL)),
+            in_flight: Arc::default(),
         }
+    }
+
+    /// The count of reads in flight, shared with the mount so a handover can wait for them.
+    pub(crate) fn in_flight(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.in_flight)
     }
 
     /// Counts requests, their latency and errors, and bytes read in `metrics`.
@@ -241,9 +266,11 @@ impl Filesystem for FuseLayer {
         let metrics = Arc::clone(&self.metrics);
         let warnings = Arc::clone(&self.read_warnings);
         let span = tracing::debug_span!("layer_read", layer = %self.fs.toc().layer_digest());
+        let answering = InFlight::begin(&self.in_flight);
         // If the runtime is shutting down the task is dropped, and with it the reply: fuser then
         // answers EIO.
         let read = async move {
+            let _answering = answering;
             let result = fs.read(ino.0, offset, size).await;
             metrics.observe(Op::Read, started, result.as_ref().err().copied());
             match result {

@@ -15,8 +15,10 @@
 //! What it must not know: HTTP, registries, the chunk cache's internals, containerd. File content
 //! arrives only through [`ChunkReader`], already decompressed and verified.
 
+mod conn;
 mod error;
 mod fuse;
+mod handover;
 mod layer;
 mod metrics;
 mod mount;
@@ -30,11 +32,13 @@ mod warnings;
 use std::future::Future;
 use std::pin::Pin;
 
+pub use conn::{ConnectionOptions, FuseConnection};
 pub use error::Error;
 pub use fuse::FuseLayer;
+pub use handover::{HandoverReport, handover};
 pub use layer::{Attr, DirEntry, FileKind, FsOptions, LayerFs, ROOT_INO, StatFs};
 pub use metrics::Metrics;
-pub use mount::{MountOptions, MountedLayer, force_unmount, is_stale_mount, mount};
+pub use mount::{MountOptions, MountedLayer, force_unmount, is_stale_mount, mount, serve};
 pub use nix::errno::Errno;
 
 /// A boxed future, as returned by [`ChunkReader::read_chunks`] (keeps the trait object-safe).

@@ -5,11 +5,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
-use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::AtomicUsize;
+
+use fuser::{BackgroundSession, Config, SessionACL};
 use nix::errno::Errno;
 use nix::mount::MntFlags;
 use tokio::runtime::Handle;
 
+use crate::conn::{ConnectionOptions, FuseConnection};
 use crate::fuse::FuseLayer;
 use crate::layer::LayerFs;
 use crate::metrics::Metrics;
@@ -22,7 +26,8 @@ pub struct MountOptions {
     /// Let users other than the mounter in (with the kernel checking permissions as stored).
     /// Not needed for overlayfs lower layers: overlayfs reads them with the mounter's rights.
     pub allow_other: bool,
-    /// fuser event-loop threads, each with its own /dev/fuse descriptor.
+    /// Unused: each layer has one event loop (reads are answered from tasks). Kept so configs
+    /// that set it still work.
     pub threads: usize,
     /// How long the kernel may cache entries and attributes (the content never changes).
     pub ttl: Duration,
@@ -44,14 +49,22 @@ impl Default for MountOptions {
     }
 }
 
-/// A mounted layer. Unmounted by [`unmount`](Self::unmount) or on drop.
+/// A mounted layer. Unmounted by [`unmount`](Self::unmount) or on drop; handed over to the next
+/// daemon with [`handover`].
 #[derive(Debug)]
 pub struct MountedLayer {
-    session: Option<BackgroundSession>,
-    mountpoint: PathBuf,
+    pub(crate) session: Option<BackgroundSession>,
+    pub(crate) mountpoint: PathBuf,
+    /// The descriptor number the fuser session reads and writes (a handover swaps what it is).
+    pub(crate) session_fd: RawFd,
+    /// This process's own descriptor of the connection, and its INIT request.
+    pub(crate) connection: FuseConnection,
+    /// Reads taken and not answered yet.
+    pub(crate) in_flight: Arc<AtomicUsize>,
 }
 
-/// Mounts `fs` read-only on `mountpoint` (an existing directory). Reads run on `handle`.
+/// Mounts `fs` read-only on `mountpoint` (an existing directory) and serves it. Reads run on
+/// `handle`.
 pub fn mount(
     fs: Arc<LayerFs>,
     mountpoint: &Path,
@@ -59,39 +72,113 @@ pub fn mount(
     options: &MountOptions,
 ) -> io::Result<MountedLayer> {
     let mountpoint = mountpoint.canonicalize()?;
+    let connection = FuseConnection::mount(
+        &mountpoint,
+        &ConnectionOptions {
+            fsname: options.fsname.clone(),
+            allow_other: options.allow_other,
+        },
+    )?;
+    serve(fs, connection, &mountpoint, handle, options, true)
+}
+
+/// Serves `fs` on an existing connection mounted on `mountpoint`. `answer_init`: the kernel still
+/// waits for the answer to the connection's INIT request (a fresh mount); otherwise a previous
+/// process answered it (a connection taken back from the holder) and the kernel must not see
+/// another.
+///
+/// fuser's session always runs the INIT handshake, so it runs it on one end of a socket pair fed
+/// with the kept INIT request; its answer is forwarded to the kernel or dropped, and then the
+/// session's descriptor is replaced by the connection's, before the session serves.
+pub fn serve(
+    fs: Arc<LayerFs>,
+    connection: FuseConnection,
+    mountpoint: &Path,
+    handle: Handle,
+    options: &MountOptions,
+    answer_init: bool,
+) -> io::Result<MountedLayer> {
     let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::RO,
-        MountOption::FSName(options.fsname.clone()),
-        // passed to the kernel as is: the mount shows as type fuse.streamsnap
-        MountOption::CUSTOM("subtype=streamsnap".into()),
-        // images carry device nodes and setuid binaries; containerd adds nodev/nosuid itself
-        // where it wants them
-        MountOption::Dev,
-        MountOption::Suid,
-    ];
-    if options.allow_other {
-        config.mount_options.push(MountOption::DefaultPermissions);
-        config.acl = SessionACL::All;
-    }
-    let threads = options.threads.max(1);
-    config.n_threads = Some(threads);
-    config.clone_fd = threads > 1;
+    let acl = if options.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.acl = acl;
+    // One event loop per layer, reading the shared descriptor: fuser's cloned descriptors would
+    // close with this process and abort the requests in flight on them. Reads are answered from
+    // tasks, so one loop is not a bottleneck.
+    config.n_threads = Some(1);
+    config.clone_fd = false;
     let mut layer = FuseLayer::new(fs, handle, options.ttl);
     if let Some(metrics) = &options.metrics {
         layer = layer.with_metrics(Arc::clone(metrics));
     }
-    let session = fuser::spawn_mount(layer, &mountpoint, &config)?;
-    tracing::debug!(mountpoint = %mountpoint.display(), threads, "layer mounted");
+    let in_flight = layer.in_flight();
+    let (session_end, our_end) = socket_pair()?;
+    nix::unistd::write(&our_end, &connection.init).map_err(io::Error::from)?;
+    let session_fd = session_end.as_raw_fd();
+    let session = fuser::Session::from_fd(layer, session_end, acl, config)?;
+    let mut reply = vec![0u8; 64 << 10];
+    let n = nix::unistd::read(&our_end, &mut reply).map_err(io::Error::from)?;
+    if answer_init {
+        nix::unistd::write(&connection.fd, &reply[..n]).map_err(io::Error::from)?;
+    }
+    replace_fd(connection.fd.as_raw_fd(), session_fd)?;
+    let session = session.spawn()?;
+    tracing::debug!(mountpoint = %mountpoint.display(), answer_init, "layer served");
     Ok(MountedLayer {
         session: Some(session),
-        mountpoint,
+        mountpoint: mountpoint.to_owned(),
+        session_fd,
+        connection,
+        in_flight,
     })
+}
+
+/// A unix SOCK_SEQPACKET pair (message boundaries kept, like /dev/fuse), with buffers large
+/// enough for the largest FUSE reply.
+pub(crate) fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, setsockopt, socketpair, sockopt};
+    let (a, b) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    for fd in [&a, &b] {
+        // Forced sizes (root) go past net.core.[rw]mem_max; a failure only limits reply sizes.
+        let _ = setsockopt(fd, sockopt::SndBufForce, &SOCKET_BUFFER);
+        let _ = setsockopt(fd, sockopt::RcvBufForce, &SOCKET_BUFFER);
+    }
+    Ok((a, b))
+}
+
+/// Socket pair buffers: a FUSE read reply is at most 1 MiB (256 pages) plus its header.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Makes descriptor number `target` refer to what `source` refers to (atomically).
+pub(crate) fn replace_fd(source: RawFd, target: RawFd) -> io::Result<()> {
+    // SAFETY: dup3 only changes the descriptor table: `target` is owned by a fuser session that
+    // outlives this call and keeps owning the number (closing it later closes the new file);
+    // `source` is a valid open descriptor borrowed for the call.
+    let result = unsafe { libc::dup3(source, target, libc::O_CLOEXEC) };
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 impl MountedLayer {
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// Another descriptor of this layer's FUSE connection, with its INIT request: what a holder
+    /// keeps so the connection outlives this process.
+    pub fn connection(&self) -> io::Result<FuseConnection> {
+        self.connection.try_clone()
     }
 
     /// Unmounts and waits for the session to end. When the mount is busy (an overlay or a

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use streamsnap_cache::ChunkCache;
 use streamsnap_format::{Digest, Toc};
-use streamsnap_fs::{FsOptions, LayerFs};
+use streamsnap_fs::{FsOptions, FuseConnection, LayerFs};
+use streamsnap_holder::HolderClient;
 use streamsnap_registry::{Client, Repository};
 
 pub use self::artifact::{Artifact, ArtifactCache};
@@ -94,6 +95,8 @@ pub struct RemoteLayers {
     mounts: Mutex<HashMap<u64, MountEntry>>,
     fallback_logged: Mutex<HashMap<String, Instant>>,
     metrics: Metrics,
+    /// Keeps a descriptor of every FUSE connection so mounts outlive this process.
+    holder: Option<HolderClient>,
 }
 
 impl std::fmt::Debug for RemoteLayers {
@@ -123,7 +126,18 @@ impl RemoteLayers {
             mounts: Mutex::new(HashMap::new()),
             fallback_logged: Mutex::new(HashMap::new()),
             metrics,
+            holder: None,
         }
+    }
+
+    /// Hands every new FUSE connection to `holder` too, so the mounts outlive this process.
+    pub fn with_holder(mut self, holder: HolderClient) -> Self {
+        self.holder = Some(holder);
+        self
+    }
+
+    pub fn holder(&self) -> Option<&HolderClient> {
+        self.holder.as_ref()
     }
 
     pub fn cache(&self) -> &Arc<ChunkCache> {
@@ -175,12 +189,22 @@ impl RemoteLayers {
             data_size: data_descriptor.size,
         };
         write_atomically(&dir.join("toc"), &blob)?;
-        self.mount_toc(id, dir, toc, &source)?;
+        self.mount_toc(id, dir, toc, &source, None)?;
         Ok(source)
     }
 
-    /// Mounts a remote snapshot again from its saved TOC (after a restart): no network needed.
-    pub fn remount(&self, id: u64, dir: &Path, source: &RemoteSource) -> Result<(), RemoteError> {
+    /// Serves a remote snapshot again from its saved TOC, without the network. With `held`, the
+    /// connection the holder kept (the mount never went away): it is served again, and with
+    /// `resend` the kernel is asked to resend what the previous daemon took and did not answer.
+    /// Without, the layer is mounted afresh (stale mounts of a dead daemon are detached first).
+    pub fn remount(
+        &self,
+        id: u64,
+        dir: &Path,
+        source: &RemoteSource,
+        held: Option<FuseConnection>,
+        resend: bool,
+    ) -> Result<(), RemoteError> {
         let path = dir.join("toc");
         let blob = std::fs::read(&path).map_err(|e| RemoteError::Io {
             action: "reading",
@@ -201,8 +225,24 @@ impl RemoteLayers {
             layer: source.layer_digest,
             source: e,
         })?;
-        crate::mounter::detach_all_under(&dir.join("fs"));
-        self.mount_toc(id, dir, toc, source)
+        if held.is_none() {
+            crate::mounter::detach_all_under(&dir.join("fs"));
+        }
+        self.mount_toc(id, dir, toc, source, held)?;
+        if resend {
+            self.resend(id);
+        }
+        Ok(())
+    }
+
+    /// Asks the kernel to resend snapshot `id`'s requests a dead daemon took and did not answer.
+    fn resend(&self, id: u64) {
+        let mounts = self.mounts.lock().expect("mounts lock");
+        let Some(entry) = mounts.get(&id) else { return };
+        match entry.fs.connection().and_then(|c| c.notify_resend()) {
+            Ok(()) => self.metrics.fuse_resends.inc(),
+            Err(error) => tracing::warn!(id, %error, "asking the kernel to resend requests failed"),
+        }
     }
 
     fn mount_toc(
@@ -211,14 +251,19 @@ impl RemoteLayers {
         dir: &Path,
         toc: Toc,
         source: &RemoteSource,
+        held: Option<FuseConnection>,
     ) -> Result<(), RemoteError> {
         let _span = tracing::info_span!("layer", id, digest = %source.layer_digest).entered();
         let fs_dir = dir.join("fs");
-        std::fs::create_dir_all(&fs_dir).map_err(|e| RemoteError::Io {
-            action: "creating",
-            path: fs_dir.clone(),
-            source: e,
-        })?;
+        // A kept connection is still mounted there, and nobody serves it until the session
+        // below runs: touching the path now (even a stat) would wait forever.
+        if held.is_none() {
+            std::fs::create_dir_all(&fs_dir).map_err(|e| RemoteError::Io {
+                action: "creating",
+                path: fs_dir.clone(),
+                source: e,
+            })?;
+        }
         let repo = Repository::new(source.registry.clone(), source.repository.clone());
         let mirrors = self
             .mirrors
@@ -244,14 +289,33 @@ impl RemoteLayers {
                 source: e,
             }
         })?;
-        let mounted =
-            self.mounter
-                .mount(Arc::new(layer), &fs_dir)
-                .map_err(|e| RemoteError::Io {
-                    action: "mounting a FUSE layer on",
-                    path: fs_dir.clone(),
-                    source: e,
-                })?;
+        let fresh = held.is_none();
+        let mounted = match held {
+            Some(connection) => self.mounter.attach(Arc::new(layer), connection, &fs_dir),
+            None => self.mounter.mount(Arc::new(layer), &fs_dir),
+        }
+        .map_err(|e| RemoteError::Io {
+            action: "mounting a FUSE layer on",
+            path: fs_dir.clone(),
+            source: e,
+        })?;
+        if let Ok(connection) = mounted.connection() {
+            self.metrics
+                .fuse_resend_supported
+                .set(i64::from(connection.resend_supported()));
+        }
+        if fresh && let Some(holder) = &self.holder {
+            // Without the holder's copy the mount still works; it just dies with this process.
+            match mounted
+                .connection()
+                .and_then(|c| holder.put(id, c.as_fd(), &c.init))
+            {
+                Ok(()) => {}
+                Err(error) => {
+                    tracing::warn!(id, %error, "the FUSE holder did not take the connection")
+                }
+            }
+        }
         let stop = Arc::new(AtomicBool::new(false));
         self.mounts.lock().expect("mounts lock").insert(
             id,
@@ -266,8 +330,14 @@ impl RemoteLayers {
         Ok(())
     }
 
-    /// Unmounts snapshot `id`'s layer if this process mounted it.
+    /// Unmounts snapshot `id`'s layer if this process mounted it (and lets the holder's copy of
+    /// its connection go).
     pub fn unmount(&self, id: u64) {
+        if let Some(holder) = &self.holder
+            && let Err(error) = holder.remove(id)
+        {
+            tracing::warn!(id, %error, "the FUSE holder did not let a connection go");
+        }
         let entry = self.mounts.lock().expect("mounts lock").remove(&id);
         if let Some(entry) = entry {
             entry.stop.store(true, Ordering::Relaxed);
@@ -277,13 +347,57 @@ impl RemoteLayers {
         }
     }
 
-    /// Unmounts every layer (at shutdown).
+    /// Unmounts every layer for good (a full stop).
     pub fn unmount_all(&self) {
-        let mounts: Vec<_> = self.mounts.lock().expect("mounts lock").drain().collect();
-        for (id, entry) in mounts {
-            entry.stop.store(true, Ordering::Relaxed);
-            if let Err(error) = entry.fs.unmount() {
-                tracing::warn!(id, %error, "unmounting a remote layer failed");
+        let ids: Vec<u64> = self
+            .mounts
+            .lock()
+            .expect("mounts lock")
+            .keys()
+            .copied()
+            .collect();
+        for id in ids {
+            self.unmount(id);
+        }
+    }
+
+    /// Stops serving every layer without unmounting, answering the requests taken, so the next
+    /// daemon takes the connections over from the holder (a restart or an upgrade). Without a
+    /// holder the mounts would die with this process: they are unmounted instead.
+    pub fn handover_all(&self, timeout: std::time::Duration) {
+        if self.holder.is_none() {
+            self.unmount_all();
+            return;
+        }
+        let entries: Vec<MountEntry> = self
+            .mounts
+            .lock()
+            .expect("mounts lock")
+            .drain()
+            .map(|(_, e)| e)
+            .collect();
+        let layers: Vec<_> = entries
+            .into_iter()
+            .filter_map(|entry| {
+                entry.stop.store(true, Ordering::Relaxed);
+                entry.fs.into_layer()
+            })
+            .collect();
+        match streamsnap_fs::handover(layers, timeout) {
+            Ok(report) => {
+                self.metrics
+                    .handovers
+                    .with_label_values(&["graceful"])
+                    .inc();
+                tracing::info!(
+                    layers = report.layers,
+                    answered = report.forwarded,
+                    timed_out = report.timed_out,
+                    "layers handed over"
+                );
+            }
+            Err(error) => {
+                tracing::error!(%error, "handing the layers over failed; the next daemon remounts them")
             }
         }
     }
