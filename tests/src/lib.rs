@@ -22,6 +22,7 @@ pub mod layer_view;
 pub mod layers;
 pub mod proxy;
 pub mod registry;
+pub mod service;
 pub mod skopeo;
 pub mod snapshotterd;
 pub mod streaming_node;

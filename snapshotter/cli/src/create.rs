@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use streamsnap_convert::{ConvertOptions, CreateOptions, Progress};
 use streamsnap_format::MAX_CHUNK_SIZE;
 
 use crate::output::{Format, human_bytes};
 use crate::registry_args::{RegistryArgs, parse_reference};
+use crate::remote;
+use crate::service_args::ServerArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -25,13 +27,16 @@ pub struct Args {
     /// Convert and push even if the image already has a streaming artifact.
     #[arg(long)]
     force: bool,
-    /// Largest uncompressed chunk in bytes (64 KiB to 16 MiB).
-    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20,
+    /// Largest uncompressed chunk in bytes (64 KiB to 16 MiB) [default: 1048576].
+    #[arg(long, value_name = "BYTES",
           value_parser = clap::value_parser!(u32).range(65536..=i64::from(MAX_CHUNK_SIZE)))]
-    chunk_size: u32,
-    /// zstd compression level of the chunks (1 to 19).
-    #[arg(long, value_name = "LEVEL", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
-    compression_level: i32,
+    chunk_size: Option<u32>,
+    /// zstd compression level of the chunks (1 to 19) [default: 3].
+    #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(i32).range(1..=19))]
+    compression_level: Option<i32>,
+    /// With --server: print the operation and return at once instead of waiting for it.
+    #[arg(long)]
+    no_wait: bool,
     /// Directory for the chunk blobs staged before upload [default: the system temp dir].
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
@@ -39,14 +44,32 @@ pub struct Args {
     registry: RegistryArgs,
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub async fn run(args: Args, server: &ServerArgs) -> anyhow::Result<()> {
+    if let Some(service) = server.client()? {
+        return remote::create(
+            &service,
+            remote::Request {
+                image: &args.image,
+                force: args.force,
+                chunk_size: args.chunk_size,
+                compression_level: args.compression_level,
+                no_wait: args.no_wait,
+                output: args.output,
+            },
+        )
+        .await;
+    }
+    if args.no_wait {
+        bail!("--no-wait needs a conversion service: pass --server URL or set STREAMSNAP_SERVER");
+    }
     let reference = parse_reference(&args.image)?;
     let client = args.registry.client_for(&reference)?;
+    let defaults = ConvertOptions::default();
     let options = CreateOptions {
         convert: ConvertOptions {
-            max_chunk_size: args.chunk_size,
-            compression_level: args.compression_level,
-            ..ConvertOptions::default()
+            max_chunk_size: args.chunk_size.unwrap_or(defaults.max_chunk_size),
+            compression_level: args.compression_level.unwrap_or(defaults.compression_level),
+            ..defaults
         },
         force: args.force,
         work_dir: args.work_dir,

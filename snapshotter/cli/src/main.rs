@@ -1,11 +1,17 @@
-//! `streamsnap`: the command line. Converts images into streaming artifacts, inspects what a
-//! registry holds, and pulls images through containerd's CRI image service on a node.
+//! `streamsnap`: the command line. Converts images into streaming artifacts (locally, or as
+//! operations of the conversion service, which `serve` runs), inspects what a registry holds,
+//! and pulls images through containerd's CRI image service on a node.
 
 mod create;
 mod list_referrers;
+mod operation;
 mod output;
 mod pull;
 mod registry_args;
+mod remote;
+mod serve;
+mod service_args;
+mod streaming;
 
 use std::process::ExitCode;
 
@@ -27,21 +33,47 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Streaming artifacts: create them from images.
-    #[command(subcommand)]
-    ArtifactStreaming(ArtifactStreaming),
+    /// Streaming artifacts: create them from images, locally or through the conversion
+    /// service; repository streaming states and operations (service only).
+    ArtifactStreaming(ArtifactStreamingArgs),
     /// Manifests in a registry.
     #[command(subcommand)]
     Manifest(Manifest),
     /// Pull an image through containerd's CRI image service, as the kubelet does, so a remote
     /// snapshotter gets the labels it needs to mount the layers lazily.
     Pull(pull::Args),
+    /// Run the conversion service for one registry: HTTP API, registry webhook, operations.
+    Serve(serve::Args),
+}
+
+#[derive(Debug, clap::Args)]
+struct ArtifactStreamingArgs {
+    #[command(flatten)]
+    server: service_args::ServerArgs,
+    #[command(subcommand)]
+    verb: ArtifactStreaming,
 }
 
 #[derive(Debug, Subcommand)]
 enum ArtifactStreaming {
-    /// Convert a linux/amd64 image into a streaming artifact and push it as an OCI referrer.
+    /// Convert a linux/amd64 image into a streaming artifact and push it as an OCI referrer
+    /// (with --server: start a conversion operation on the service and wait for it).
     Create(create::Args),
+    /// Set a repository's streaming state: Active repositories convert newly pushed images.
+    Update(streaming::UpdateArgs),
+    /// Show repository streaming states and operation counts.
+    Show(streaming::ShowArgs),
+    /// Conversion operations: show or cancel one.
+    #[command(subcommand)]
+    Operation(Operation),
+}
+
+#[derive(Debug, Subcommand)]
+enum Operation {
+    /// Show an operation's state, progress and error.
+    Show(operation::ShowArgs),
+    /// Stop an operation; a canceled operation leaves no streaming artifact.
+    Cancel(operation::CancelArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -52,7 +84,12 @@ enum Manifest {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    // The service logs what it does by default; the other commands only warnings.
+    let verbose = match cli.command {
+        Command::Serve(_) => cli.verbose.max(1),
+        _ => cli.verbose,
+    };
+    init_logging(verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -65,9 +102,20 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::ArtifactStreaming(ArtifactStreaming::Create(args)) => create::run(args).await,
+            Command::ArtifactStreaming(ArtifactStreamingArgs { server, verb }) => match verb {
+                ArtifactStreaming::Create(args) => create::run(args, &server).await,
+                ArtifactStreaming::Update(args) => streaming::update(args, &server).await,
+                ArtifactStreaming::Show(args) => streaming::show(args, &server).await,
+                ArtifactStreaming::Operation(Operation::Show(args)) => {
+                    operation::show(args, &server).await
+                }
+                ArtifactStreaming::Operation(Operation::Cancel(args)) => {
+                    operation::cancel(args, &server).await
+                }
+            },
             Command::Manifest(Manifest::ListReferrers(args)) => list_referrers::run(args).await,
             Command::Pull(args) => pull::run(args).await,
+            Command::Serve(args) => serve::run(args).await,
         }
     });
     match result {
@@ -97,6 +145,7 @@ fn init_logging(verbose: u8) {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_target(false),
         )
         .with(filter)

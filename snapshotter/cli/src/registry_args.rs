@@ -30,7 +30,12 @@ pub struct RegistryArgs {
 
 impl RegistryArgs {
     pub fn client_for(&self, reference: &Reference) -> anyhow::Result<Client> {
-        let registry = &reference.repository.registry;
+        self.client_for_registry(&reference.repository.registry)
+    }
+
+    /// A client for `registry` (`host[:port]`).
+    pub fn client_for_registry(&self, registry: &str) -> anyhow::Result<Client> {
+        let registry = &registry.to_owned();
         let mut credentials = CredentialStore::from_docker_config(self.docker_config.as_deref())
             .context("reading registry credentials")?;
         if let Some(username) = &self.username {

@@ -12,6 +12,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::{Scope, ScopedJoinHandle};
 
@@ -53,6 +55,7 @@ impl<'scope> Chunker<'scope> {
         max_chunk_size: u32,
         level: i32,
         workers: usize,
+        cancel: Option<Arc<AtomicBool>>,
         out: W,
     ) -> Self {
         let workers = workers.max(1);
@@ -63,13 +66,19 @@ impl<'scope> Chunker<'scope> {
             .map(|_| {
                 let work = work.clone();
                 let to_writer = to_writer.clone();
+                let cancel = cancel.clone();
                 scope.spawn(move || {
                     loop {
                         let next = work.lock().expect("chunk work queue lock").recv();
                         let Ok((index, data)) = next else {
                             return Ok(());
                         };
-                        let frame = compress_chunk(&data, level);
+                        let canceled = cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
+                        let frame = if canceled {
+                            Err(std::io::Error::other("conversion canceled"))
+                        } else {
+                            compress_chunk(&data, level)
+                        };
                         if to_writer.send((index, frame)).is_err() {
                             return Ok(()); // the writer failed; it reports why
                         }
@@ -230,7 +239,7 @@ mod tests {
     fn packs_small_files_and_dedups_identical_chunks() {
         let mut blob = Vec::new();
         let (summary, resolved, large) = std::thread::scope(|scope| {
-            let mut chunker = Chunker::start(scope, 1000, 3, 2, &mut blob);
+            let mut chunker = Chunker::start(scope, 1000, 3, 2, None, &mut blob);
             chunker.add_small(0, &[1; 400]).unwrap();
             chunker.add_small(1, &[2; 400]).unwrap();
             chunker.add_small(2, &[3; 400]).unwrap(); // does not fit: closes the first pack
@@ -286,7 +295,7 @@ mod tests {
             }
         }
         let result = std::thread::scope(|scope| {
-            let mut chunker = Chunker::start(scope, 100, 3, 1, Full);
+            let mut chunker = Chunker::start(scope, 100, 3, 1, None, Full);
             // Keep feeding until the pipeline notices, then finish reports the writer's error.
             for i in 0..1000u32 {
                 if chunker.add_large_piece(i.to_le_bytes().repeat(25)).is_err() {
@@ -296,5 +305,26 @@ mod tests {
             chunker.finish()
         });
         assert!(matches!(result, Err(Error::WriteBlob { .. })), "{result:?}");
+    }
+
+    #[test]
+    fn a_cancel_skips_the_queued_chunks_and_stops_the_pipeline() {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut blob = Vec::new();
+        let result = std::thread::scope(|scope| {
+            let mut chunker = Chunker::start(scope, 100, 19, 2, Some(cancel.clone()), &mut blob);
+            chunker.add_large_piece(vec![1; 100]).unwrap();
+            cancel.store(true, Ordering::Relaxed);
+            for i in 0..1000u32 {
+                if chunker.add_large_piece(i.to_le_bytes().repeat(25)).is_err() {
+                    break;
+                }
+            }
+            chunker.finish()
+        });
+        assert!(
+            matches!(&result, Err(Error::Compress(e)) if e.to_string().contains("canceled")),
+            "{result:?}"
+        );
     }
 }

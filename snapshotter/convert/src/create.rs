@@ -13,6 +13,7 @@ use bytes::Bytes;
 use streamsnap_format::oci::{Annotations, Descriptor, ImageManifest};
 use streamsnap_format::{Digest, FORMAT_VERSION, encode_toc, media};
 use streamsnap_registry::{Client, Reference, Repository};
+use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::layer::{ConvertOptions, ConvertedLayer, convert_layer};
@@ -36,8 +37,8 @@ pub struct Progress {
     /// Compressed bytes of source layers read so far.
     pub done: AtomicU64,
     /// Set to stop the conversion; it then fails with [`Error::Canceled`] before pushing the
-    /// manifest.
-    pub cancel: AtomicBool,
+    /// manifest. Shared with the compression threads, which skip the chunks still queued.
+    pub cancel: Arc<AtomicBool>,
 }
 
 impl Progress {
@@ -100,8 +101,14 @@ pub async fn create(
     let mut layers = Vec::with_capacity(image.layers.len());
     for layer in &image.layers {
         progress.check_cancel()?;
-        let _span = tracing::info_span!("layer", digest = %layer.source.digest).entered();
-        layers.push(convert_and_push_layer(client, repo, layer, options, &progress).await?);
+        // Instrumented, not entered: an entered span held across an await makes the future
+        // !Send (the conversion service runs it on a multi-threaded runtime).
+        let span = tracing::info_span!("layer", digest = %layer.source.digest);
+        layers.push(
+            convert_and_push_layer(client, repo, layer, options, &progress)
+                .instrument(span)
+                .await?,
+        );
     }
     progress.check_cancel()?;
 
@@ -174,7 +181,8 @@ async fn convert_and_push_layer(
         }
     };
     let source = layer.source.clone();
-    let convert_options = options.convert.clone();
+    let mut convert_options = options.convert.clone();
+    convert_options.cancel = Some(progress.cancel.clone());
     let progress_for_thread = progress.clone();
     let convert = tokio::task::spawn_blocking(
         move || -> Result<(ConvertedLayer, tempfile::NamedTempFile)> {
@@ -201,7 +209,11 @@ async fn convert_and_push_layer(
         },
     );
     let ((), converted) = tokio::join!(download, convert);
-    let (converted, file) = converted.expect("conversion thread panicked")?;
+    let (converted, file) = match converted.expect("conversion thread panicked") {
+        // A canceled pipeline fails wherever it stopped: report the cancel, not that.
+        Err(_) if progress.cancel.load(Ordering::Relaxed) => return Err(Error::Canceled),
+        other => other?,
+    };
     progress.check_cancel()?;
 
     let toc = converted.toc;

@@ -5,6 +5,8 @@
 //! nothing partial leaves this module.
 
 use std::io::{self, BufReader, Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use flate2::read::MultiGzDecoder;
 use streamsnap_format::api::{self, EntryType};
@@ -29,6 +31,9 @@ pub struct ConvertOptions {
     pub max_layer_size: u64,
     /// Refuse layers with more tar entries than this.
     pub max_entries: usize,
+    /// When set to true, chunks not yet compressed are skipped and the conversion fails soon
+    /// (the reader stops at its next read, the compression threads at their next chunk).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for ConvertOptions {
@@ -39,6 +44,7 @@ impl Default for ConvertOptions {
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_layer_size: 1 << 40,
             max_entries: 4 << 20,
+            cancel: None,
         }
     }
 }
@@ -90,6 +96,7 @@ pub fn convert_layer<R: Read, W: Write + Send>(
             options.max_chunk_size,
             options.compression_level,
             options.workers,
+            options.cancel.clone(),
             out,
         );
         let walked = walk_tar(&mut tar_stream, source, options, &mut chunker);

@@ -1,0 +1,102 @@
+//! `streamsnap serve`: the conversion service for one registry.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use streamsnap_service::{ApiAuth, Secret, Server, ServiceConfig};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::registry_args::RegistryArgs;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The registry served (HOST[:PORT]); repositories are named relative to it.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    registry: String,
+    /// Address of the HTTP API and webhook.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Where the store (state.redb) and staging files live; created with mode 0700.
+    #[arg(long, value_name = "DIR")]
+    state_dir: PathBuf,
+    /// File holding the API token that every /v1 call but the webhook and /v1/healthz needs.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "insecure_dev_loopback"
+    )]
+    token_file: Option<PathBuf>,
+    /// File holding the secret the registry sends as `Authorization: Bearer SECRET` with
+    /// each notification (its endpoint's `headers`).
+    #[arg(long, value_name = "FILE")]
+    webhook_secret_file: PathBuf,
+    /// Development only: API calls from loopback addresses need no token.
+    #[arg(long)]
+    insecure_dev_loopback: bool,
+    /// Conversions run at once.
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    concurrency: u16,
+    #[command(flatten)]
+    registry_args: RegistryArgs,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let token = args
+        .token_file
+        .as_deref()
+        .map(read_secret)
+        .transpose()
+        .context("reading --token-file")?;
+    let webhook_secret =
+        read_secret(&args.webhook_secret_file).context("reading --webhook-secret-file")?;
+    if args.insecure_dev_loopback {
+        tracing::warn!("--insecure-dev-loopback: API calls from loopback addresses need no token");
+    }
+    let client = args.registry_args.client_for_registry(&args.registry)?;
+    let auth = ApiAuth {
+        token,
+        loopback_without_token: args.insecure_dev_loopback,
+    };
+    let mut config = ServiceConfig::new(
+        args.registry.clone(),
+        args.listen,
+        args.state_dir.clone(),
+        auth,
+        webhook_secret,
+    );
+    config.concurrency = usize::from(args.concurrency);
+    let server = Server::start(config, client).await.with_context(|| {
+        format!(
+            "starting the service with state in {}",
+            args.state_dir.display()
+        )
+    })?;
+    tracing::info!(registry = %args.registry, "listening on http://{}", server.local_addr());
+
+    let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+        }
+    };
+    server.run(shutdown).await?;
+    Ok(())
+}
+
+fn read_secret(path: &Path) -> anyhow::Result<Secret> {
+    let secret = Secret::from_file(path)?;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            "{} can be read by other users: chmod 600 it",
+            path.display()
+        );
+    }
+    Ok(secret)
+}
