@@ -4,6 +4,7 @@
 
 mod create;
 mod list_referrers;
+mod node;
 mod operation;
 mod output;
 mod pull;
@@ -44,6 +45,10 @@ enum Command {
     Pull(pull::Args),
     /// Run the conversion service for one registry: HTTP API, registry webhook, operations.
     Serve(serve::Args),
+    /// Set up a node for the snapshotter: patch or restore containerd's config, or run the
+    /// daemon the way the Kubernetes DaemonSet does.
+    #[command(subcommand)]
+    Node(node::Verb),
 }
 
 #[derive(Debug, clap::Args)]
@@ -116,6 +121,7 @@ fn main() -> ExitCode {
             Command::Manifest(Manifest::ListReferrers(args)) => list_referrers::run(args).await,
             Command::Pull(args) => pull::run(args).await,
             Command::Serve(args) => serve::run(args).await,
+            Command::Node(verb) => node::run(verb).await,
         }
     });
     match result {

@@ -6,6 +6,23 @@ use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
+/// The `reason` labels of `streamsnap_snapshotter_fallbacks_total`.
+pub const FALLBACK_REASONS: [&str; 9] = [
+    "no_artifact",
+    "no_platform",
+    "layer_not_in_artifact",
+    "invalid_artifact",
+    "invalid_reference",
+    "registry_unavailable",
+    "registry_error",
+    "mount",
+    "snapshot",
+];
+/// The `method` labels of the API call metrics.
+pub const RPC_METHODS: [&str; 10] = [
+    "prepare", "view", "mounts", "commit", "remove", "stat", "update", "list", "usage", "cleanup",
+];
+
 #[derive(Clone, Debug)]
 pub struct Metrics {
     pub registry: Registry,
@@ -109,8 +126,20 @@ impl Metrics {
             "streamsnap_snapshotter_fuse_holder",
             "1 when a holder process keeps the FUSE connections across daemon restarts",
         )?;
+        // Every series of a fixed label set exists from the start, at 0.
         for kind in ["graceful", "crash", "remount"] {
             handovers.with_label_values(&[kind]);
+        }
+        for reason in FALLBACK_REASONS {
+            fallbacks.with_label_values(&[reason]);
+        }
+        for method in RPC_METHODS {
+            rpc_duration.with_label_values(&[method]);
+        }
+        for kind in ["view", "active", "committed"] {
+            for origin in ["local", "remote"] {
+                snapshots.with_label_values(&[kind, origin]);
+            }
         }
         registry.register(Box::new(handovers.clone()))?;
         registry.register(Box::new(fuse_resends.clone()))?;

@@ -134,7 +134,11 @@ impl Snapshotter {
         let Ok(records) = self.store.list() else {
             return;
         };
-        metrics.snapshots.reset();
+        for kind in ["view", "active", "committed"] {
+            for origin in ["local", "remote"] {
+                metrics.snapshots.with_label_values(&[kind, origin]).set(0);
+            }
+        }
         for (_, record) in records {
             let kind = match record.kind {
                 Kind::View => "view",
