@@ -3,6 +3,7 @@
 //! to read them: docs/benchmarks.md.
 
 mod convert;
+mod realistic;
 mod startup;
 mod stats;
 
@@ -24,11 +25,15 @@ enum Bench {
     Convert(convert::Args),
     /// Container start-up: lazy (streamsnap) against a full pull (overlayfs), cold.
     Startup(startup::Args),
+    /// Time to ready on a realistic multi-GB image behind a shaped link: full pull, streamsnap
+    /// cold and warm, the physical limit, a growth series over the data layer's size.
+    Realistic(realistic::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
         Bench::Convert(args) => convert::run(args),
         Bench::Startup(args) => startup::run(args),
+        Bench::Realistic(args) => realistic::run(args),
     }
 }

@@ -25,6 +25,7 @@ pub mod node_containerd;
 pub mod proxy;
 pub mod registry;
 pub mod service;
+pub mod shaper;
 pub mod skopeo;
 pub mod snapshotterd;
 pub mod streaming_node;
@@ -45,6 +46,7 @@ pub use layer_view::{EntryView, diff_views, tar_views, toc_views};
 pub use layers::{every_entry_type_layer, upper_layers, upper_layers_view};
 pub use proxy::{CountingProxy, Fault};
 pub use registry::Registry;
+pub use shaper::{LinkShape, RequestRecord, ShapingProxy};
 pub use skopeo::{manifest_digest, skopeo_inspect_raw, skopeo_pull_dir, skopeo_push};
 pub use snapshotterd::{
     Snapshotterd, SnapshotterdOptions, ViewGuard, chain_id, mount_view, run_container_in,

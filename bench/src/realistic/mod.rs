@@ -1,0 +1,516 @@
+//! Time to ready on a realistic multi-GB image (Debian bookworm, python3, the scientific Python
+//! stack from PyPI, a data layer of a given size) behind a shaped link, against a full pull with
+//! containerd's overlayfs snapshotter and against the physical limit. See docs/benchmarks.md
+//! and `bench/run.sh`.
+//!
+//! Per data size: a fresh registry, the image pushed and converted, a link-shaping proxy in
+//! front of it; a trace round (full pull, then the start-up on a cold and a hot page cache, the
+//! bytes it brought into the page cache, warm file-system figures); then `runs` rounds of the
+//! three contenders one after another: overlayfs full pull + run, streamsnap with an empty chunk
+//! cache, streamsnap with the chunk cache the cold run left. Every run has a fresh containerd
+//! (and a fresh daemon): only the chunk cache carries over, and only into the warm run.
+
+mod access;
+mod doc;
+mod fsbench;
+mod image;
+mod report;
+mod runner;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use streamsnap_e2e::container::{pull, rpull};
+use streamsnap_e2e::{
+    Containerd, ContainerdOptions, LinkShape, Registry, ShapingProxy, Snapshotterd,
+    SnapshotterdOptions, require_root_tools, skopeo_push, workspace_bin,
+};
+
+use self::image::{BuiltImage, ImageCache, LayerInfo, WORKLOAD};
+use self::report::{Calibration, Figures, RunSample, SizePoint, Trace};
+use self::runner::{Scrape, drop_caches, peak_rss, residency, run_until_ready};
+
+const GIB: u64 = 1 << 30;
+/// The streamsnap daemon's cache settings: its documented defaults.
+const CACHE_MAX_BYTES: u64 = 10 * GIB;
+const CACHE_MEMORY_BYTES: u64 = 64 << 20;
+/// Round trips on the critical path of a lazy start that knows what it will read: TCP connect,
+/// manifest, referrers, artifact manifest, TOCs (in parallel), the data (in parallel).
+const CRITICAL_ROUND_TRIPS: u32 = 6;
+/// Start-ups on a hot page cache for the local floor.
+const HOT_RUNS: usize = 3;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Timed runs of each contender per data size.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Data layer sizes in GiB (the growth series); sizes the disk cannot hold are skipped.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    pub sizes_gib: Vec<u64>,
+    /// Link bandwidth in Mbit/s, each direction.
+    #[arg(long, default_value_t = 1000.0)]
+    pub mbit: f64,
+    /// Round-trip time the link adds, in milliseconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub rtt_ms: f64,
+    /// Where the rootfs, layer blobs and OCI layout are cached between invocations.
+    #[arg(long, default_value = "/var/cache/streamsnap-bench")]
+    pub cache_dir: PathBuf,
+    /// Data layer blobs up to this size (GiB) stay cached; larger ones are written per run.
+    #[arg(long, default_value_t = 1)]
+    pub keep_data_gib: u64,
+    /// Keep the registry's storage in a tmpfs (RAM) instead of on disk: the disk then only has
+    /// to hold containerd's copy of the image, so larger data layers fit.
+    #[arg(long)]
+    pub registry_tmpfs: bool,
+    /// Skip the sequential read and stat figures.
+    #[arg(long)]
+    pub skip_fs: bool,
+    /// Write the results as JSON here (for bench/plot.py).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Replace the realistic start-up section of this Markdown file (docs/benchmarks.md).
+    #[arg(long)]
+    pub doc: Option<PathBuf>,
+    /// The command line shown in the Markdown section.
+    #[arg(long, default_value = "sudo bash bench/run.sh")]
+    pub command: String,
+    /// The plot the Markdown section links to, relative to the Markdown file.
+    #[arg(long)]
+    pub plot: Option<String>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    require_root_tools(&[
+        "docker-registry",
+        "skopeo",
+        "containerd",
+        "ctr",
+        "ctr-remote",
+        "runc",
+    ])?;
+    let streamsnap = workspace_bin("streamsnap")?;
+    workspace_bin("streamsnap-snapshotterd")?;
+    ensure!(args.runs >= 1, "--runs must be at least 1");
+    let shape = LinkShape::mbit(args.mbit, args.rtt_ms);
+    let started = Instant::now();
+
+    let cache = ImageCache::new(&args.cache_dir)?;
+    let build = Instant::now();
+    let mut software = cache.software_layers()?;
+    software.push(cache.app_layer()?);
+    eprintln!(
+        "software layers ready in {:.0} s",
+        build.elapsed().as_secs_f64()
+    );
+
+    let mut figures = Figures::new(&args, shape, software_summary(&software));
+    for (n, &gib) in args.sizes_gib.iter().enumerate() {
+        let point = match disk_shortfall(&args.cache_dir, &software, gib, args.registry_tmpfs)? {
+            Some(reason) => {
+                eprintln!("skipping the {gib} GiB point: {reason}");
+                SizePoint::skipped(gib, reason)
+            }
+            None => measure_size(&args, &cache, &software, gib, n == 0, &streamsnap, shape)?,
+        };
+        figures.points.push(point);
+        report::print_point(figures.points.last().expect("just pushed"));
+    }
+    figures.elapsed_s = started.elapsed().as_secs_f64();
+    report::print_series(&figures);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&figures)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.doc {
+        doc::write_doc(path, &figures)?;
+    }
+    println!("{}", report::headline(&figures)?);
+    Ok(())
+}
+
+fn software_summary(layers: &[LayerInfo]) -> Vec<(String, u64, u64, u64)> {
+    layers
+        .iter()
+        .map(|l| (l.name.clone(), l.size, l.tar_size, l.files))
+        .collect()
+}
+
+/// Why the machine cannot hold the point, if it cannot. At the peak (a full pull) the registry
+/// holds the image and its streaming form (in RAM with `tmpfs`), containerd the image
+/// compressed and unpacked; each about the data layer's size plus the software's.
+fn disk_shortfall(
+    cache_dir: &Path,
+    software: &[LayerInfo],
+    gib: u64,
+    tmpfs: bool,
+) -> anyhow::Result<Option<String>> {
+    let compressed: u64 = software.iter().map(|l| l.size).sum();
+    let unpacked: u64 = software.iter().map(|l| l.tar_size).sum();
+    let data = gib * GIB + gib * GIB / 32;
+    let registry = 2 * compressed + 2 * data;
+    let containerd = compressed + unpacked + 2 * data;
+    let (disk_need, ram_need) = if tmpfs {
+        (containerd + 3 * GIB / 2, registry + 4 * GIB)
+    } else {
+        (containerd + registry + GIB, 0)
+    };
+    let free = free_bytes(cache_dir)?.min(free_bytes(&std::env::temp_dir())?);
+    if free < disk_need {
+        return Ok(Some(format!(
+            "needs about {:.1} GB of free disk, {:.1} GB are free",
+            disk_need as f64 / 1e9,
+            free as f64 / 1e9
+        )));
+    }
+    let available = mem_available()?;
+    Ok((available < ram_need).then(|| {
+        format!(
+            "needs about {:.1} GB of available memory for the registry, {:.1} GB are available",
+            ram_need as f64 / 1e9,
+            available as f64 / 1e9
+        )
+    }))
+}
+
+fn mem_available() -> anyhow::Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .context("no MemAvailable in /proc/meminfo")
+}
+
+/// A tmpfs mounted on a dir; lazily unmounted on drop.
+#[derive(Debug)]
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, bytes: u64) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        streamsnap_e2e::run(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={bytes}"))
+                .arg("streamsnap-bench")
+                .arg(dir),
+        )?;
+        Ok(Self(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = streamsnap_e2e::sys::unmount_detach(&self.0);
+    }
+}
+
+fn free_bytes(path: &Path) -> anyhow::Result<u64> {
+    let output = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()
+        .context("running df")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .context("parsing df's output")
+}
+
+fn measure_size(
+    args: &Args,
+    cache: &ImageCache,
+    software: &[LayerInfo],
+    gib: u64,
+    first: bool,
+    streamsnap: &Path,
+    shape: LinkShape,
+) -> anyhow::Result<SizePoint> {
+    let prepare = Instant::now();
+    let data = cache.data_layer(gib * GIB)?;
+    let tag = format!("data-{gib}g");
+    let mut layers = software.to_vec();
+    layers.push(data.clone());
+    let image = cache.tag_image(&tag, layers)?;
+
+    let registry = Registry::start()?;
+    // Unmounted (lazily: the registry still runs) before the registry is dropped, which then
+    // removes the empty dir.
+    let storage = if args.registry_tmpfs {
+        Some(Tmpfs::mount(
+            &registry.dir().join("storage"),
+            2 * image.compressed_bytes() + GIB,
+        )?)
+    } else {
+        None
+    };
+    let direct = format!("{}/bench/ml:{tag}", registry.addr());
+    skopeo_push(&cache.layout(), &tag, &direct)?;
+    if gib > args.keep_data_gib {
+        cache.forget(&data);
+    }
+    let convert = Instant::now();
+    streamsnap_e2e::run(Command::new(streamsnap).args([
+        "artifact-streaming",
+        "create",
+        "--image",
+        &direct,
+    ]))?;
+    let convert_s = convert.elapsed().as_secs_f64();
+    let proxy = ShapingProxy::start(&registry.addr(), shape)?;
+    let reference = format!("{}/bench/ml:{tag}", proxy.addr());
+    eprintln!(
+        "{gib} GiB point: image {:.2} GB compressed, {:.2} GB unpacked, {} entries; pushed and \
+         converted in {:.0} s (conversion {convert_s:.0} s)",
+        image.compressed_bytes() as f64 / 1e9,
+        image.unpacked_bytes() as f64 / 1e9,
+        image.files(),
+        prepare.elapsed().as_secs_f64()
+    );
+    let calibration = if first {
+        Some(calibrate(&proxy, &image)?)
+    } else {
+        None
+    };
+
+    let mut point = SizePoint::new(gib, &image);
+    point.calibration = calibration;
+    for round in 0..args.runs {
+        let wall = Instant::now();
+        let (overlay, containerd) = overlay_run(&proxy, &reference, &format!("o{gib}-{round}"))?;
+        eprintln!(
+            "  round {round}: overlayfs {:.2} s (with setup {:.0} s)",
+            overlay.ready_s,
+            secs(wall.elapsed())
+        );
+        point.overlay.push(overlay);
+        if round == 0 {
+            point.trace = Some(trace(&containerd, &reference, !args.skip_fs)?);
+            if first && !args.skip_fs {
+                point.fs.overlay = Some(fsbench::overlay_side(&containerd, &reference)?);
+            }
+        }
+        let teardown = Instant::now();
+        drop(containerd);
+        eprintln!(
+            "  round {round}: overlayfs teardown {:.0} s",
+            secs(teardown.elapsed())
+        );
+        let seed = tempfile::Builder::new()
+            .prefix("ss-seed-")
+            .tempdir_in("/tmp")?;
+        let cold = streamsnap_run(
+            &proxy,
+            &reference,
+            &format!("c{gib}-{round}"),
+            None,
+            seed.path(),
+        )?;
+        eprintln!(
+            "  round {round}: streamsnap cold {:.2} s ({:.1} MB fetched)",
+            cold.ready_s,
+            cold.bytes as f64 / 1e6
+        );
+        point.cold.push(cold);
+        let warm = streamsnap_run(
+            &proxy,
+            &reference,
+            &format!("w{gib}-{round}"),
+            Some(seed.path()),
+            seed.path(),
+        )?;
+        eprintln!("  round {round}: streamsnap warm {:.2} s", warm.ready_s);
+        point.warm.push(warm);
+    }
+    if first && !args.skip_fs {
+        point.fs.streamsnap = Some(fsbench::streamsnap_side(&reference, &image)?);
+    }
+    point.derive(shape);
+    point.elapsed_s = prepare.elapsed().as_secs_f64();
+    eprintln!("{gib} GiB point took {:.0} s", point.elapsed_s);
+    drop(proxy);
+    drop(storage);
+    drop(registry);
+    Ok(point)
+}
+
+/// Checks the link: a request on a new connection, and a 64 MiB range of a layer blob.
+fn calibrate(proxy: &ShapingProxy, image: &BuiltImage) -> anyhow::Result<Calibration> {
+    let mut trips = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let r = streamsnap_e2e::http::get(&proxy.addr(), "/v2/", &[])?;
+        ensure!(r.status == 200, "GET /v2/ through the proxy: {}", r.status);
+        trips.push(t.elapsed().as_secs_f64());
+    }
+    trips.sort_by(f64::total_cmp);
+    let blob = image.layers.last().context("no layers")?;
+    let len = 64u64 << 20;
+    let t = Instant::now();
+    let r = streamsnap_e2e::http::get(
+        &proxy.addr(),
+        &format!("/v2/bench/ml/blobs/{}", blob.digest),
+        &[("Range", &format!("bytes=0-{}", len - 1))],
+    )?;
+    let took = t.elapsed().as_secs_f64();
+    ensure!(
+        r.body.len() as u64 == len,
+        "range read through the proxy got {} bytes",
+        r.body.len()
+    );
+    Ok(Calibration {
+        new_connection_request_s: trips[trips.len() / 2],
+        bulk_mbit: len as f64 * 8.0 / 1e6 / took,
+    })
+}
+
+/// On a containerd that pulled the image on overlayfs: with `from_disk`, the start-up on a
+/// dropped page cache (and its page-cache footprint afterwards); then on a hot page cache (the
+/// local floor). Dropping the caches first writes back the unpacked image, which takes long:
+/// the quick configuration leaves it out.
+fn trace(containerd: &Containerd, reference: &str, from_disk: bool) -> anyhow::Result<Trace> {
+    let (mut cold_local_s, mut footprint) = (f64::NAN, runner::Residency::default());
+    if from_disk {
+        drop_caches()?;
+        let t = Instant::now();
+        let ready = run_until_ready(containerd, reference, "overlayfs", "trace-cold", WORKLOAD)?;
+        cold_local_s = ready.duration_since(t).as_secs_f64();
+        let snapshots = containerd
+            .root()
+            .join("io.containerd.snapshotter.v1.overlayfs/snapshots");
+        footprint = residency(&[&snapshots])?;
+    }
+    let mut hot = Vec::new();
+    for i in 0..HOT_RUNS {
+        let t = Instant::now();
+        let ready = run_until_ready(
+            containerd,
+            reference,
+            "overlayfs",
+            &format!("trace-hot{i}"),
+            WORKLOAD,
+        )?;
+        hot.push(ready.duration_since(t).as_secs_f64());
+    }
+    let trace = Trace {
+        footprint_bytes: footprint.bytes,
+        footprint_files: footprint.files,
+        cold_local_s,
+        hot_local_s: hot,
+        critical_round_trips: CRITICAL_ROUND_TRIPS,
+    };
+    eprintln!(
+        "  local start-up: {:.2} s from disk, {:.2} s from memory; page-cache footprint {:.1} MB \
+         in {} files",
+        cold_local_s,
+        report::median(&trace.hot_local_s),
+        trace.footprint_bytes as f64 / 1e6,
+        trace.footprint_files,
+    );
+    Ok(trace)
+}
+
+/// A full pull and the start-up; also returns the containerd (with the image pulled).
+fn overlay_run(
+    proxy: &ShapingProxy,
+    reference: &str,
+    id: &str,
+) -> anyhow::Result<(RunSample, Containerd)> {
+    let containerd = Containerd::start(ContainerdOptions::default())?;
+    let before = proxy.downstream_bytes();
+    let requests = proxy.responses();
+    let t0 = Instant::now();
+    pull(&containerd, reference, "overlayfs", true)?;
+    let pulled = t0.elapsed();
+    let ready = run_until_ready(&containerd, reference, "overlayfs", id, WORKLOAD)?;
+    let mut sample = RunSample::timed(t0, pulled, ready);
+    sample.bytes = proxy.downstream_bytes() - before;
+    sample.requests = proxy.responses() - requests;
+    sample.containerd_rss = peak_rss(containerd.pid()).unwrap_or(0);
+    Ok((sample, containerd))
+}
+
+/// A streamsnap run with a fresh daemon; with `seed`, its chunk cache starts as a hard-linked
+/// copy of that dir. Afterwards the chunk cache is hard-linked into `keep`.
+fn streamsnap_run(
+    proxy: &ShapingProxy,
+    reference: &str,
+    id: &str,
+    seed: Option<&Path>,
+    keep: &Path,
+) -> anyhow::Result<RunSample> {
+    let options = SnapshotterdOptions {
+        cache_max_bytes: CACHE_MAX_BYTES,
+        cache_memory_bytes: CACHE_MEMORY_BYTES,
+        ..SnapshotterdOptions::default()
+    }
+    .with_metrics();
+    let setup = Instant::now();
+    let mut daemon = Snapshotterd::start(options)?;
+    if let Some(seed) = seed {
+        // The cache is read when the daemon starts: stop it, fill the cache, start it again.
+        daemon.kill9()?;
+        copy_tree_linked(seed, &daemon.cache_dir())?;
+        daemon.restart()?;
+    }
+    let containerd = Containerd::start(
+        ContainerdOptions::default().with_proxy_snapshotter("streamsnap", daemon.socket()),
+    )?;
+    let metrics = daemon
+        .metrics_address()
+        .context("metrics are on")?
+        .to_owned();
+    let before = proxy.downstream_bytes();
+    let requests = proxy.responses();
+    proxy.take_requests();
+    proxy.set_request_log(true);
+    let t0 = Instant::now();
+    rpull(&containerd, reference, "streamsnap", true)?;
+    let pulled = t0.elapsed();
+    let ready = run_until_ready(&containerd, reference, "streamsnap", id, WORKLOAD)?;
+    proxy.set_request_log(false);
+    let mut sample = RunSample::timed(t0, pulled, ready);
+    sample.access = Some(access::AccessTrace::of(&proxy.take_requests()));
+    sample.bytes = proxy.downstream_bytes() - before;
+    sample.requests = proxy.responses() - requests;
+    sample.daemon_rss = Some(peak_rss(daemon.pid())?);
+    sample.containerd_rss = peak_rss(containerd.pid()).unwrap_or(0);
+    sample.daemon = Some(report::DaemonFigures::from_scrape(&Scrape::fetch(
+        &metrics,
+    )?));
+    let teardown = Instant::now();
+    drop(containerd);
+    if seed.is_none() {
+        copy_tree_linked(&daemon.cache_dir(), keep)?;
+    }
+    drop(daemon);
+    eprintln!(
+        "  {id}: setup {:.1} s, teardown {:.1} s",
+        secs(t0.duration_since(setup)),
+        secs(teardown.elapsed())
+    );
+    Ok(sample)
+}
+
+/// `cp -al FROM/. TO/`: the same files under another dir (same file system).
+fn copy_tree_linked(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    streamsnap_e2e::run(
+        Command::new("cp")
+            .arg("-al")
+            .arg(format!("{}/.", from.display()))
+            .arg(format!("{}/", to.display())),
+    )?;
+    Ok(())
+}
+
+/// Seconds of a duration, for the figures.
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
