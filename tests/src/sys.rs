@@ -229,7 +229,15 @@ mod tests {
             .unwrap();
         let pid = i32::try_from(child.id()).unwrap();
         let me = i32::try_from(std::process::id()).unwrap();
-        let found = processes_mentioning("sleep 30.123456");
+        // Between fork and exec the child still shows this test's command line: poll.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let found = loop {
+            let found = processes_mentioning("sleep 30.123456");
+            if !found.is_empty() || Instant::now() > deadline {
+                break found;
+            }
+            thread::sleep(POLL);
+        };
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].ppid, me);
         assert!(with_descendants(&[me]).contains(&pid));
