@@ -49,6 +49,10 @@ pub struct FetchSection {
     /// Fetches of a chunk whose bytes fail verification (a corrupt or cut body) before the read
     /// fails with EIO.
     pub verify_attempts: u32,
+    /// After a read that had to go to the network, fetch this many compressed bytes of the
+    /// chunks that follow it in the background (0: off). Readers moving forward through a layer
+    /// (imports, sequential reads) then find their next chunks cached.
+    pub readahead_bytes: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -147,6 +151,7 @@ impl Default for FetchSection {
             timeout_seconds: 30,
             retries: 3,
             verify_attempts: 5,
+            readahead_bytes: 4 << 20,
         }
     }
 }

@@ -171,7 +171,8 @@ fn build_remote(
         mirrors,
         background,
         metrics.clone(),
-    );
+    )
+    .with_readahead(config.fetch.readahead_bytes);
     if config.fuse.holder {
         let socket = config
             .fuse

@@ -149,75 +149,16 @@ impl Drop for OnDemandRead {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicU64;
+    use streamsnap_cache::CacheConfig;
 
-    use bytes::Bytes;
-    use streamsnap_cache::{BoxFuture, CacheConfig, SourceError};
-    use streamsnap_format::{Digest, api, compress_chunk};
-
+    use super::super::fake::layer;
     use super::*;
-
-    /// A data blob in memory that counts range requests.
-    struct Blob {
-        data: Vec<u8>,
-        requests: AtomicU64,
-    }
-
-    impl BlobSource for Blob {
-        fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
-            self.requests.fetch_add(1, Ordering::SeqCst);
-            let slice =
-                Bytes::copy_from_slice(&self.data[offset as usize..(offset + len) as usize]);
-            Box::pin(async move { Ok(slice) })
-        }
-        fn describe(&self) -> String {
-            "memory".into()
-        }
-    }
-
-    fn layer(chunks: usize) -> (Arc<Toc>, Arc<Blob>) {
-        let mut data = Vec::new();
-        let mut table = Vec::new();
-        for i in 0..chunks {
-            let content = vec![i as u8; 4096];
-            let frame = compress_chunk(&content, 1).unwrap();
-            table.push(api::Chunk {
-                offset: data.len() as u64,
-                compressed_size: frame.len() as u32,
-                size: content.len() as u32,
-                sha256: Digest::sha256(&content).as_bytes().to_vec(),
-            });
-            data.extend_from_slice(&frame);
-        }
-        let d = Digest::sha256(b"x").to_string();
-        let toc = api::Toc {
-            version: 1,
-            layer_digest: d.clone(),
-            diff_id: d,
-            data_digest: Digest::sha256(&data).to_string(),
-            data_size: data.len() as u64,
-            max_chunk_size: 4096,
-            chunks: table,
-            entries: vec![api::Entry {
-                r#type: api::EntryType::Directory as i32,
-                mode: 0o755,
-                ..Default::default()
-            }],
-        };
-        (
-            Arc::new(Toc::from_raw(toc).unwrap()),
-            Arc::new(Blob {
-                data,
-                requests: AtomicU64::new(0),
-            }),
-        )
-    }
 
     #[tokio::test]
     async fn background_fetch_waits_for_on_demand_reads_then_fetches_everything() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(ChunkCache::open(CacheConfig::new(dir.path(), 1 << 30)).unwrap());
-        let (toc, blob) = layer(10);
+        let (toc, blob) = layer(10, 4096, false);
         let background = Background::new(BackgroundConfig {
             enabled: true,
             batch_bytes: 1,
@@ -258,7 +199,7 @@ mod tests {
     async fn background_fetch_stops_when_the_layer_is_unmounted_and_is_off_when_disabled() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(ChunkCache::open(CacheConfig::new(dir.path(), 1 << 30)).unwrap());
-        let (toc, blob) = layer(10);
+        let (toc, blob) = layer(10, 4096, false);
         let metrics = Metrics::new().unwrap();
         let off = Background::new(BackgroundConfig {
             enabled: false,

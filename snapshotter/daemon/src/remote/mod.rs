@@ -6,6 +6,8 @@
 
 mod artifact;
 mod background;
+#[cfg(test)]
+mod fake;
 mod labels;
 mod source;
 
@@ -97,6 +99,8 @@ pub struct RemoteLayers {
     metrics: Metrics,
     /// Keeps a descriptor of every FUSE connection so mounts outlive this process.
     holder: Option<HolderClient>,
+    /// Compressed bytes fetched ahead after a read that missed the cache.
+    readahead_bytes: u64,
 }
 
 impl std::fmt::Debug for RemoteLayers {
@@ -127,7 +131,15 @@ impl RemoteLayers {
             fallback_logged: Mutex::new(HashMap::new()),
             metrics,
             holder: None,
+            readahead_bytes: 0,
         }
+    }
+
+    /// After a read that had to go to the network, fetch up to `bytes` (compressed) of the
+    /// chunks that follow in the background.
+    pub fn with_readahead(mut self, bytes: u64) -> Self {
+        self.readahead_bytes = bytes;
+        self
     }
 
     /// Hands every new FUSE connection to `holder` too, so the mounts outlive this process.
@@ -282,6 +294,7 @@ impl RemoteLayers {
             blob.clone(),
             toc.clone(),
             self.background.on_demand.clone(),
+            self.readahead_bytes,
         ));
         let layer = LayerFs::new(toc.clone(), reader, FsOptions::default()).map_err(|e| {
             RemoteError::Fs {

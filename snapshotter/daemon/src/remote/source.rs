@@ -1,8 +1,8 @@
 //! The seams between the pieces: the registry as the cache's `BlobSource`, the cache as the
 //! filesystem's `ChunkReader`.
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use streamsnap_cache::{BlobSource, BoxFuture, ChunkCache, ChunkRef, SourceError};
@@ -72,13 +72,60 @@ impl BlobSource for RegistryBlob {
     }
 }
 
-/// A layer's chunks, through the shared chunk cache.
+/// A layer's chunks, through the shared chunk cache, with read-ahead for readers that move
+/// forward through the layer (an import, `cat` of a large file): once two reads in a row are
+/// sequential in chunk order, the chunks that follow are fetched in the background, in a
+/// window that starts at [`FIRST_WINDOW`] and doubles with every further sequential read up to
+/// `readahead_bytes` (compressed). Random reads (a container starting) reset the window and
+/// fetch nothing extra, so lazy start-up still moves only the bytes it reads.
 pub struct CacheReader {
     cache: Arc<ChunkCache>,
     source: Arc<dyn BlobSource>,
     toc: Arc<Toc>,
     /// On-demand reads in flight, which background fetch yields to.
     on_demand: Arc<AtomicUsize>,
+    readahead_bytes: u64,
+    pattern: Mutex<Pattern>,
+    /// One read-ahead at a time per layer.
+    reading_ahead: Arc<AtomicBool>,
+}
+
+/// The smallest read-ahead window, in compressed bytes.
+pub const FIRST_WINDOW: u64 = 256 << 10;
+
+/// What the last read of a layer looked like.
+#[derive(Debug, Default)]
+struct Pattern {
+    /// The last chunk of the previous read.
+    last: Option<u32>,
+    /// The current read-ahead window in compressed bytes; 0 until reads are sequential.
+    window: u64,
+}
+
+impl Pattern {
+    /// Records a read of chunks `first..=last` and returns the window to fetch after `last`
+    /// (0: none). A read is sequential when it starts in the chunk the previous one ended in
+    /// or the one after it.
+    fn record(&mut self, first: u32, last: u32, max: u64) -> u64 {
+        let sequential = self
+            .last
+            .is_some_and(|prev| first == prev || first == prev.saturating_add(1));
+        let advanced = self.last != Some(last);
+        self.last = Some(last);
+        if !sequential {
+            self.window = 0;
+            return 0;
+        }
+        if advanced {
+            self.window = if self.window == 0 {
+                FIRST_WINDOW
+            } else {
+                self.window.saturating_mul(2)
+            }
+            .min(max);
+        }
+        self.window
+    }
 }
 
 impl CacheReader {
@@ -87,13 +134,71 @@ impl CacheReader {
         source: Arc<dyn BlobSource>,
         toc: Arc<Toc>,
         on_demand: Arc<AtomicUsize>,
+        readahead_bytes: u64,
     ) -> Self {
         Self {
             cache,
             source,
             toc,
             on_demand,
+            readahead_bytes,
+            pattern: Mutex::default(),
+            reading_ahead: Arc::default(),
         }
+    }
+
+    /// The chunks after `last` in blob order, up to `window` compressed bytes, that are not
+    /// cached yet.
+    fn ahead_of(&self, last: u32, window: u64) -> Vec<ChunkRef> {
+        let mut ahead = Vec::new();
+        let mut bytes = 0u64;
+        for chunk in self.toc.chunks().iter().skip(last as usize + 1) {
+            bytes += u64::from(chunk.compressed_size);
+            if bytes > window && !ahead.is_empty() {
+                break;
+            }
+            let chunk = ChunkRef::from_toc(chunk);
+            if !self.cache.contains(&chunk.digest) {
+                ahead.push(chunk);
+            }
+            if bytes >= window {
+                break;
+            }
+        }
+        ahead
+    }
+
+    /// Notes a read of chunks `first..=last` and, when the reads are sequential, starts
+    /// fetching what follows unless a read-ahead of this layer still runs. Runs inside the
+    /// runtime (it spawns).
+    fn read_ahead(&self, first: u32, last: u32) {
+        if self.readahead_bytes == 0 {
+            return;
+        }
+        let window = self
+            .pattern
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record(first, last, self.readahead_bytes);
+        if window == 0 || self.reading_ahead.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let ahead = self.ahead_of(last, window);
+        if ahead.is_empty() {
+            self.reading_ahead.store(false, Ordering::Release);
+            return;
+        }
+        let (cache, source, flag) = (
+            self.cache.clone(),
+            self.source.clone(),
+            self.reading_ahead.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(error) = cache.get(&source, &ahead).await {
+                tracing::debug!(blob = source.describe(), %error, "read-ahead failed");
+            }
+            flag.store(false, Ordering::Release);
+        });
     }
 }
 
@@ -103,12 +208,130 @@ impl ChunkReader for CacheReader {
             .iter()
             .map(|&i| ChunkRef::from_toc(&self.toc.chunks()[i as usize]))
             .collect();
+        let span = chunks.first().copied().zip(chunks.last().copied());
         Box::pin(async move {
             let _reading = OnDemandRead::begin(&self.on_demand);
+            if let Some((first, last)) = span {
+                self.read_ahead(first, last);
+            }
             self.cache.get(&self.source, &refs).await.map_err(|error| {
                 tracing::debug!(blob = self.source.describe(), %error, "chunk read failed");
                 ReadError::new(error.to_string())
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use streamsnap_cache::CacheConfig;
+
+    use super::super::fake::{Blob, layer};
+    use super::*;
+
+    #[test]
+    fn only_sequential_reads_open_a_window_and_it_doubles_up_to_the_cap() {
+        let mut p = Pattern::default();
+        assert_eq!(p.record(5, 5, 1 << 20), 0, "a first read is not sequential");
+        assert_eq!(p.record(6, 6, 1 << 20), FIRST_WINDOW);
+        assert_eq!(
+            p.record(6, 6, 1 << 20),
+            FIRST_WINDOW,
+            "same chunk again keeps it"
+        );
+        assert_eq!(p.record(7, 8, 1 << 20), 2 * FIRST_WINDOW);
+        assert_eq!(p.record(8, 9, 1 << 20), 1 << 20, "4x is capped");
+        assert_eq!(p.record(3, 3, 1 << 20), 0, "a jump back resets");
+        assert_eq!(p.record(9, 9, 1 << 20), 0, "a jump forward resets");
+        assert_eq!(p.record(10, 10, 1 << 20), FIRST_WINDOW);
+    }
+
+    struct Rig {
+        reader: CacheReader,
+        cache: Arc<ChunkCache>,
+        toc: Arc<Toc>,
+        blob: Arc<Blob>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn rig(readahead_bytes: u64) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(CacheConfig::new(dir.path(), 1 << 30)).unwrap());
+        let (toc, blob) = layer(40, 4096, true);
+        let source: Arc<dyn BlobSource> = blob.clone();
+        let reader = CacheReader::new(
+            cache.clone(),
+            source,
+            toc.clone(),
+            Arc::default(),
+            readahead_bytes,
+        );
+        Rig {
+            reader,
+            cache,
+            toc,
+            blob,
+            _dir: dir,
+        }
+    }
+
+    impl Rig {
+        fn cached(&self) -> Vec<usize> {
+            (0..self.toc.chunks().len())
+                .filter(|&i| {
+                    self.cache
+                        .contains(&ChunkRef::from_toc(&self.toc.chunks()[i]).digest)
+                })
+                .collect()
+        }
+
+        async fn settle(&self) {
+            for _ in 0..200 {
+                if !self.reader.reading_ahead.load(Ordering::Acquire) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            panic!("the read-ahead never finished");
+        }
+    }
+
+    #[tokio::test]
+    async fn random_reads_fetch_only_what_they_read() {
+        let rig = rig(1 << 20);
+        for chunk in [5, 1, 20, 9, 30] {
+            rig.reader.read_chunks(&[chunk]).await.unwrap();
+            rig.settle().await;
+        }
+        assert_eq!(rig.cached(), vec![1, 5, 9, 20, 30]);
+        assert_eq!(rig.blob.requests.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn sequential_reads_fetch_the_window_ahead_in_one_request() {
+        // Frames of random 4 KiB are a little over 4 KiB: a 16 KiB window holds three.
+        let rig = rig(16 << 10);
+        rig.reader.read_chunks(&[0]).await.unwrap();
+        rig.reader.read_chunks(&[1]).await.unwrap();
+        rig.settle().await;
+        assert_eq!(rig.cached(), vec![0, 1, 2, 3, 4]);
+        assert_eq!(rig.blob.requests.load(Ordering::SeqCst), 3);
+        // Reading on finds them cached and pushes the window further.
+        rig.reader.read_chunks(&[2, 3]).await.unwrap();
+        rig.settle().await;
+        assert_eq!(rig.cached(), (0..=6).collect::<Vec<_>>());
+        assert_eq!(rig.blob.requests.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn no_read_ahead_when_it_is_off() {
+        let rig = rig(0);
+        for chunk in 0..6 {
+            rig.reader.read_chunks(&[chunk]).await.unwrap();
+        }
+        assert_eq!(rig.cached(), (0..6).collect::<Vec<_>>());
+        assert_eq!(rig.blob.requests.load(Ordering::SeqCst), 6);
     }
 }
