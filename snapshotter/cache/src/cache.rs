@@ -172,6 +172,11 @@ impl ChunkCache {
         lock(&self.inner.memory).contains(digest) || lock(&self.inner.index).contains(digest)
     }
 
+    /// Whether the chunk is decoded in memory, where a read finds it without disk I/O.
+    pub fn in_memory(&self, digest: &Digest) -> bool {
+        lock(&self.inner.memory).contains(digest)
+    }
+
     pub fn usage(&self) -> Usage {
         let (disk_bytes, disk_chunks) = {
             let index = lock(&self.inner.index);

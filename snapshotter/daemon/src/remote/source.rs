@@ -147,8 +147,8 @@ impl CacheReader {
         }
     }
 
-    /// The chunks after `last` in blob order, up to `window` compressed bytes, that are not
-    /// cached yet.
+    /// The chunks after `last` in blob order, up to `window` compressed bytes, that are not in
+    /// memory yet: those on disk are loaded (and verified) ahead too, in parallel.
     fn ahead_of(&self, last: u32, window: u64) -> Vec<ChunkRef> {
         let mut ahead = Vec::new();
         let mut bytes = 0u64;
@@ -158,7 +158,7 @@ impl CacheReader {
                 break;
             }
             let chunk = ChunkRef::from_toc(chunk);
-            if !self.cache.contains(&chunk.digest) {
+            if !self.cache.in_memory(&chunk.digest) {
                 ahead.push(chunk);
             }
             if bytes >= window {
@@ -323,6 +323,39 @@ mod tests {
         rig.settle().await;
         assert_eq!(rig.cached(), (0..=6).collect::<Vec<_>>());
         assert_eq!(rig.blob.requests.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn sequential_reads_load_the_window_ahead_from_disk_into_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (toc, blob) = layer(40, 4096, true);
+        let source: Arc<dyn BlobSource> = blob.clone();
+        let refs: Vec<ChunkRef> = toc.chunks().iter().map(ChunkRef::from_toc).collect();
+        // A first cache puts every chunk on disk; a second one over the same directory starts
+        // with an empty memory, as after a restart.
+        {
+            let cache = ChunkCache::open(CacheConfig::new(dir.path(), 1 << 30)).unwrap();
+            cache.get(&source, &refs).await.unwrap();
+        }
+        let cache = Arc::new(ChunkCache::open(CacheConfig::new(dir.path(), 1 << 30)).unwrap());
+        let reader = CacheReader::new(cache.clone(), source, toc.clone(), Arc::default(), 16 << 10);
+        reader.read_chunks(&[0]).await.unwrap();
+        reader.read_chunks(&[1]).await.unwrap();
+        for _ in 0..200 {
+            if !reader.reading_ahead.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let in_memory: Vec<usize> = (0..refs.len())
+            .filter(|&i| cache.in_memory(&refs[i].digest))
+            .collect();
+        assert_eq!(in_memory, vec![0, 1, 2, 3, 4]);
+        assert_eq!(
+            blob.requests.load(Ordering::SeqCst),
+            1,
+            "only the first cache fetched"
+        );
     }
 
     #[tokio::test]
