@@ -7,6 +7,7 @@
 #                                     # are skipped), 5 runs each; writes docs/benchmarks.md and
 #                                     # docs/benchmark-startup.png
 #   sudo bash bench/run.sh --quick    # the 1 GiB point, 3 runs each, no file-system figures
+#   sudo SIZES=1,2,4 bash bench/run.sh   # another growth series (GiB, comma-separated)
 #
 # More arguments go to `streamsnap-bench realistic` (see its --help), e.g. --mbit 500 --rtt-ms 10.
 # The rootfs (debootstrap + apt + pip), the layer blobs and a venv with matplotlib are cached
@@ -16,6 +17,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CACHE_DIR=${CACHE_DIR:-/var/cache/streamsnap-bench}
+SIZES=${SIZES:-1,2,4,8}
+command="sudo bash bench/run.sh"
+[ "$SIZES" = 1,2,4,8 ] || command="sudo SIZES=$SIZES bash bench/run.sh"
 quick=0
 if [ "${1:-}" = --quick ]; then
     quick=1
@@ -49,11 +53,11 @@ if [ "$quick" = 1 ]; then
         --cache-dir "$CACHE_DIR" --json "$CACHE_DIR/results/quick-$stamp.json" "$@" \
         | tee "$CACHE_DIR/results/quick-$stamp.txt"
 else
-    log "benchmark: growth series, 5 runs of each contender"
-    ./target/release/streamsnap-bench realistic --runs 5 --sizes-gib 1,2,4,8 --registry-tmpfs \
+    log "benchmark: growth series ($SIZES GiB), 5 runs of each contender"
+    ./target/release/streamsnap-bench realistic --runs 5 --sizes-gib "$SIZES" --registry-tmpfs \
         --cache-dir "$CACHE_DIR" --json "$CACHE_DIR/results/full-$stamp.json" \
         --doc docs/benchmarks.md --plot benchmark-startup.png \
-        --command "sudo bash bench/run.sh" "$@" | tee "$CACHE_DIR/results/full-$stamp.txt"
+        --command "$command" "$@" | tee "$CACHE_DIR/results/full-$stamp.txt"
     log "plotting"
     if [ ! -x "$CACHE_DIR/venv/bin/python" ]; then
         python3 -m venv "$CACHE_DIR/venv" >&2
