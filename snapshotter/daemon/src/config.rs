@@ -70,6 +70,8 @@ pub struct FuseSection {
     pub holder_socket: Option<PathBuf>,
     /// Seconds a graceful stop (SIGTERM) waits for requests in flight before handing over.
     pub handover_timeout_seconds: u64,
+    /// The kernel's readahead on each layer mount, in bytes (0: the kernel's 128 KiB).
+    pub readahead_bytes: u64,
 }
 
 /// Fetching the rest of a layer after it is mounted, so later reads are local.
@@ -164,6 +166,7 @@ impl Default for FuseSection {
             holder: true,
             holder_socket: None,
             handover_timeout_seconds: 10,
+            readahead_bytes: streamsnap_fs::DEFAULT_READAHEAD_BYTES,
         }
     }
 }

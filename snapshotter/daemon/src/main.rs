@@ -155,6 +155,7 @@ fn build_remote(
         streamsnap_fs::MountOptions {
             threads: config.fuse.threads,
             ttl: Duration::from_secs(config.fuse.attr_timeout_seconds),
+            readahead_bytes: config.fuse.readahead_bytes,
             metrics: Some(Arc::new(fs_metrics)),
             ..Default::default()
         },

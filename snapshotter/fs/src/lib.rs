@@ -38,7 +38,10 @@ pub use fuse::FuseLayer;
 pub use handover::{HandoverReport, handover};
 pub use layer::{Attr, DirEntry, FileKind, FsOptions, LayerFs, ROOT_INO, StatFs};
 pub use metrics::Metrics;
-pub use mount::{MountOptions, MountedLayer, force_unmount, is_stale_mount, mount, serve};
+pub use mount::{
+    DEFAULT_READAHEAD_BYTES, MountOptions, MountedLayer, force_unmount, is_stale_mount, mount,
+    readahead, serve, set_readahead,
+};
 pub use nix::errno::Errno;
 
 /// A boxed future, as returned by [`ChunkReader::read_chunks`] (keeps the trait object-safe).

@@ -408,6 +408,23 @@ fn dropping_the_mount_unmounts_it() {
     assert!(mount_entry(&root).is_none());
 }
 
+#[test]
+fn the_mount_gets_the_kernel_readahead_it_asks_for() {
+    if !fuse_available() {
+        return;
+    }
+    let rt = runtime();
+    let (toc, reader) = sample();
+    let m = Mounted::new(toc, reader, rt.handle().clone());
+    // The INIT answer alone leaves FUSE at the kernel's offer (128 KiB).
+    assert_eq!(
+        streamsnap_fs::readahead(&m.path()).unwrap(),
+        streamsnap_fs::DEFAULT_READAHEAD_BYTES
+    );
+    streamsnap_fs::set_readahead(&m.path(), 512 << 10).unwrap();
+    assert_eq!(streamsnap_fs::readahead(&m.path()).unwrap(), 512 << 10);
+}
+
 const CHILD_ENV: &str = "STREAMSNAP_FS_TEST_CHILD_MOUNT";
 
 /// Not a test on its own: run as a child process by the stale mount test, it mounts a layer
