@@ -134,8 +134,9 @@ fn markdown(f: &Figures) -> String {
             let _ = writeln!(
                 m,
                 "\nPhysical limit **{:.2} s** = max(network floor {:.2} s, local floor {:.2} s). \
-                 Network floor: the {} the cold start-up read through FUSE (the access trace: \
-                 `streamsnap_fuse_read_bytes_total`, median over the cold runs) at {:.0} Mbit/s \
+                 Network floor: the {} the start-up read through FUSE (the access trace: \
+                 `streamsnap_fuse_read_bytes_total` in a cold run with the kernel's readahead \
+                 off, so only the pages the start-up touched) at {:.0} Mbit/s \
                  plus {} round trips (connect, manifest, referrers, artifact, TOCs, data). Local \
                  floor: the same start-up with the image local and in the page cache ({} s); from \
                  local disk with a dropped page cache it takes {:.2} s. The full pull cannot beat \

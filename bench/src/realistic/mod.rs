@@ -291,7 +291,9 @@ fn measure_size(
         );
         point.overlay.push(overlay);
         if round == 0 {
-            point.trace = Some(trace(&containerd, &reference, !args.skip_fs)?);
+            let mut trace = trace(&containerd, &reference, !args.skip_fs)?;
+            trace.read_bytes = Some(access_trace_bytes(&proxy, &reference, gib)?);
+            point.trace = Some(trace);
             if first && !args.skip_fs {
                 point.fs.overlay = Some(fsbench::overlay_side(&containerd, &reference)?);
             }
@@ -404,6 +406,7 @@ fn trace(containerd: &Containerd, reference: &str, from_disk: bool) -> anyhow::R
         cold_local_s,
         hot_local_s: hot,
         critical_round_trips: CRITICAL_ROUND_TRIPS,
+        read_bytes: None,
     };
     eprintln!(
         "  local start-up: {:.2} s from disk, {:.2} s from memory; page-cache footprint {:.1} MB \
@@ -436,6 +439,32 @@ fn overlay_run(
     Ok((sample, containerd))
 }
 
+/// The bytes the start-up reads through FUSE when the kernel reads only the pages asked for: a
+/// cold streamsnap run (untimed) with `[fuse] readahead_bytes = 0`.
+fn access_trace_bytes(proxy: &ShapingProxy, reference: &str, gib: u64) -> anyhow::Result<u64> {
+    let scratch = tempfile::Builder::new()
+        .prefix("ss-trace-")
+        .tempdir_in("/tmp")?;
+    let run = streamsnap_run_with(
+        proxy,
+        reference,
+        &format!("t{gib}"),
+        None,
+        scratch.path(),
+        "[fuse]\nreadahead_bytes = 0\n",
+    )?;
+    let bytes = run
+        .daemon
+        .as_ref()
+        .map(|d| d.fuse_read_bytes as u64)
+        .context("the trace run has no daemon figures")?;
+    eprintln!(
+        "  access trace: the start-up read {:.1} MB through FUSE with the kernel's readahead off",
+        bytes as f64 / 1e6
+    );
+    Ok(bytes)
+}
+
 /// A streamsnap run with a fresh daemon; with `seed`, its chunk cache starts as a hard-linked
 /// copy of that dir. Afterwards the chunk cache is hard-linked into `keep`.
 fn streamsnap_run(
@@ -445,9 +474,22 @@ fn streamsnap_run(
     seed: Option<&Path>,
     keep: &Path,
 ) -> anyhow::Result<RunSample> {
+    streamsnap_run_with(proxy, reference, id, seed, keep, "")
+}
+
+/// [`streamsnap_run`] with more daemon config (TOML sections).
+fn streamsnap_run_with(
+    proxy: &ShapingProxy,
+    reference: &str,
+    id: &str,
+    seed: Option<&Path>,
+    keep: &Path,
+    extra_config: &str,
+) -> anyhow::Result<RunSample> {
     let options = SnapshotterdOptions {
         cache_max_bytes: CACHE_MAX_BYTES,
         cache_memory_bytes: CACHE_MEMORY_BYTES,
+        extra_config: extra_config.to_owned(),
         ..SnapshotterdOptions::default()
     }
     .with_metrics();

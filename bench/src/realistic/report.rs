@@ -91,7 +91,10 @@ impl SizePoint {
     /// Fills [`Self::limit`] from the runs and the trace.
     pub fn derive(&mut self, shape: LinkShape) {
         let Some(trace) = &self.trace else { return };
-        let read_bytes = daemon_field(&self.cold, |d| d.fuse_read_bytes);
+        let read_bytes = trace.read_bytes.map_or_else(
+            || daemon_field(&self.cold, |d| d.fuse_read_bytes),
+            |b| b as f64,
+        );
         if !read_bytes.is_finite() {
             return;
         }
@@ -115,7 +118,8 @@ impl SizePoint {
 /// The physical limit of time to ready, and what it is made of.
 #[derive(Debug, Serialize)]
 pub struct Limit {
-    /// What the cold start-up read through FUSE (median over the cold runs).
+    /// What the start-up read through FUSE: from the trace run with the kernel's readahead off
+    /// (older results: the median over the cold runs, readahead included).
     pub read_bytes: u64,
     /// `read_bytes` at the link's bandwidth, plus the round trips on the critical path.
     pub network_s: f64,
@@ -148,6 +152,9 @@ pub struct Trace {
     /// Time to ready with the image local and in the page cache.
     pub hot_local_s: Vec<f64>,
     pub critical_round_trips: u32,
+    /// Bytes the start-up read through FUSE in a streamsnap run with the kernel's readahead
+    /// off (only the pages asked for): the access trace the network floor counts.
+    pub read_bytes: Option<u64>,
 }
 
 /// One timed run of a contender.
@@ -432,8 +439,8 @@ pub fn print_point(point: &SizePoint) {
             String::new()
         };
         println!(
-            "physical limit {:.2} s = max(network floor {:.2} s: the {} the cold start-up read \
-             through FUSE at the link's rate + {} round trips; local floor {:.2} s: the same \
+            "physical limit {:.2} s = max(network floor {:.2} s: the {} the start-up read \
+             through FUSE (kernel readahead off) at the link's rate + {} round trips; local floor {:.2} s: the same \
              start-up with the image local and in memory).{from_disk} Full pull floor: {:.2} s.",
             l.limit_s,
             l.network_s,

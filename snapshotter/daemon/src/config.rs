@@ -70,7 +70,7 @@ pub struct FuseSection {
     pub holder_socket: Option<PathBuf>,
     /// Seconds a graceful stop (SIGTERM) waits for requests in flight before handing over.
     pub handover_timeout_seconds: u64,
-    /// The kernel's readahead on each layer mount, in bytes (0: the kernel's 128 KiB).
+    /// The kernel's readahead on each layer mount, in bytes (0: none, only the pages asked for).
     pub readahead_bytes: u64,
 }
 

@@ -33,7 +33,8 @@ pub struct MountOptions {
     pub ttl: Duration,
     /// The kernel's readahead for the mount in bytes: how far ahead of a sequential reader it
     /// asks for pages, in parallel requests of up to 1 MiB. FUSE mounts otherwise get the 128 KiB
-    /// the kernel offers at INIT, one request at a time. 0 keeps the kernel's choice.
+    /// the kernel offers at INIT, one request at a time. 0: none, the kernel reads only the
+    /// pages asked for (what an access trace wants).
     pub readahead_bytes: u64,
     /// Where the mounted layer counts its requests, their latency and errors, and bytes read;
     /// share one among all the mounts. `None`: handles registered nowhere (see
@@ -135,9 +136,7 @@ pub fn serve(
     }
     replace_fd(connection.fd.as_raw_fd(), session_fd)?;
     let session = session.spawn()?;
-    if options.readahead_bytes > 0
-        && let Err(error) = set_readahead(mountpoint, options.readahead_bytes)
-    {
+    if let Err(error) = set_readahead(mountpoint, options.readahead_bytes) {
         // Only slower sequential reads: keep serving.
         tracing::warn!(
             mountpoint = %mountpoint.display(), %error,

@@ -423,6 +423,8 @@ fn the_mount_gets_the_kernel_readahead_it_asks_for() {
     );
     streamsnap_fs::set_readahead(&m.path(), 512 << 10).unwrap();
     assert_eq!(streamsnap_fs::readahead(&m.path()).unwrap(), 512 << 10);
+    streamsnap_fs::set_readahead(&m.path(), 0).unwrap();
+    assert_eq!(streamsnap_fs::readahead(&m.path()).unwrap(), 0);
 }
 
 const CHILD_ENV: &str = "STREAMSNAP_FS_TEST_CHILD_MOUNT";
