@@ -11,8 +11,8 @@ use streamsnap_e2e::container::{pull, rpull, run_container};
 use streamsnap_e2e::demo_image::{DemoShape, demo_image};
 use streamsnap_e2e::image::OciLayout;
 use streamsnap_e2e::{
-    Containerd, ContainerdOptions, CountingProxy, Registry, Snapshotterd, SnapshotterdOptions,
-    require_root_tools, skopeo_push, workspace_bin,
+    Containerd, ContainerdOptions, CountingProxy, Registry, STREAMING_NODE_TOOLS, Snapshotterd,
+    SnapshotterdOptions, require_root_tools, skopeo_push, workspace_bin,
 };
 
 use crate::stats::Summary;
@@ -36,15 +36,7 @@ const WORKLOAD: &str = "cat /app/config/settings.ini /app/lib/pkg000/*.py /app/l
     /app/lib/pkg002/*.py > /dev/null && head -c 16777216 /app/models/weights-0.bin > /dev/null && echo ready";
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    require_root_tools(&[
-        "docker-registry",
-        "skopeo",
-        "containerd",
-        "ctr",
-        "ctr-remote",
-        "runc",
-        "busybox",
-    ])?;
+    require_root_tools(&[STREAMING_NODE_TOOLS, &["busybox"]].concat())?;
     let streamsnap = workspace_bin("streamsnap")?;
     workspace_bin("streamsnap-snapshotterd")?;
     let runs = args.runs.max(1);

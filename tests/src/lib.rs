@@ -73,6 +73,16 @@ pub fn debian_package(program: &str) -> Option<&'static str> {
     })
 }
 
+/// What a streaming node needs on the host: a registry, image tools, containerd and runc.
+pub const STREAMING_NODE_TOOLS: &[&str] = &[
+    "docker-registry",
+    "skopeo",
+    "containerd",
+    "ctr",
+    "ctr-remote",
+    "runc",
+];
+
 /// Checks that every program is on `PATH`; the error names each missing one and the Debian
 /// package to install.
 pub fn require_root_tools(programs: &[&str]) -> anyhow::Result<()> {

@@ -16,14 +16,6 @@ use crate::{
     TarGen, http, require_root_tools, skopeo_push, workspace_bin,
 };
 
-const TOOLS: &[&str] = &[
-    "docker-registry",
-    "skopeo",
-    "containerd",
-    "ctr",
-    "ctr-remote",
-    "runc",
-];
 /// Data files in the test image: incompressible, several chunks each.
 pub const FILES: usize = 8;
 pub const FILE_SIZE: usize = 3 << 20;
@@ -43,7 +35,7 @@ pub struct StreamingNode {
 
 impl StreamingNode {
     pub fn start(options: SnapshotterdOptions) -> anyhow::Result<Self> {
-        require_root_tools(TOOLS)?;
+        require_root_tools(crate::STREAMING_NODE_TOOLS)?;
         // With background fetch on, the daemon fetches whole layers right after mounting them.
         let background = options.extra_config.contains("[background_fetch]");
         let registry = Registry::start()?;

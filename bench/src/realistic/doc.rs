@@ -5,7 +5,8 @@ use std::path::Path;
 use anyhow::Context;
 
 use super::report::{
-    Figures, access_summary, contenders, daemon_field, field, fs_rows, max, mb, median, min, ready,
+    Figures, access_summary, contender_rows, daemon_field, field, fs_rows, max, mb, median, min,
+    ready,
 };
 
 const DOC_BEGIN: &str = "<!-- BEGIN realistic-startup: written by `streamsnap-bench realistic --doc`, do not edit by hand -->";
@@ -94,8 +95,6 @@ fn markdown(f: &Figures) -> String {
         if !p.measured() {
             continue;
         }
-        let limit = p.limit_s();
-        let o = median(&ready(&p.overlay));
         let _ = writeln!(
             m,
             "### Data layer {} GiB (image {:.2} GB compressed, {:.2} GB unpacked)\n",
@@ -107,27 +106,19 @@ fn markdown(f: &Figures) -> String {
             m,
             "| contender | time to ready, median | min .. max | pull | fetched | daemon peak RSS | speedup vs full pull | ratio to the physical limit |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
         );
-        for (label, samples) in contenders(p) {
-            let r = ready(samples);
-            let rss = samples
-                .iter()
-                .filter_map(|s| s.daemon_rss)
-                .map(|b| b as f64)
-                .collect::<Vec<_>>();
+        for row in contender_rows(p) {
             let _ = writeln!(
                 m,
-                "| {label} | {:.2} s | {} | {:.2} s | {} | {} | {:.1}x | {:.2}x |",
-                median(&r),
-                range(&r),
-                field(samples, |s| s.pull_s),
-                mb(field(samples, |s| s.bytes as f64)),
-                if rss.is_empty() {
-                    "-".into()
-                } else {
-                    mb(median(&rss))
-                },
-                o / median(&r),
-                median(&r) / limit
+                "| {} | {:.2} s | {:.2} .. {:.2} | {:.2} s | {} | {} | {:.1}x | {:.2}x |",
+                row.label,
+                row.ready_median_s,
+                row.ready_min_s,
+                row.ready_max_s,
+                row.pull_s,
+                row.fetched,
+                row.daemon_rss,
+                row.speedup,
+                row.vs_limit
             );
         }
         if let (Some(t), Some(l)) = (&p.trace, &p.limit) {

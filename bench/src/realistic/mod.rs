@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use streamsnap_e2e::container::{pull, rpull};
 use streamsnap_e2e::{
-    Containerd, ContainerdOptions, LinkShape, Registry, ShapingProxy, Snapshotterd,
-    SnapshotterdOptions, require_root_tools, skopeo_push, workspace_bin,
+    Containerd, ContainerdOptions, LinkShape, Registry, STREAMING_NODE_TOOLS, ShapingProxy,
+    Snapshotterd, SnapshotterdOptions, require_root_tools, skopeo_push, workspace_bin,
 };
 
 use self::image::{BuiltImage, ImageCache, LayerInfo, WORKLOAD};
@@ -84,14 +84,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    require_root_tools(&[
-        "docker-registry",
-        "skopeo",
-        "containerd",
-        "ctr",
-        "ctr-remote",
-        "runc",
-    ])?;
+    require_root_tools(STREAMING_NODE_TOOLS)?;
     let streamsnap = workspace_bin("streamsnap")?;
     workspace_bin("streamsnap-snapshotterd")?;
     ensure!(args.runs >= 1, "--runs must be at least 1");

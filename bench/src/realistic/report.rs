@@ -368,6 +368,55 @@ pub(super) fn contenders(point: &SizePoint) -> [(&'static str, &[RunSample]); 3]
     ]
 }
 
+/// One contender's figures at a size point, as both the stdout table and the doc show them.
+pub(super) struct ContenderRow {
+    pub label: &'static str,
+    pub ready_median_s: f64,
+    pub ready_min_s: f64,
+    pub ready_max_s: f64,
+    pub pull_s: f64,
+    /// Bytes from the registry, formatted.
+    pub fetched: String,
+    /// The daemon's peak RSS, formatted; `-` without a daemon.
+    pub daemon_rss: String,
+    /// Full pull's median time to ready over this one's.
+    pub speedup: f64,
+    /// This one's median over the physical limit (NaN when there is none).
+    pub vs_limit: f64,
+}
+
+/// The three contender rows of `point`.
+pub(super) fn contender_rows(point: &SizePoint) -> Vec<ContenderRow> {
+    let limit = point.limit_s();
+    let overlay_median = median(&ready(&point.overlay));
+    contenders(point)
+        .into_iter()
+        .map(|(label, samples)| {
+            let r = ready(samples);
+            let rss: Vec<f64> = samples
+                .iter()
+                .filter_map(|s| s.daemon_rss)
+                .map(|b| b as f64)
+                .collect();
+            ContenderRow {
+                label,
+                ready_median_s: median(&r),
+                ready_min_s: min(&r),
+                ready_max_s: max(&r),
+                pull_s: field(samples, |s| s.pull_s),
+                fetched: mb(field(samples, |s| s.bytes as f64)),
+                daemon_rss: if rss.is_empty() {
+                    "-".to_owned()
+                } else {
+                    mb(median(&rss))
+                },
+                speedup: overlay_median / median(&r),
+                vs_limit: median(&r) / limit,
+            }
+        })
+        .collect()
+}
+
 /// The per-point figures on stdout.
 pub fn print_point(point: &SizePoint) {
     println!();
@@ -390,8 +439,6 @@ pub fn print_point(point: &SizePoint) {
             c.new_connection_request_s * 1e3
         );
     }
-    let limit = point.limit_s();
-    let overlay_median = median(&ready(&point.overlay));
     println!(
         "{:<28} {:>8} {:>17} {:>8} {:>11} {:>10} {:>9} {:>9}",
         "contender",
@@ -403,27 +450,18 @@ pub fn print_point(point: &SizePoint) {
         "vs full",
         "vs limit"
     );
-    for (label, samples) in contenders(point) {
-        let r = ready(samples);
-        let rss = samples
-            .iter()
-            .filter_map(|s| s.daemon_rss)
-            .map(|b| b as f64)
-            .collect::<Vec<_>>();
+    for row in contender_rows(point) {
         println!(
-            "{label:<28} {:>6.2} s [{:>5.2} .. {:>5.2}] {:>6.2} s {:>11} {:>10} {:>8.1}x {:>8.2}x",
-            median(&r),
-            min(&r),
-            max(&r),
-            field(samples, |s| s.pull_s),
-            mb(field(samples, |s| s.bytes as f64)),
-            if rss.is_empty() {
-                "-".to_owned()
-            } else {
-                mb(median(&rss))
-            },
-            overlay_median / median(&r),
-            median(&r) / limit,
+            "{:<28} {:>6.2} s [{:>5.2} .. {:>5.2}] {:>6.2} s {:>11} {:>10} {:>8.1}x {:>8.2}x",
+            row.label,
+            row.ready_median_s,
+            row.ready_min_s,
+            row.ready_max_s,
+            row.pull_s,
+            row.fetched,
+            row.daemon_rss,
+            row.speedup,
+            row.vs_limit,
         );
     }
     if let (Some(trace), Some(l)) = (&point.trace, &point.limit) {
