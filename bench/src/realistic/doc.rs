@@ -80,7 +80,8 @@ fn markdown(f: &Figures) -> String {
          ready runs from the start of the pull (`ctr images pull` for overlayfs, `ctr-remote \
          images rpull` for streamsnap) to the line `ready` on the container's stdout. Each run \
          has a fresh containerd and, for streamsnap, a fresh daemon (its documented defaults: \
-         10 GiB disk cache, 64 MiB memory cache, no background fetch); the warm run's daemon \
+         10 GiB disk cache, 64 MiB memory cache, no background fetch; plus 4 MiB of kernel \
+         readahead); the warm run's daemon \
          starts with the chunk cache the cold run before it left.\n"
     );
     for p in &f.points {

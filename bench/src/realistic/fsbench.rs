@@ -31,6 +31,7 @@ pub fn streamsnap_side(reference: &str, image: &BuiltImage) -> anyhow::Result<Fs
     let daemon = Snapshotterd::start(SnapshotterdOptions {
         cache_max_bytes: CACHE_MAX_BYTES,
         cache_memory_bytes: CACHE_MEMORY_BYTES,
+        extra_config: super::KERNEL_READAHEAD.to_owned(),
         ..SnapshotterdOptions::default()
     })?;
     let containerd = Containerd::start(

@@ -467,8 +467,11 @@ fn streamsnap_run(
     seed: Option<&Path>,
     keep: &Path,
 ) -> anyhow::Result<RunSample> {
-    streamsnap_run_with(proxy, reference, id, seed, keep, "")
+    streamsnap_run_with(proxy, reference, id, seed, keep, KERNEL_READAHEAD)
 }
+
+/// The daemon config of the measured runs: the 4 MiB kernel readahead for sequential readers.
+pub(crate) const KERNEL_READAHEAD: &str = "[fuse]\nreadahead_bytes = 4194304\n";
 
 /// [`streamsnap_run`] with more daemon config (TOML sections).
 fn streamsnap_run_with(

@@ -70,7 +70,8 @@ pub struct FuseSection {
     pub holder_socket: Option<PathBuf>,
     /// Seconds a graceful stop (SIGTERM) waits for requests in flight before handing over.
     pub handover_timeout_seconds: u64,
-    /// The kernel's readahead on each layer mount, in bytes (0: none, only the pages asked for).
+    /// The kernel's readahead on each layer mount, in bytes (0: none, only the pages asked for;
+    /// larger: faster sequential reads, longer waits during a registry outage).
     pub readahead_bytes: u64,
 }
 
