@@ -172,6 +172,11 @@ impl ChunkCache {
         lock(&self.inner.memory).contains(digest) || lock(&self.inner.index).contains(digest)
     }
 
+    /// The byte cap of the chunk files on disk.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.inner.config.capacity_bytes
+    }
+
     /// Whether the chunk is decoded in memory, where a read finds it without disk I/O.
     pub fn in_memory(&self, digest: &Digest) -> bool {
         lock(&self.inner.memory).contains(digest)

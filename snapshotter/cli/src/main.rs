@@ -7,6 +7,7 @@ mod list_referrers;
 mod node;
 mod operation;
 mod output;
+mod profile;
 mod pull;
 mod registry_args;
 mod remote;
@@ -64,6 +65,10 @@ enum ArtifactStreaming {
     /// Convert a linux/amd64 image into a streaming artifact and push it as an OCI referrer
     /// (with --server: start a conversion operation on the service and wait for it).
     Create(create::Args),
+    /// Attach a start-up profile (recorded by a node, see /debug/profile) to an image with a
+    /// streaming artifact: nodes then fetch the chunks its start-up reads as soon as they mount
+    /// it, in a few large requests.
+    Profile(profile::Args),
     /// Set a repository's streaming state: Active repositories convert newly pushed images.
     Update(streaming::UpdateArgs),
     /// Show repository streaming states and operation counts.
@@ -109,6 +114,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::ArtifactStreaming(ArtifactStreamingArgs { server, verb }) => match verb {
                 ArtifactStreaming::Create(args) => create::run(args, &server).await,
+                ArtifactStreaming::Profile(args) => profile::run(args, &server).await,
                 ArtifactStreaming::Update(args) => streaming::update(args, &server).await,
                 ArtifactStreaming::Show(args) => streaming::show(args, &server).await,
                 ArtifactStreaming::Operation(Operation::Show(args)) => {

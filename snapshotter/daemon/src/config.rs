@@ -53,6 +53,10 @@ pub struct FetchSection {
     /// chunks that follow it in the background (0: off). Readers moving forward through a layer
     /// (imports, sequential reads) then find their next chunks cached.
     pub readahead_bytes: u64,
+    /// When an image has a start-up profile (`streamsnap artifact-streaming profile`), fetch
+    /// the chunks it lists as soon as each layer is mounted, in a few large requests, up to half
+    /// the cache's capacity.
+    pub prefetch_profile: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -155,6 +159,7 @@ impl Default for FetchSection {
             retries: 3,
             verify_attempts: 5,
             readahead_bytes: 4 << 20,
+            prefetch_profile: true,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! `/metrics` (Prometheus text) and `/healthz` on the metrics address.
+//! `/metrics` (Prometheus text), `/healthz` and `/debug/profile` (the chunks the mounted
+//! layers' first reads touched, as a start-up profile in JSON) on the metrics address.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -50,6 +51,10 @@ pub async fn serve(
     }))
 }
 
+fn json_text(json: Vec<u8>) -> String {
+    String::from_utf8(json).expect("serde_json writes UTF-8")
+}
+
 fn answer(endpoints: &Endpoints, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, content_type: &'static str, body: String| {
         let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -87,10 +92,25 @@ fn answer(endpoints: &Endpoints, request: &Request<Incoming>) -> Response<Full<B
                 )
             }
         }
+        "/debug/profile" => match &endpoints.snapshotter.remote {
+            Some(remote) => match remote.profile().encode() {
+                Ok(json) => reply(StatusCode::OK, "application/json", json_text(json)),
+                Err(error) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("{error}\n"),
+                ),
+            },
+            None => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "remote snapshots are off on this node: no profile\n".into(),
+            ),
+        },
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics or /healthz\n".into(),
+            "not found: try /metrics, /healthz or /debug/profile\n".into(),
         ),
     }
 }

@@ -173,7 +173,8 @@ fn build_remote(
         background,
         metrics.clone(),
     )
-    .with_readahead(config.fetch.readahead_bytes);
+    .with_readahead(config.fetch.readahead_bytes)
+    .with_prefetch(config.fetch.prefetch_profile);
     if config.fuse.holder {
         let socket = config
             .fuse

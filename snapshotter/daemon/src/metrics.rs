@@ -41,6 +41,10 @@ pub struct Metrics {
     /// Compressed bytes fetched by background fetch, and layers it completed.
     pub background_bytes: IntCounter,
     pub background_layers: IntCounter,
+    /// Compressed bytes fetched ahead of the reads because an image's start-up profile lists
+    /// them, and layers whose profile prefetch started.
+    pub prefetch_bytes: IntCounter,
+    pub prefetch_layers: IntCounter,
     /// Takeovers of the FUSE connections from the holder, by how the previous daemon ended
     /// (graceful: it handed over; crash: it died), and mounts done afresh instead.
     pub handovers: IntCounterVec,
@@ -107,6 +111,14 @@ impl Metrics {
             "streamsnap_snapshotter_background_fetch_layers_total",
             "Layers whose every chunk background fetch brought into the cache",
         )?;
+        let prefetch_bytes = IntCounter::new(
+            "streamsnap_snapshotter_prefetch_bytes_total",
+            "Compressed bytes fetched ahead of the reads because the image's start-up profile lists them",
+        )?;
+        let prefetch_layers = IntCounter::new(
+            "streamsnap_snapshotter_prefetch_layers_total",
+            "Layer mounts that started prefetching the chunks of a start-up profile",
+        )?;
         let handovers = IntCounterVec::new(
             Opts::new(
                 "streamsnap_snapshotter_handovers_total",
@@ -154,6 +166,8 @@ impl Metrics {
         registry.register(Box::new(rpc_errors.clone()))?;
         registry.register(Box::new(background_bytes.clone()))?;
         registry.register(Box::new(background_layers.clone()))?;
+        registry.register(Box::new(prefetch_bytes.clone()))?;
+        registry.register(Box::new(prefetch_layers.clone()))?;
         Ok(Self {
             registry,
             snapshots,
@@ -165,6 +179,8 @@ impl Metrics {
             rpc_errors,
             background_bytes,
             background_layers,
+            prefetch_bytes,
+            prefetch_layers,
             handovers,
             fuse_resends,
             fuse_resend_supported,

@@ -39,6 +39,9 @@ pub enum Error {
     #[error("toc: {0}")]
     InvalidToc(String),
 
+    #[error("start-up profile: {0}")]
+    InvalidProfile(String),
+
     #[error("toc entry {path:?}: {reason}")]
     InvalidEntry { path: String, reason: String },
 

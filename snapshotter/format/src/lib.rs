@@ -12,10 +12,12 @@ mod error;
 pub mod media;
 pub mod oci;
 mod path;
+mod profile;
 mod toc;
 
 pub use chunk::{MAX_CHUNK_SIZE, compress_chunk, decode_chunk, max_compressed_size};
 pub use digest::{Digest, DigestHasher};
 pub use error::{Error, Result};
 pub use path::{normalize_tar_path, validate_path};
+pub use profile::{LayerProfile, MAX_PROFILE_BLOB, PROFILE_VERSION, Profile};
 pub use toc::{FORMAT_VERSION, MAX_TOC_DECODED_SIZE, Piece, Toc, encode_toc, tar_name};

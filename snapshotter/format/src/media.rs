@@ -7,6 +7,11 @@ pub const TOC: &str = "application/vnd.streamsnap.toc.v1.protobuf+zstd";
 /// A streaming layer's data blob: independently zstd-compressed chunks, back to back.
 pub const CHUNKS: &str = "application/vnd.streamsnap.chunks.v1+zstd";
 
+/// `artifactType` of a start-up profile manifest (see [`Profile`](crate::Profile)).
+pub const PROFILE_ARTIFACT_TYPE: &str = "application/vnd.streamsnap.profile.v1";
+/// A start-up profile blob: JSON, [`Profile`](crate::Profile).
+pub const PROFILE: &str = "application/vnd.streamsnap.profile.v1+json";
+
 /// Manifest annotation: the format version the artifact was written in.
 pub const ANNOTATION_FORMAT_VERSION: &str = "io.streamsnap.format.version";
 /// Manifest annotation: digest of the image manifest the artifact was made from.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use streamsnap_format::oci::{
     Descriptor, ImageIndex, ImageManifest, PLATFORM_ARCHITECTURE, PLATFORM_OS,
 };
-use streamsnap_format::{Digest, FORMAT_VERSION, media};
+use streamsnap_format::{Digest, FORMAT_VERSION, MAX_PROFILE_BLOB, Profile, media};
 use streamsnap_registry::{Client, Reference, Repository};
 
 use super::{LayerRequest, RemoteError};
@@ -20,6 +20,8 @@ const FOUND_TTL: Duration = Duration::from_secs(600);
 const MISSING_TTL: Duration = Duration::from_secs(30);
 /// Largest artifact manifest accepted.
 const MAX_ENTRIES: usize = 4096;
+/// The annotation that orders start-up profiles: the newest is used.
+const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 
 /// A streaming artifact: for each original layer digest, its TOC and data descriptors.
 #[derive(Debug)]
@@ -27,9 +29,15 @@ pub struct Artifact {
     pub digest: Digest,
     pub repository: Repository,
     layers: HashMap<Digest, (Descriptor, Descriptor)>,
+    /// The image's newest start-up profile, if it has one that could be read.
+    profile: Option<Profile>,
 }
 
 impl Artifact {
+    pub fn profile(&self) -> Option<&Profile> {
+        self.profile.as_ref()
+    }
+
     pub fn layer(&self, layer: &Digest) -> Result<(&Descriptor, &Descriptor), RemoteError> {
         self.layers.get(layer).map(|(toc, data)| (toc, data)).ok_or(
             RemoteError::LayerNotInArtifact {
@@ -95,6 +103,7 @@ impl Artifact {
             digest,
             repository,
             layers,
+            profile: None,
         })
     }
 }
@@ -171,10 +180,7 @@ impl ArtifactCache {
         manifest: Digest,
         image: &str,
     ) -> Result<Arc<Artifact>, RemoteError> {
-        let referrers = self
-            .client
-            .referrers(repo, &manifest, Some(media::ARTIFACT_TYPE))
-            .await?;
+        let referrers = self.client.referrers(repo, &manifest, None).await?;
         let version = FORMAT_VERSION.to_string();
         let descriptor = referrers
             .manifests
@@ -190,9 +196,65 @@ impl ArtifactCache {
             .client
             .get_manifest(repo, &descriptor.digest.to_string())
             .await?;
-        let artifact = Artifact::parse(fetched.digest, repo.clone(), manifest, &fetched.bytes)?;
+        let mut artifact = Artifact::parse(fetched.digest, repo.clone(), manifest, &fetched.bytes)?;
+        let profile = referrers
+            .manifests
+            .iter()
+            .filter(|d| d.artifact_type.as_deref() == Some(media::PROFILE_ARTIFACT_TYPE))
+            .max_by(|a, b| {
+                a.annotations
+                    .get(ANNOTATION_CREATED)
+                    .cmp(&b.annotations.get(ANNOTATION_CREATED))
+            });
+        if let Some(descriptor) = profile {
+            // Only a hint: without it, reads fetch on demand.
+            match self.profile(repo, manifest, &descriptor.digest).await {
+                Ok(profile) => {
+                    tracing::debug!(image, profile = %descriptor.digest, chunks = profile.len(), "found start-up profile");
+                    artifact.profile = Some(profile);
+                }
+                Err(error) => {
+                    tracing::warn!(image, profile = %descriptor.digest, error = %crate::error::chain(&error), "ignoring the image's start-up profile")
+                }
+            }
+        }
         tracing::debug!(image, artifact = %artifact.digest, layers = artifact.layers.len(), "found streaming artifact");
         Ok(Arc::new(artifact))
+    }
+
+    /// Reads the profile manifest `digest` (a referrer of `subject`) and its blob.
+    async fn profile(
+        &self,
+        repo: &Repository,
+        subject: Digest,
+        digest: &Digest,
+    ) -> Result<Profile, RemoteError> {
+        let invalid = |reason: String| RemoteError::InvalidArtifact {
+            artifact: *digest,
+            reason,
+        };
+        let fetched = self.client.get_manifest(repo, &digest.to_string()).await?;
+        let manifest: ImageManifest =
+            serde_json::from_slice(&fetched.bytes).map_err(|e| invalid(e.to_string()))?;
+        if manifest.artifact_type.as_deref() != Some(media::PROFILE_ARTIFACT_TYPE)
+            || manifest.subject.as_ref().map(|s| s.digest) != Some(subject)
+        {
+            return Err(invalid(format!("not a start-up profile of {subject}")));
+        }
+        let [layer] = manifest.layers.as_slice() else {
+            return Err(invalid(format!(
+                "{} layers, expected 1",
+                manifest.layers.len()
+            )));
+        };
+        if layer.media_type != media::PROFILE {
+            return Err(invalid(format!("layer media type {}", layer.media_type)));
+        }
+        let blob = self
+            .client
+            .get_blob_bytes(repo, &layer.digest, MAX_PROFILE_BLOB)
+            .await?;
+        Profile::decode(&blob).map_err(|e| invalid(e.to_string()))
     }
 
     /// The linux/amd64 manifest digest a reference (tag or digest, image or index) names.

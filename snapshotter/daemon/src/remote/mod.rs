@@ -9,6 +9,7 @@ mod background;
 #[cfg(test)]
 mod fake;
 mod labels;
+mod profile;
 mod source;
 
 use std::collections::HashMap;
@@ -18,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use streamsnap_cache::ChunkCache;
-use streamsnap_format::{Digest, Toc};
+use streamsnap_format::{Digest, LayerProfile, Profile, Toc};
 use streamsnap_fs::{FsOptions, FuseConnection, LayerFs};
 use streamsnap_holder::HolderClient;
 use streamsnap_registry::{Client, Repository};
@@ -27,6 +28,7 @@ pub use self::artifact::{Artifact, ArtifactCache};
 use self::background::Background;
 pub use self::background::BackgroundConfig;
 pub use self::labels::{LayerRequest, TARGET_LABEL};
+use self::profile::AccessLog;
 use self::source::{CacheReader, RegistryBlob};
 use crate::metrics::Metrics;
 use crate::mounter::{MountedFs, Mounter};
@@ -80,10 +82,13 @@ pub enum RemoteError {
     },
 }
 
-/// A mounted layer and the switch that stops its background fetch.
+/// A mounted layer, the switch that stops its background fetch and prefetch, and what its
+/// first reads touched.
 struct MountEntry {
     fs: Box<dyn MountedFs>,
     stop: Arc<AtomicBool>,
+    layer: Digest,
+    log: Arc<AccessLog>,
 }
 
 pub struct RemoteLayers {
@@ -101,6 +106,8 @@ pub struct RemoteLayers {
     holder: Option<HolderClient>,
     /// Compressed bytes fetched ahead after a read that missed the cache.
     readahead_bytes: u64,
+    /// Fetch the chunks an image's start-up profile lists as soon as its layers mount.
+    prefetch: bool,
 }
 
 impl std::fmt::Debug for RemoteLayers {
@@ -132,7 +139,43 @@ impl RemoteLayers {
             metrics,
             holder: None,
             readahead_bytes: 0,
+            prefetch: false,
         }
+    }
+
+    /// When an image has a start-up profile, fetch the chunks it lists as soon as each layer
+    /// is mounted (up to half the cache's capacity), instead of one read at a time.
+    pub fn with_prefetch(mut self, enabled: bool) -> Self {
+        self.prefetch = enabled;
+        self
+    }
+
+    /// What the reads of every mounted layer touched within [`profile::RECORD_WINDOW`] of its
+    /// mount: a start-up profile of whatever ran on this node (layers mounted more than once
+    /// are listed once, in the order of their first mount).
+    pub fn profile(&self) -> Profile {
+        let mounts = self.mounts.lock().expect("mounts lock");
+        let mut entries: Vec<(&u64, &MountEntry)> = mounts.iter().collect();
+        entries.sort_by_key(|(id, _)| **id);
+        let mut layers: Vec<LayerProfile> = Vec::new();
+        for (_, entry) in entries {
+            let chunks = entry.log.chunks();
+            match layers.iter_mut().find(|l| l.layer == entry.layer) {
+                Some(listed) => {
+                    let known: std::collections::HashSet<u32> =
+                        listed.chunks.iter().copied().collect();
+                    listed
+                        .chunks
+                        .extend(chunks.into_iter().filter(|c| !known.contains(c)));
+                }
+                None => layers.push(LayerProfile {
+                    layer: entry.layer,
+                    chunks,
+                }),
+            }
+        }
+        layers.retain(|l| !l.chunks.is_empty());
+        Profile::new(layers)
     }
 
     /// After a read that had to go to the network, fetch up to `bytes` (compressed) of the
@@ -201,7 +244,11 @@ impl RemoteLayers {
             data_size: data_descriptor.size,
         };
         write_atomically(&dir.join("toc"), &blob)?;
-        self.mount_toc(id, dir, toc, &source, None)?;
+        let prefetch = match artifact.profile() {
+            Some(profile) if self.prefetch => profile.chunks(&request.layer_digest),
+            _ => &[],
+        };
+        self.mount_toc(id, dir, toc, &source, None, prefetch)?;
         Ok(source)
     }
 
@@ -240,7 +287,7 @@ impl RemoteLayers {
         if held.is_none() {
             crate::mounter::detach_all_under(&dir.join("fs"));
         }
-        self.mount_toc(id, dir, toc, source, held)?;
+        self.mount_toc(id, dir, toc, source, held, &[])?;
         if resend {
             self.resend(id);
         }
@@ -264,6 +311,7 @@ impl RemoteLayers {
         toc: Toc,
         source: &RemoteSource,
         held: Option<FuseConnection>,
+        prefetch: &[u32],
     ) -> Result<(), RemoteError> {
         let _span = tracing::info_span!("layer", id, digest = %source.layer_digest).entered();
         let fs_dir = dir.join("fs");
@@ -289,13 +337,17 @@ impl RemoteLayers {
             source.data_digest,
         ));
         let toc = Arc::new(toc);
-        let reader = Arc::new(CacheReader::new(
-            self.cache.clone(),
-            blob.clone(),
-            toc.clone(),
-            self.background.on_demand.clone(),
-            self.readahead_bytes,
-        ));
+        let log = Arc::new(AccessLog::new());
+        let reader = Arc::new(
+            CacheReader::new(
+                self.cache.clone(),
+                blob.clone(),
+                toc.clone(),
+                self.background.on_demand.clone(),
+                self.readahead_bytes,
+            )
+            .with_log(log.clone()),
+        );
         let layer = LayerFs::new(toc.clone(), reader, FsOptions::default()).map_err(|e| {
             RemoteError::Fs {
                 layer: source.layer_digest,
@@ -335,9 +387,28 @@ impl RemoteLayers {
             MountEntry {
                 fs: mounted,
                 stop: stop.clone(),
+                layer: source.layer_digest,
+                log,
             },
         );
         self.metrics.remote_mounts.inc();
+        if !prefetch.is_empty() {
+            let batches = profile::plan(&toc, prefetch, self.cache.capacity_bytes() / 2);
+            tracing::debug!(
+                chunks = prefetch.len(),
+                batches = batches.len(),
+                "prefetching the layer's chunks the start-up profile lists"
+            );
+            self.metrics.prefetch_layers.inc();
+            profile::start(
+                source.layer_digest.to_string(),
+                batches,
+                blob.clone(),
+                self.cache.clone(),
+                stop.clone(),
+                self.metrics.clone(),
+            );
+        }
         self.background
             .start(toc, blob, self.cache.clone(), stop, self.metrics.clone());
         Ok(())

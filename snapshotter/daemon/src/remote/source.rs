@@ -11,6 +11,7 @@ use streamsnap_fs::{ChunkReader, ReadError};
 use streamsnap_registry::{Client, Repository};
 
 use super::background::OnDemandRead;
+use super::profile::AccessLog;
 
 /// A data blob in a registry, read by range: from its mirrors first (in order), then from the
 /// registry itself. Every byte is verified by the cache, so a mirror can fail or lag, never lie.
@@ -88,6 +89,8 @@ pub struct CacheReader {
     pattern: Mutex<Pattern>,
     /// One read-ahead at a time per layer.
     reading_ahead: Arc<AtomicBool>,
+    /// The chunks the layer's first reads touched (for a start-up profile).
+    log: Arc<AccessLog>,
 }
 
 /// The smallest read-ahead window, in compressed bytes.
@@ -144,7 +147,14 @@ impl CacheReader {
             readahead_bytes,
             pattern: Mutex::default(),
             reading_ahead: Arc::default(),
+            log: Arc::default(),
         }
+    }
+
+    /// Records the chunks reads touch in `log` too.
+    pub fn with_log(mut self, log: Arc<AccessLog>) -> Self {
+        self.log = log;
+        self
     }
 
     /// The chunks after `last` in blob order, up to `window` compressed bytes, that are not in
@@ -209,6 +219,7 @@ impl ChunkReader for CacheReader {
             .map(|&i| ChunkRef::from_toc(&self.toc.chunks()[i as usize]))
             .collect();
         let span = chunks.first().copied().zip(chunks.last().copied());
+        self.log.record(chunks);
         Box::pin(async move {
             let _reading = OnDemandRead::begin(&self.on_demand);
             if let Some((first, last)) = span {

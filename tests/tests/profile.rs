@@ -1,0 +1,172 @@
+//! Start-up profiles end to end, against the real docker-registry, containerd, runc and FUSE: a
+//! node records what a container's start read, `streamsnap artifact-streaming profile` pushes
+//! it as a referrer, and a second node with an empty cache fetches exactly those chunks as soon
+//! as it mounts the layers, so the same start then runs with the registry gone.
+
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use streamsnap_e2e::container::{rpull, run_container};
+use streamsnap_e2e::streaming_node::{FILE_SIZE, FILES, StreamingNode, metric};
+use streamsnap_e2e::{Containerd, ContainerdOptions, Snapshotterd, SnapshotterdOptions, http};
+use streamsnap_format::Profile;
+
+#[test]
+fn a_pushed_profile_is_prefetched_so_the_start_runs_without_the_registry() -> anyhow::Result<()> {
+    let first = StreamingNode::start(SnapshotterdOptions::default().with_metrics())?;
+    let read = [&first.files[1], &first.files[5]];
+    let (a, b) = (read[0].0.as_str(), read[1].0.as_str());
+    first.check_digests("record", &[read[0].clone(), read[1].clone()])?;
+    ensure!(
+        metric(
+            &first.metrics()?,
+            "streamsnap_snapshotter_prefetch_layers_total",
+            &[]
+        ) == 0.0,
+        "the image had no profile yet, but the node prefetched"
+    );
+
+    // What the node saw: busybox's reads of the warm-up and this start, and the two files.
+    let address = first
+        .daemon
+        .metrics_address()
+        .context("no metrics address")?;
+    let response = http::get(address, "/debug/profile", &[])?;
+    ensure!(
+        response.status == 200,
+        "/debug/profile answered {}",
+        response.status
+    );
+    let profile = Profile::decode(&response.body)?;
+    let per_file = FILE_SIZE.div_ceil(1 << 20);
+    ensure!(
+        profile.len() >= 2 * per_file && profile.len() < FILES * per_file,
+        "the profile lists {} chunks; the start read {} chunks of data files:\n{profile:?}",
+        profile.len(),
+        2 * per_file
+    );
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), &response.body)?;
+    let direct = first
+        .image
+        .replace(&first.proxy.addr(), &first.registry.addr());
+    let out = streamsnap_e2e::run(
+        Command::new(streamsnap_e2e::workspace_bin("streamsnap")?).args([
+            "artifact-streaming",
+            "profile",
+            "--image",
+            &direct,
+            "--file",
+            file.path().to_str().context("temp path")?,
+        ]),
+    )?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    ensure!(said.contains("pushed start-up profile"), "{said}");
+
+    // A second node, empty cache: pulling mounts the layers, which starts the prefetch.
+    let daemon = Snapshotterd::start(SnapshotterdOptions::default().with_metrics())?;
+    let containerd = Containerd::start(
+        ContainerdOptions::default().with_proxy_snapshotter("streamsnap", daemon.socket()),
+    )?;
+    rpull(&containerd, &first.image, "streamsnap", true)?;
+    let address = daemon
+        .metrics_address()
+        .context("no metrics address")?
+        .to_owned();
+    let metrics = || -> anyhow::Result<String> {
+        Ok(String::from_utf8(
+            http::get(&address, "/metrics", &[])?.body,
+        )?)
+    };
+    // Wait until the prefetch has settled: its byte count stops growing.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = -1.0;
+    loop {
+        let text = metrics()?;
+        let bytes = metric(&text, "streamsnap_snapshotter_prefetch_bytes_total", &[]);
+        if bytes > 0.0 && bytes == last {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no prefetch within 60 s:\n{text}"
+        );
+        last = bytes;
+        thread::sleep(Duration::from_millis(500));
+    }
+    let text = metrics()?;
+    ensure!(
+        metric(&text, "streamsnap_snapshotter_prefetch_layers_total", &[]) >= 1.0,
+        "{text}"
+    );
+    // Only what the profile lists: the two files, not all eight.
+    ensure!(
+        last < (FILES * FILE_SIZE) as f64 / 2.0,
+        "prefetched {last} bytes: more than the start reads"
+    );
+
+    // The registry goes away; the same start reads every byte correctly from the cache.
+    first.proxy.set_refuse(true);
+    first.proxy.drop_connections();
+    let out = run_container(
+        &containerd,
+        &first.image,
+        "streamsnap",
+        "offline",
+        &["sha256sum", a, b],
+    )?;
+    for (path, digest) in read {
+        ensure!(
+            out.lines().any(|l| l == format!("{digest}  {path}")),
+            "{path}: wrong or missing with the registry gone:\n{out}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn profiles_for_missing_images_and_files_that_are_not_profiles_are_refused() -> anyhow::Result<()> {
+    let node = StreamingNode::start(SnapshotterdOptions::default().with_metrics())?;
+    let address = node
+        .daemon
+        .metrics_address()
+        .context("no metrics address")?;
+    let body = http::get(address, "/debug/profile", &[])?.body;
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), &body)?;
+    let missing = format!("{}/res/other:v1", node.registry.addr());
+    let output = Command::new(streamsnap_e2e::workspace_bin("streamsnap")?)
+        .args([
+            "artifact-streaming",
+            "profile",
+            "--image",
+            &missing,
+            "--file",
+        ])
+        .arg(file.path())
+        .output()?;
+    ensure!(
+        !output.status.success(),
+        "a profile for a missing image was pushed"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(stderr.contains("res/other:v1"), "{stderr}");
+    // A file that is not a profile is refused before anything is pushed.
+    std::fs::write(file.path(), b"{\"version\":1,\"layers\":[],\"chunks\":3}")?;
+    let output = Command::new(streamsnap_e2e::workspace_bin("streamsnap")?)
+        .args([
+            "artifact-streaming",
+            "profile",
+            "--image",
+            &node.image,
+            "--file",
+        ])
+        .arg(file.path())
+        .output()?;
+    ensure!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(stderr.contains("is not a profile"), "{stderr}");
+    Ok(())
+}
