@@ -30,8 +30,11 @@ def main(src, out):
     for key, label, style in [
         ("overlay", "overlayfs: full pull + run", "o-"),
         ("cold", "streamsnap, cold cache", "s-"),
+        ("profiled", "streamsnap, cold cache + start-up profile", "D-"),
         ("warm", "streamsnap, warm cache", "^-"),
     ]:
+        if not all(p.get(key) for p in points):
+            continue
         med = [statistics.median(ready(p[key])) for p in points]
         lo = [m - min(ready(p[key])) for m, p in zip(med, points)]
         hi = [max(ready(p[key])) - m for m, p in zip(med, points)]

@@ -66,6 +66,8 @@ pub struct SnapshotterdOptions {
     pub extra_config: String,
     /// Serve `/metrics` and `/healthz` on a free loopback port (see [`Snapshotterd::metrics_url`]).
     pub metrics: bool,
+    /// `[fetch] prefetch_profile`: fetch what an image's start-up profile lists on mount.
+    pub prefetch_profile: bool,
 }
 
 impl Default for SnapshotterdOptions {
@@ -77,6 +79,7 @@ impl Default for SnapshotterdOptions {
             plain_http: Vec::new(),
             extra_config: String::new(),
             metrics: false,
+            prefetch_profile: true,
         }
     }
 }
@@ -104,8 +107,11 @@ impl SnapshotterdOptions {
             .join(", ");
         let mut toml = format!(
             "[cache]\nmax_size_bytes = {}\nmemory_bytes = {}\n\n[fetch]\ndeadline_seconds = \
-             {}\n\n[registry]\nplain_http = [{plain_http}]\n",
-            self.cache_max_bytes, self.cache_memory_bytes, self.fetch_deadline_seconds
+             {}\nprefetch_profile = {}\n\n[registry]\nplain_http = [{plain_http}]\n",
+            self.cache_max_bytes,
+            self.cache_memory_bytes,
+            self.fetch_deadline_seconds,
+            self.prefetch_profile
         );
         if !self.extra_config.is_empty() {
             toml.push('\n');

@@ -5,8 +5,8 @@ use std::path::Path;
 use anyhow::Context;
 
 use super::report::{
-    Figures, access_summary, contender_rows, daemon_field, field, fs_rows, max, mb, median, min,
-    ready,
+    Figures, access_summary, contender_rows, daemon_field, field, fs_rows, headline_runs, max, mb,
+    median, min, ready,
 };
 
 const DOC_BEGIN: &str = "<!-- BEGIN realistic-startup: written by `streamsnap-bench realistic --doc`, do not edit by hand -->";
@@ -82,7 +82,13 @@ fn markdown(f: &Figures) -> String {
          has a fresh containerd and, for streamsnap, a fresh daemon (its documented defaults: \
          10 GiB disk cache, 64 MiB memory cache, no background fetch; plus 4 MiB of kernel \
          readahead); the warm run's daemon \
-         starts with the chunk cache the cold run before it left.\n"
+         starts with the chunk cache the cold run before it left. *Cold + profile* is a cold \
+         run (empty chunk cache) of an image that has a start-up profile: the untimed access-trace \
+         run recorded what the start-up read (the daemon's `/debug/profile`) and `streamsnap \
+         artifact-streaming profile` pushed it, so the daemon fetches those chunks as it mounts \
+         the layers (docs/snapshotter.md, *Start-up profiles*). *Cold* runs with the profile \
+         prefetch turned off, as for an image without a profile. The headline uses cold + \
+         profile.\n"
     );
     for p in &f.points {
         if let Some(reason) = &p.skipped {
@@ -210,27 +216,38 @@ fn markdown(f: &Figures) -> String {
     }
     let _ = writeln!(
         m,
-        "### Growth series\n\n| data layer | image (compressed) | full pull + run | streamsnap cold | streamsnap warm | physical limit | speedup (cold) | cold / limit | fetched (cold) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "### Growth series\n\nCold and cold + profile: speedup over the full pull, ratio to the \
+         physical limit and bytes fetched are given as `cold / cold + profile`.\n\n| data layer | \
+         image (compressed) | full pull + run | streamsnap cold | cold + profile | streamsnap warm | \
+         physical limit | speedup | vs limit | fetched |\n| --- | --- | --- | --- | --- | --- | --- \
+         | --- | --- | --- |"
     );
     for p in f.points.iter().filter(|p| p.measured()) {
         let o = ready(&p.overlay);
         let c = ready(&p.cold);
+        let h = ready(headline_runs(p));
         let w = ready(&p.warm);
         let l = p.limit_s();
         let _ = writeln!(
             m,
-            "| {} GiB | {:.2} GB | {:.2} s ({}) | {:.2} s ({}) | {:.2} s ({}) | {l:.2} s | {:.1}x | {:.2}x | {} |",
+            "| {} GiB | {:.2} GB | {:.2} s ({}) | {:.2} s ({}) | {:.2} s ({}) | {:.2} s ({}) | \
+             {l:.2} s | {:.1}x / {:.1}x | {:.2}x / {:.2}x | {} / {} |",
             p.data_gib,
             p.compressed_bytes as f64 / 1e9,
             median(&o),
             range(&o),
             median(&c),
             range(&c),
+            median(&h),
+            range(&h),
             median(&w),
             range(&w),
             median(&o) / median(&c),
+            median(&o) / median(&h),
             median(&c) / l,
-            mb(field(&p.cold, |s| s.bytes as f64))
+            median(&h) / l,
+            mb(field(&p.cold, |s| s.bytes as f64)),
+            mb(field(headline_runs(p), |s| s.bytes as f64))
         );
     }
     if let Some(plot) = &f.plot {

@@ -5,10 +5,12 @@
 //!
 //! Per data size: a fresh registry, the image pushed and converted, a link-shaping proxy in
 //! front of it; a trace round (full pull, then the start-up on a cold and a hot page cache, the
-//! bytes it brought into the page cache, warm file-system figures); then `runs` rounds of the
-//! three contenders one after another: overlayfs full pull + run, streamsnap with an empty chunk
-//! cache, streamsnap with the chunk cache the cold run left. Every run has a fresh containerd
-//! (and a fresh daemon): only the chunk cache carries over, and only into the warm run.
+//! bytes it brought into the page cache, warm file-system figures, and an untimed streamsnap run
+//! whose access trace is pushed as the image's start-up profile); then `runs` rounds of the
+//! four contenders one after another: overlayfs full pull + run, streamsnap with an empty chunk
+//! cache and no profile, streamsnap with an empty chunk cache and the profile, streamsnap with
+//! the chunk cache the cold run left. Every run has a fresh containerd (and a fresh daemon): only
+//! the chunk cache carries over, and only into the warm run.
 
 mod access;
 mod doc;
@@ -285,7 +287,7 @@ fn measure_size(
         point.overlay.push(overlay);
         if round == 0 {
             let mut trace = trace(&containerd, &reference, !args.skip_fs)?;
-            trace.read_bytes = Some(access_trace_bytes(&proxy, &reference, gib)?);
+            trace.read_bytes = Some(access_trace(&proxy, &reference, &direct, gib, streamsnap)?);
             point.trace = Some(trace);
             if first && !args.skip_fs {
                 point.fs.overlay = Some(fsbench::overlay_side(&containerd, &reference)?);
@@ -305,7 +307,8 @@ fn measure_size(
             &reference,
             &format!("c{gib}-{round}"),
             None,
-            seed.path(),
+            Some(seed.path()),
+            false,
         )?;
         eprintln!(
             "  round {round}: streamsnap cold {:.2} s ({:.1} MB fetched)",
@@ -313,12 +316,27 @@ fn measure_size(
             cold.bytes as f64 / 1e6
         );
         point.cold.push(cold);
+        let profiled = streamsnap_run(
+            &proxy,
+            &reference,
+            &format!("p{gib}-{round}"),
+            None,
+            None,
+            true,
+        )?;
+        eprintln!(
+            "  round {round}: streamsnap cold with the profile {:.2} s ({:.1} MB fetched)",
+            profiled.ready_s,
+            profiled.bytes as f64 / 1e6
+        );
+        point.profiled.push(profiled);
         let warm = streamsnap_run(
             &proxy,
             &reference,
             &format!("w{gib}-{round}"),
             Some(seed.path()),
-            seed.path(),
+            None,
+            false,
         )?;
         eprintln!("  round {round}: streamsnap warm {:.2} s", warm.ready_s);
         point.warm.push(warm);
@@ -432,65 +450,101 @@ fn overlay_run(
     Ok((sample, containerd))
 }
 
-/// The bytes the start-up reads through FUSE when the kernel reads only the pages asked for: a
-/// cold streamsnap run (untimed) with `[fuse] readahead_bytes = 0`.
-fn access_trace_bytes(proxy: &ShapingProxy, reference: &str, gib: u64) -> anyhow::Result<u64> {
-    let scratch = tempfile::Builder::new()
-        .prefix("ss-trace-")
-        .tempdir_in("/tmp")?;
+/// A cold streamsnap run (untimed) with `[fuse] readahead_bytes = 0`, so the kernel reads only
+/// the pages asked for: returns the bytes the start-up read through FUSE, and pushes what the
+/// daemon recorded (`/debug/profile`) as the image's start-up profile (`direct`: the image in
+/// the registry itself, not through the shaped link).
+fn access_trace(
+    proxy: &ShapingProxy,
+    reference: &str,
+    direct: &str,
+    gib: u64,
+    streamsnap: &Path,
+) -> anyhow::Result<u64> {
+    let profile = tempfile::Builder::new()
+        .prefix("ss-profile-")
+        .tempfile_in("/tmp")?;
     let run = streamsnap_run_with(
         proxy,
         reference,
         &format!("t{gib}"),
         None,
-        scratch.path(),
-        "[fuse]\nreadahead_bytes = 0\n",
+        None,
+        &SnapshotterdOptions {
+            extra_config: "[fuse]\nreadahead_bytes = 0\n".into(),
+            prefetch_profile: false,
+            ..daemon_options()
+        },
+        Some(profile.path()),
     )?;
     let bytes = run
         .daemon
         .as_ref()
         .map(|d| d.fuse_read_bytes as u64)
         .context("the trace run has no daemon figures")?;
+    let pushed = streamsnap_e2e::run(Command::new(streamsnap).args([
+        "artifact-streaming",
+        "profile",
+        "--image",
+        direct,
+        "--file",
+        profile.path().to_str().context("temp path")?,
+    ]))?;
     eprintln!(
-        "  access trace: the start-up read {:.1} MB through FUSE with the kernel's readahead off",
-        bytes as f64 / 1e6
+        "  access trace: the start-up read {:.1} MB through FUSE with the kernel's readahead off; \
+         {}",
+        bytes as f64 / 1e6,
+        String::from_utf8_lossy(&pushed.stdout).trim()
     );
     Ok(bytes)
 }
 
 /// A streamsnap run with a fresh daemon; with `seed`, its chunk cache starts as a hard-linked
-/// copy of that dir. Afterwards the chunk cache is hard-linked into `keep`.
+/// copy of that dir; with `keep`, the chunk cache is hard-linked there afterwards. `prefetch`:
+/// the daemon fetches what the image's start-up profile lists as it mounts the layers.
 fn streamsnap_run(
     proxy: &ShapingProxy,
     reference: &str,
     id: &str,
     seed: Option<&Path>,
-    keep: &Path,
+    keep: Option<&Path>,
+    prefetch: bool,
 ) -> anyhow::Result<RunSample> {
-    streamsnap_run_with(proxy, reference, id, seed, keep, KERNEL_READAHEAD)
+    let options = SnapshotterdOptions {
+        prefetch_profile: prefetch,
+        ..daemon_options()
+    };
+    streamsnap_run_with(proxy, reference, id, seed, keep, &options, None)
+}
+
+/// The daemon of the measured runs: the documented cache defaults, metrics on, and the 4 MiB
+/// kernel readahead for sequential readers.
+fn daemon_options() -> SnapshotterdOptions {
+    SnapshotterdOptions {
+        cache_max_bytes: CACHE_MAX_BYTES,
+        cache_memory_bytes: CACHE_MEMORY_BYTES,
+        extra_config: KERNEL_READAHEAD.to_owned(),
+        ..SnapshotterdOptions::default()
+    }
+    .with_metrics()
 }
 
 /// The daemon config of the measured runs: the 4 MiB kernel readahead for sequential readers.
 pub(crate) const KERNEL_READAHEAD: &str = "[fuse]\nreadahead_bytes = 4194304\n";
 
-/// [`streamsnap_run`] with more daemon config (TOML sections).
+/// [`streamsnap_run`] with a given daemon config; with `save_profile`, what the daemon recorded
+/// of the start-up (`/debug/profile`) is written there.
 fn streamsnap_run_with(
     proxy: &ShapingProxy,
     reference: &str,
     id: &str,
     seed: Option<&Path>,
-    keep: &Path,
-    extra_config: &str,
+    keep: Option<&Path>,
+    options: &SnapshotterdOptions,
+    save_profile: Option<&Path>,
 ) -> anyhow::Result<RunSample> {
-    let options = SnapshotterdOptions {
-        cache_max_bytes: CACHE_MAX_BYTES,
-        cache_memory_bytes: CACHE_MEMORY_BYTES,
-        extra_config: extra_config.to_owned(),
-        ..SnapshotterdOptions::default()
-    }
-    .with_metrics();
     let setup = Instant::now();
-    let mut daemon = Snapshotterd::start(options)?;
+    let mut daemon = Snapshotterd::start(options.clone())?;
     if let Some(seed) = seed {
         // The cache is read when the daemon starts: stop it, fill the cache, start it again.
         daemon.kill9()?;
@@ -522,9 +576,18 @@ fn streamsnap_run_with(
     sample.daemon = Some(report::DaemonFigures::from_scrape(&Scrape::fetch(
         &metrics,
     )?));
+    if let Some(path) = save_profile {
+        let response = streamsnap_e2e::http::get(&metrics, "/debug/profile", &[])?;
+        ensure!(
+            response.status == 200,
+            "/debug/profile answered {}",
+            response.status
+        );
+        std::fs::write(path, &response.body)?;
+    }
     let teardown = Instant::now();
     drop(containerd);
-    if seed.is_none() {
+    if let Some(keep) = keep {
         copy_tree_linked(&daemon.cache_dir(), keep)?;
     }
     drop(daemon);

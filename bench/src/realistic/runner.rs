@@ -161,6 +161,29 @@ impl Scrape {
     }
 }
 
+impl Scrape {
+    /// The values of metric `name` by the value of its label `label` (`op`, `tier`, ...).
+    pub fn by_label(&self, name: &str, label: &str) -> std::collections::BTreeMap<String, f64> {
+        let prefix = format!("{label}=\"");
+        let mut out = std::collections::BTreeMap::new();
+        for (key, value) in &self.0 {
+            let Some((metric, rest)) = key.split_once('{') else {
+                continue;
+            };
+            if metric != name {
+                continue;
+            }
+            if let Some(start) = rest.find(&prefix) {
+                let tail = &rest[start + prefix.len()..];
+                if let Some(end) = tail.find('"') {
+                    *out.entry(tail[..end].to_owned()).or_default() += value;
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Resident bytes and files with resident pages, over the regular files below `roots` (page
 /// cache residency by mincore(2)).
 #[derive(Clone, Copy, Debug, Default)]
