@@ -220,8 +220,11 @@ pub struct DaemonFigures {
 impl DaemonFigures {
     /// `lookup 6000, getattr 300, ...`: the FUSE requests by kind, most first.
     pub fn ops_breakdown(&self) -> String {
-        let mut ops: Vec<(&String, &f64)> =
-            self.fuse_ops_by_kind.iter().filter(|(_, n)| **n > 0.0).collect();
+        let mut ops: Vec<(&String, &f64)> = self
+            .fuse_ops_by_kind
+            .iter()
+            .filter(|(_, n)| **n > 0.0)
+            .collect();
         ops.sort_by(|a, b| b.1.total_cmp(a.1));
         ops.iter()
             .map(|(op, n)| format!("{op} {n:.0}"))

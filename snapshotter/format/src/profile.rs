@@ -38,6 +38,22 @@ pub struct Profile {
 pub struct LayerProfile {
     pub layer: Digest,
     pub chunks: Vec<u32>,
+    /// When each chunk was first read, as a position in the order of first reads across every
+    /// layer of the profile (same length as `chunks`), so a reader can fetch the layers'
+    /// chunks in the order the start needs them. Optional: without, the layers' lists are
+    /// interleaved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranks: Vec<u64>,
+}
+
+impl LayerProfile {
+    /// Chunk index and rank pairs (the rank is the index's position when there are no ranks).
+    pub fn ranked(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.chunks
+            .iter()
+            .enumerate()
+            .map(|(i, &chunk)| (chunk, self.ranks.get(i).copied().unwrap_or(i as u64)))
+    }
 }
 
 impl Profile {
@@ -96,6 +112,14 @@ impl Profile {
             if !layers.insert(layer.layer) {
                 return Err(invalid(format!("layer {} is listed twice", layer.layer)));
             }
+            if !layer.ranks.is_empty() && layer.ranks.len() != layer.chunks.len() {
+                return Err(invalid(format!(
+                    "layer {} has {} chunks and {} ranks",
+                    layer.layer,
+                    layer.chunks.len(),
+                    layer.ranks.len()
+                )));
+            }
             let mut chunks = HashSet::with_capacity(layer.chunks.len());
             if let Some(chunk) = layer.chunks.iter().find(|c| !chunks.insert(**c)) {
                 return Err(invalid(format!(
@@ -107,13 +131,9 @@ impl Profile {
         Ok(())
     }
 
-    /// The chunks listed for `layer`, first read first (empty when it is not listed).
-    pub fn chunks(&self, layer: &Digest) -> &[u32] {
-        self.layers
-            .iter()
-            .find(|l| l.layer == *layer)
-            .map(|l| l.chunks.as_slice())
-            .unwrap_or_default()
+    /// What the profile lists for `layer`.
+    pub fn layer(&self, layer: &Digest) -> Option<&LayerProfile> {
+        self.layers.iter().find(|l| l.layer == *layer)
     }
 
     /// How many chunks the profile lists in all.
@@ -134,17 +154,26 @@ mod tests {
         LayerProfile {
             layer: Digest::sha256(&[n]),
             chunks: chunks.to_vec(),
+            ranks: Vec::new(),
         }
     }
 
     #[test]
     fn round_trips_and_answers_by_layer() {
-        let profile = Profile::new(vec![layer(1, &[7, 2, 9]), layer(2, &[0])]);
+        let mut second = layer(2, &[0, 4]);
+        second.ranks = vec![1, 5];
+        let profile = Profile::new(vec![layer(1, &[7, 2, 9]), second]);
         let decoded = Profile::decode(&profile.encode().unwrap()).unwrap();
         assert_eq!(decoded, profile);
-        assert_eq!(decoded.chunks(&Digest::sha256(&[1])), &[7, 2, 9]);
-        assert_eq!(decoded.chunks(&Digest::sha256(&[3])), &[] as &[u32]);
-        assert_eq!(decoded.len(), 4);
+        let first = decoded.layer(&Digest::sha256(&[1])).unwrap();
+        assert_eq!(
+            first.ranked().collect::<Vec<_>>(),
+            vec![(7, 0), (2, 1), (9, 2)]
+        );
+        let second = decoded.layer(&Digest::sha256(&[2])).unwrap();
+        assert_eq!(second.ranked().collect::<Vec<_>>(), vec![(0, 1), (4, 5)]);
+        assert!(decoded.layer(&Digest::sha256(&[3])).is_none());
+        assert_eq!(decoded.len(), 5);
     }
 
     #[test]
@@ -166,6 +195,10 @@ mod tests {
             (
                 Profile::new(vec![layer(1, &[4, 5, 4])]).encode_unchecked(),
                 "chunk 4 of layer",
+            ),
+            (
+                br#"{"version":1,"layers":[{"layer":"sha256:6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d","chunks":[1,2],"ranks":[3]}]}"#.to_vec(),
+                "2 chunks and 1 ranks",
             ),
             (
                 vec![b' '; MAX_PROFILE_BLOB as usize + 1],

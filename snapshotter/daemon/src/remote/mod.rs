@@ -14,7 +14,7 @@ mod source;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ pub use self::artifact::{Artifact, ArtifactCache};
 use self::background::Background;
 pub use self::background::BackgroundConfig;
 pub use self::labels::{LayerRequest, TARGET_LABEL};
-use self::profile::AccessLog;
+use self::profile::{AccessLog, LayerJob, Prefetcher};
 use self::source::{CacheReader, RegistryBlob};
 use crate::metrics::Metrics;
 use crate::mounter::{MountedFs, Mounter};
@@ -108,6 +108,9 @@ pub struct RemoteLayers {
     readahead_bytes: u64,
     /// Fetch the chunks an image's start-up profile lists as soon as its layers mount.
     prefetch: bool,
+    prefetcher: Arc<Prefetcher>,
+    /// Orders first reads across every layer (the ranks of a recorded profile).
+    reads: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for RemoteLayers {
@@ -136,10 +139,12 @@ impl RemoteLayers {
             background: Background::new(background),
             mounts: Mutex::new(HashMap::new()),
             fallback_logged: Mutex::new(HashMap::new()),
+            prefetcher: Prefetcher::new(metrics.clone()),
             metrics,
             holder: None,
             readahead_bytes: 0,
             prefetch: false,
+            reads: Arc::default(),
         }
     }
 
@@ -157,24 +162,34 @@ impl RemoteLayers {
         let mounts = self.mounts.lock().expect("mounts lock");
         let mut entries: Vec<(&u64, &MountEntry)> = mounts.iter().collect();
         entries.sort_by_key(|(id, _)| **id);
-        let mut layers: Vec<LayerProfile> = Vec::new();
+        // Per layer: each chunk with its earliest rank, then in rank order.
+        let mut by_layer: Vec<(Digest, HashMap<u32, u64>)> = Vec::new();
         for (_, entry) in entries {
-            let chunks = entry.log.chunks();
-            match layers.iter_mut().find(|l| l.layer == entry.layer) {
-                Some(listed) => {
-                    let known: std::collections::HashSet<u32> =
-                        listed.chunks.iter().copied().collect();
-                    listed
-                        .chunks
-                        .extend(chunks.into_iter().filter(|c| !known.contains(c)));
+            let index = match by_layer.iter().position(|(l, _)| *l == entry.layer) {
+                Some(index) => index,
+                None => {
+                    by_layer.push((entry.layer, HashMap::new()));
+                    by_layer.len() - 1
                 }
-                None => layers.push(LayerProfile {
-                    layer: entry.layer,
-                    chunks,
-                }),
+            };
+            for (chunk, rank) in entry.log.entries() {
+                let known = by_layer[index].1.entry(chunk).or_insert(rank);
+                *known = (*known).min(rank);
             }
         }
-        layers.retain(|l| !l.chunks.is_empty());
+        let layers = by_layer
+            .into_iter()
+            .filter(|(_, chunks)| !chunks.is_empty())
+            .map(|(layer, chunks)| {
+                let mut ranked: Vec<(u32, u64)> = chunks.into_iter().collect();
+                ranked.sort_by_key(|&(_, rank)| rank);
+                LayerProfile {
+                    layer,
+                    chunks: ranked.iter().map(|&(c, _)| c).collect(),
+                    ranks: ranked.iter().map(|&(_, r)| r).collect(),
+                }
+            })
+            .collect();
         Profile::new(layers)
     }
 
@@ -245,8 +260,8 @@ impl RemoteLayers {
         };
         write_atomically(&dir.join("toc"), &blob)?;
         let prefetch = match artifact.profile() {
-            Some(profile) if self.prefetch => profile.chunks(&request.layer_digest),
-            _ => &[],
+            Some(profile) if self.prefetch => profile.layer(&request.layer_digest),
+            _ => None,
         };
         self.mount_toc(id, dir, toc, &source, None, prefetch)?;
         Ok(source)
@@ -287,7 +302,7 @@ impl RemoteLayers {
         if held.is_none() {
             crate::mounter::detach_all_under(&dir.join("fs"));
         }
-        self.mount_toc(id, dir, toc, source, held, &[])?;
+        self.mount_toc(id, dir, toc, source, held, None)?;
         if resend {
             self.resend(id);
         }
@@ -311,7 +326,7 @@ impl RemoteLayers {
         toc: Toc,
         source: &RemoteSource,
         held: Option<FuseConnection>,
-        prefetch: &[u32],
+        prefetch: Option<&LayerProfile>,
     ) -> Result<(), RemoteError> {
         let _span = tracing::info_span!("layer", id, digest = %source.layer_digest).entered();
         let fs_dir = dir.join("fs");
@@ -337,7 +352,7 @@ impl RemoteLayers {
             source.data_digest,
         ));
         let toc = Arc::new(toc);
-        let log = Arc::new(AccessLog::new());
+        let log = Arc::new(AccessLog::new(self.reads.clone()));
         let reader = Arc::new(
             CacheReader::new(
                 self.cache.clone(),
@@ -392,22 +407,23 @@ impl RemoteLayers {
             },
         );
         self.metrics.remote_mounts.inc();
-        if !prefetch.is_empty() {
-            let batches = profile::plan(&toc, prefetch, self.cache.capacity_bytes() / 2);
+        if let Some(listed) = prefetch {
+            let batches = profile::plan(&toc, listed, self.cache.capacity_bytes() / 2);
             tracing::debug!(
-                chunks = prefetch.len(),
+                chunks = listed.chunks.len(),
                 batches = batches.len(),
                 "prefetching the layer's chunks the start-up profile lists"
             );
-            self.metrics.prefetch_layers.inc();
-            profile::start(
-                source.layer_digest.to_string(),
-                batches,
-                blob.clone(),
-                self.cache.clone(),
-                stop.clone(),
-                self.metrics.clone(),
-            );
+            if !batches.is_empty() {
+                self.metrics.prefetch_layers.inc();
+                let job = LayerJob::new(
+                    source.layer_digest.to_string(),
+                    blob.clone(),
+                    self.cache.clone(),
+                    stop.clone(),
+                );
+                self.prefetcher.submit(&job, batches);
+            }
         }
         self.background
             .start(toc, blob, self.cache.clone(), stop, self.metrics.clone());

@@ -1,43 +1,50 @@
-//! Start-up profiles on the node: recording which chunks a layer's first reads touched (served
-//! at `/debug/profile`, pushed with `streamsnap artifact-streaming profile`), and fetching the
-//! chunks an image's profile lists as soon as its layers are mounted.
+//! Start-up profiles on the node: recording which chunks the mounted layers' first reads touched
+//! (served at `/debug/profile`, pushed with `streamsnap artifact-streaming profile`), and
+//! fetching the chunks an image's profile lists as soon as its layers are mounted, node-wide in
+//! the order the start first read them.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt as _;
 use streamsnap_cache::{BlobSource, ChunkCache, ChunkRef};
-use streamsnap_format::Toc;
+use streamsnap_format::{LayerProfile, Toc};
 
 use crate::metrics::Metrics;
 
 /// How long after a layer is mounted its reads count as start-up.
 pub const RECORD_WINDOW: Duration = Duration::from_secs(60);
 /// Chunks further apart than this (compressed bytes in the blob) are fetched in different
-/// requests; closer ones in one, the gap included.
+/// batches; closer ones in one, the gap included.
 const MAX_GAP: u64 = 256 << 10;
 /// Largest batch of chunks fetched in one go, in compressed bytes: a read waiting for a chunk
 /// of a batch waits for the whole batch.
-const MAX_BATCH: u64 = 4 << 20;
-/// Batches of one layer in flight at once.
-const BATCHES_IN_FLIGHT: usize = 2;
+const MAX_BATCH: u64 = 2 << 20;
+/// Batches in flight at once on the node: enough to hide the round trips and fill the link.
+const WORKERS: usize = 4;
 /// A layer's prefetch stops after this many failed batches (reads then fetch on demand).
 const MAX_FAILURES: u32 = 3;
 
-/// The chunks of one mounted layer read within [`RECORD_WINDOW`] of its mount, first read
-/// first. Memory is bounded by the layer's chunk count.
+/// The chunks of one mounted layer read within [`RECORD_WINDOW`] of its mount, each with its
+/// position in the node's order of first reads. Memory is bounded by the layer's chunk count.
 #[derive(Debug)]
 pub struct AccessLog {
     mounted: Instant,
-    state: Mutex<(HashSet<u32>, Vec<u32>)>,
+    /// Shared by every layer of the daemon: ranks order first reads across layers.
+    sequence: Arc<AtomicU64>,
+    state: Mutex<Reads>,
 }
 
+/// The chunks seen, and each chunk with its rank in the order first read.
+type Reads = (HashSet<u32>, Vec<(u32, u64)>);
+
 impl AccessLog {
-    pub fn new() -> Self {
+    pub fn new(sequence: Arc<AtomicU64>) -> Self {
         Self {
             mounted: Instant::now(),
+            sequence,
             state: Mutex::default(),
         }
     }
@@ -54,13 +61,13 @@ impl AccessLog {
         let (seen, order) = &mut *state;
         for &chunk in chunks {
             if seen.insert(chunk) {
-                order.push(chunk);
+                order.push((chunk, self.sequence.fetch_add(1, Ordering::Relaxed)));
             }
         }
     }
 
-    /// The chunks read so far, first read first.
-    pub fn chunks(&self) -> Vec<u32> {
+    /// The chunks read so far and their ranks, first read first.
+    pub fn entries(&self) -> Vec<(u32, u64)> {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -71,36 +78,38 @@ impl AccessLog {
 
 impl Default for AccessLog {
     fn default() -> Self {
-        Self::new()
+        Self::new(Arc::default())
     }
 }
 
-/// Groups the profile's `chunks` (first read first; indices outside the TOC are dropped) into
-/// batches of nearby chunks in blob order, ordered by the first read of any of their chunks.
-/// Stops adding chunks once `max_bytes` of decoded data are planned, so a profile cannot make
-/// the node fetch more than its cache can hold.
-pub fn plan(toc: &Toc, chunks: &[u32], max_bytes: u64) -> Vec<Vec<ChunkRef>> {
+/// Groups what the profile lists for a layer (indices outside the TOC are dropped) into
+/// batches of nearby chunks in blob order, each with the lowest rank among its chunks, lowest
+/// first. Stops adding chunks once `max_bytes` of decoded data are planned, taking the first
+/// read first, so a profile cannot make the node fetch more than its cache can hold.
+pub fn plan(toc: &Toc, listed: &LayerProfile, max_bytes: u64) -> Vec<(u64, Vec<ChunkRef>)> {
     let table = toc.chunks();
-    let mut ranked: Vec<(usize, u32)> = Vec::new();
+    let mut ranked: Vec<(u32, u64)> = listed
+        .ranked()
+        .filter(|&(index, _)| (index as usize) < table.len())
+        .collect();
+    ranked.sort_by_key(|&(_, rank)| rank);
     let mut seen = HashSet::new();
     let mut planned = 0u64;
-    for (rank, &index) in chunks.iter().enumerate() {
-        let Some(chunk) = table.get(index as usize) else {
-            continue;
-        };
+    let mut kept = Vec::new();
+    for (index, rank) in ranked {
         if !seen.insert(index) {
             continue;
         }
-        planned += u64::from(chunk.size);
+        planned += u64::from(table[index as usize].size);
         if planned > max_bytes {
             break;
         }
-        ranked.push((rank, index));
+        kept.push((index, rank));
     }
-    ranked.sort_by_key(|&(_, index)| table[index as usize].offset);
-    let mut batches: Vec<(usize, Vec<ChunkRef>)> = Vec::new();
+    kept.sort_by_key(|&(index, _)| table[index as usize].offset);
+    let mut batches: Vec<(u64, Vec<ChunkRef>)> = Vec::new();
     let mut span: Option<(u64, u64)> = None; // start and end of the current batch in the blob
-    for (rank, index) in ranked {
+    for (index, rank) in kept {
         let chunk = ChunkRef::from_toc(&table[index as usize]);
         let end = chunk.offset + u64::from(chunk.compressed_size);
         match (&mut span, batches.last_mut()) {
@@ -119,116 +128,246 @@ pub fn plan(toc: &Toc, chunks: &[u32], max_bytes: u64) -> Vec<Vec<ChunkRef>> {
         }
     }
     batches.sort_by_key(|(rank, _)| *rank);
-    batches.into_iter().map(|(_, batch)| batch).collect()
+    batches
 }
 
-/// Fetches `batches` into the cache in the background, [`BATCHES_IN_FLIGHT`] at a time, skipping
-/// chunks already cached. Reads of those chunks meanwhile join the fetches in flight. `stop`
-/// (the layer is unmounted) ends it early.
-pub fn start(
-    layer: String,
-    batches: Vec<Vec<ChunkRef>>,
-    source: Arc<dyn BlobSource>,
-    cache: Arc<ChunkCache>,
-    stop: Arc<AtomicBool>,
-    metrics: Metrics,
-) {
-    if batches.is_empty() {
-        return;
+/// One layer's share of the prefetch: where its chunks come from and go, and when to stop.
+pub struct LayerJob {
+    pub layer: String,
+    pub source: Arc<dyn BlobSource>,
+    pub cache: Arc<ChunkCache>,
+    /// Set when the layer is unmounted.
+    pub stop: Arc<AtomicBool>,
+    failures: AtomicU32,
+}
+
+impl std::fmt::Debug for LayerJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerJob")
+            .field("layer", &self.layer)
+            .finish_non_exhaustive()
     }
-    tokio::spawn(async move {
-        let started = Instant::now();
-        let failures = std::sync::atomic::AtomicU32::new(0);
-        let fetched = std::sync::atomic::AtomicU64::new(0);
-        futures_util::stream::iter(batches)
-            .for_each_concurrent(BATCHES_IN_FLIGHT, |batch| {
-                let (source, cache, stop, metrics) = (&source, &cache, &stop, &metrics);
-                let (failures, fetched, layer) = (&failures, &fetched, &layer);
-                async move {
-                    if stop.load(Ordering::Relaxed)
-                        || failures.load(Ordering::Relaxed) >= MAX_FAILURES
-                    {
+}
+
+impl LayerJob {
+    pub fn new(
+        layer: String,
+        source: Arc<dyn BlobSource>,
+        cache: Arc<ChunkCache>,
+        stop: Arc<AtomicBool>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            layer,
+            source,
+            cache,
+            stop,
+            failures: AtomicU32::new(0),
+        })
+    }
+}
+
+/// A batch waiting in the queue, ordered by rank, then by arrival.
+struct Pending {
+    rank: u64,
+    arrival: u64,
+    batch: Vec<ChunkRef>,
+    job: Arc<LayerJob>,
+}
+
+impl PartialEq for Pending {
+    fn eq(&self, other: &Self) -> bool {
+        (self.rank, self.arrival) == (other.rank, other.arrival)
+    }
+}
+impl Eq for Pending {}
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Pending {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.rank, self.arrival).cmp(&(other.rank, other.arrival))
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    pending: BinaryHeap<Reverse<Pending>>,
+    arrivals: u64,
+    workers: usize,
+}
+
+/// The node's prefetch queue: batches of every layer being prefetched, fetched [`WORKERS`] at a
+/// time, lowest rank first, so the chunks the start needs first arrive first whichever layer
+/// they are in. Chunks already cached are skipped; reads of chunks being fetched join the fetch.
+pub struct Prefetcher {
+    queue: Mutex<Queue>,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Prefetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prefetcher").finish_non_exhaustive()
+    }
+}
+
+impl Prefetcher {
+    pub fn new(metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            queue: Mutex::default(),
+            metrics,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues a layer's `batches` (from [`plan`]) and starts workers as needed. Runs inside the
+    /// runtime (it spawns).
+    pub fn submit(self: &Arc<Self>, job: &Arc<LayerJob>, batches: Vec<(u64, Vec<ChunkRef>)>) {
+        let start = {
+            let mut queue = self.lock();
+            for (rank, batch) in batches {
+                let arrival = queue.arrivals;
+                queue.arrivals += 1;
+                queue.pending.push(Reverse(Pending {
+                    rank,
+                    arrival,
+                    batch,
+                    job: job.clone(),
+                }));
+            }
+            let start = WORKERS
+                .saturating_sub(queue.workers)
+                .min(queue.pending.len());
+            queue.workers += start;
+            start
+        };
+        for _ in 0..start {
+            let this = self.clone();
+            tokio::spawn(async move { this.work().await });
+        }
+    }
+
+    /// Takes batches until the queue is empty.
+    async fn work(&self) {
+        loop {
+            let next = {
+                let mut queue = self.lock();
+                match queue.pending.pop() {
+                    Some(Reverse(next)) => next,
+                    None => {
+                        queue.workers -= 1;
                         return;
-                    }
-                    let missing: Vec<ChunkRef> = batch
-                        .into_iter()
-                        .filter(|c| !cache.contains(&c.digest))
-                        .collect();
-                    if missing.is_empty() {
-                        return;
-                    }
-                    let bytes: u64 = missing.iter().map(|c| u64::from(c.compressed_size)).sum();
-                    match cache.get(source, &missing).await {
-                        Ok(_) => {
-                            metrics.prefetch_bytes.inc_by(bytes);
-                            fetched.fetch_add(bytes, Ordering::Relaxed);
-                        }
-                        Err(error) => {
-                            let n = failures.fetch_add(1, Ordering::Relaxed) + 1;
-                            tracing::debug!(%layer, %error, "prefetching a batch of the start-up profile failed");
-                            if n == MAX_FAILURES {
-                                tracing::warn!(%layer, %error, "prefetch of the start-up profile gave up; reads fetch on demand");
-                            }
-                        }
                     }
                 }
-            })
-            .await;
-        tracing::debug!(
-            %layer,
-            bytes = fetched.load(Ordering::Relaxed),
-            seconds = started.elapsed().as_secs_f64(),
-            "start-up profile prefetched"
-        );
-    });
+            };
+            self.fetch(next).await;
+        }
+    }
+
+    async fn fetch(&self, pending: Pending) {
+        let job = &pending.job;
+        if job.stop.load(Ordering::Relaxed) || job.failures.load(Ordering::Relaxed) >= MAX_FAILURES
+        {
+            return;
+        }
+        let missing: Vec<ChunkRef> = pending
+            .batch
+            .into_iter()
+            .filter(|c| !job.cache.contains(&c.digest))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let bytes: u64 = missing.iter().map(|c| u64::from(c.compressed_size)).sum();
+        match job.cache.get(&job.source, &missing).await {
+            Ok(_) => self.metrics.prefetch_bytes.inc_by(bytes),
+            Err(error) => {
+                let failures = job.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::debug!(layer = job.layer, %error, "prefetching a batch of the start-up profile failed");
+                if failures == MAX_FAILURES {
+                    tracing::warn!(layer = job.layer, %error, "prefetch of the start-up profile gave up on this layer; its reads fetch on demand");
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use streamsnap_cache::CacheConfig;
+    use streamsnap_format::Digest;
 
     use super::super::fake::layer;
     use super::*;
 
-    #[test]
-    fn the_log_keeps_first_reads_in_order_once() {
-        let log = AccessLog::new();
-        log.record(&[5, 6]);
-        log.record(&[2, 5]);
-        log.record(&[9]);
-        assert_eq!(log.chunks(), vec![5, 6, 2, 9]);
+    fn listed(chunks: &[u32], ranks: &[u64]) -> LayerProfile {
+        LayerProfile {
+            layer: Digest::sha256(b"x"),
+            chunks: chunks.to_vec(),
+            ranks: ranks.to_vec(),
+        }
     }
 
     #[test]
-    fn plan_merges_neighbours_and_orders_batches_by_first_read() {
+    fn the_log_keeps_first_reads_once_with_node_wide_ranks() {
+        let sequence = Arc::new(AtomicU64::new(0));
+        let (a, b) = (
+            AccessLog::new(sequence.clone()),
+            AccessLog::new(sequence.clone()),
+        );
+        a.record(&[5, 6]);
+        b.record(&[1]);
+        a.record(&[2, 5]);
+        assert_eq!(a.entries(), vec![(5, 0), (6, 1), (2, 3)]);
+        assert_eq!(b.entries(), vec![(1, 2)]);
+    }
+
+    #[test]
+    fn plan_merges_neighbours_and_ranks_batches_by_their_first_read() {
         // 64 chunks of about 4 KiB: all within MAX_GAP of each other.
         let (toc, _) = layer(64, 4096, true);
-        let batches = plan(&toc, &[40, 3, 41, 2, 999], u64::MAX);
-        let indices: Vec<Vec<u64>> = batches
-            .iter()
-            .map(|b| b.iter().map(|c| c.offset).collect())
-            .collect();
         let offset = |i: usize| toc.chunks()[i].offset;
+        let batches = plan(
+            &toc,
+            &listed(&[40, 3, 41, 2, 999], &[7, 9, 10, 11, 12]),
+            u64::MAX,
+        );
+        let got: Vec<(u64, Vec<u64>)> = batches
+            .iter()
+            .map(|(rank, b)| (*rank, b.iter().map(|c| c.offset).collect()))
+            .collect();
         assert_eq!(
-            indices,
-            vec![vec![offset(2), offset(3), offset(40), offset(41)]],
+            got,
+            vec![(7, vec![offset(2), offset(3), offset(40), offset(41)])],
             "one batch in blob order; the index past the table is dropped"
         );
         // A cap of two chunks' worth keeps the first two read.
         let cap = u64::from(toc.chunks()[40].size + toc.chunks()[3].size);
-        let batches = plan(&toc, &[40, 3, 41, 2], cap);
-        let offsets: Vec<u64> = batches.concat().iter().map(|c| c.offset).collect();
+        let batches = plan(&toc, &listed(&[40, 3, 41, 2], &[]), cap);
+        let offsets: Vec<u64> = batches
+            .iter()
+            .flat_map(|(_, b)| b.iter().map(|c| c.offset))
+            .collect();
         assert_eq!(offsets, vec![offset(3), offset(40)]);
     }
 
     #[test]
     fn plan_splits_far_chunks_and_puts_the_first_read_first() {
-        // 1 MiB chunks of random data: each is its own batch beyond MAX_BATCH/MAX_GAP limits.
+        // 1 MiB chunks of random data: far apart, one batch each.
         let (toc, _) = layer(12, 1 << 20, true);
-        let batches = plan(&toc, &[11, 0, 6], u64::MAX);
-        let firsts: Vec<u64> = batches.iter().map(|b| b[0].offset).collect();
+        let batches = plan(&toc, &listed(&[11, 0, 6], &[]), u64::MAX);
+        let firsts: Vec<(u64, u64)> = batches.iter().map(|(r, b)| (*r, b[0].offset)).collect();
         let offset = |i: usize| toc.chunks()[i].offset;
-        assert_eq!(firsts, vec![offset(11), offset(0), offset(6)]);
+        assert_eq!(
+            firsts,
+            vec![(0, offset(11)), (1, offset(0)), (2, offset(6))]
+        );
     }
 
     #[tokio::test]
@@ -237,28 +376,56 @@ mod tests {
         let cache = Arc::new(ChunkCache::open(CacheConfig::new(dir.path(), 1 << 30)).unwrap());
         let (toc, blob) = layer(40, 4096, true);
         let source: Arc<dyn BlobSource> = blob.clone();
-        let batches = plan(&toc, &[30, 1, 2, 31], u64::MAX);
         let metrics = Metrics::new().unwrap();
-        start(
-            "test".into(),
-            batches,
-            source,
-            cache.clone(),
-            Arc::default(),
-            metrics.clone(),
-        );
+        let prefetcher = Prefetcher::new(metrics.clone());
+        let job = LayerJob::new("test".into(), source, cache.clone(), Arc::default());
+        prefetcher.submit(&job, plan(&toc, &listed(&[30, 1, 2, 31], &[]), u64::MAX));
         let cached = || -> Vec<usize> {
             (0..40)
                 .filter(|&i| cache.contains(&ChunkRef::from_toc(&toc.chunks()[i]).digest))
                 .collect()
         };
         for _ in 0..400 {
-            if cached().len() == 4 {
+            if prefetcher.lock().workers == 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(cached(), vec![1, 2, 30, 31]);
         assert!(metrics.prefetch_bytes.get() > 0);
+    }
+
+    #[tokio::test]
+    async fn the_queue_serves_the_lowest_rank_of_any_layer_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(CacheConfig::new(dir.path(), 1 << 30)).unwrap());
+        let prefetcher = Prefetcher::new(Metrics::new().unwrap());
+        let (_, blob) = layer(1, 16, false);
+        let source: Arc<dyn BlobSource> = blob;
+        let (a, b) = (
+            LayerJob::new("a".into(), source.clone(), cache.clone(), Arc::default()),
+            LayerJob::new("b".into(), source, cache, Arc::default()),
+        );
+        // Queue directly, without starting workers, then look at the order they would take.
+        for (job, rank) in [(&a, 5), (&b, 1), (&a, 3), (&b, 9)] {
+            let mut queue = prefetcher.lock();
+            let arrival = queue.arrivals;
+            queue.arrivals += 1;
+            queue.pending.push(Reverse(Pending {
+                rank,
+                arrival,
+                batch: Vec::new(),
+                job: job.clone(),
+            }));
+        }
+        let mut order = Vec::new();
+        while let Some(Reverse(p)) = prefetcher.lock().pending.pop() {
+            order.push((p.job.layer.clone(), p.rank));
+        }
+        let want: Vec<(String, u64)> = [("b", 1), ("a", 3), ("a", 5), ("b", 9)]
+            .iter()
+            .map(|(l, r)| (l.to_string(), *r))
+            .collect();
+        assert_eq!(order, want);
     }
 }
