@@ -64,7 +64,7 @@ impl Snapshotter {
         self.create(Kind::View, key, parent, labels)
     }
 
-    fn create(
+    pub(crate) fn create(
         &self,
         kind: Kind,
         key: &str,
@@ -80,6 +80,8 @@ impl Snapshotter {
             Some(parent) => Some(self.owner_of_parent(parent)?),
             None => None,
         };
+        // Held until the record is committed (after the write below returns).
+        let mut creating = None;
         let record = self.store.write(|tx| {
             if tx.get(key)?.is_some() {
                 return Err(Error::AlreadyExists {
@@ -107,10 +109,12 @@ impl Snapshotter {
                 usage: None,
                 remote: None,
             };
+            creating = Some(self.creating(record.id));
             self.make_dirs(&record, parent_owner)?;
             tx.put(key, &record)?;
             Ok(record)
         })?;
+        drop(creating);
         self.mounts_of(&record)
     }
 
@@ -157,6 +161,8 @@ impl Snapshotter {
             }
         }
         let id = self.store.write(|tx| tx.next_id())?;
+        // The mount takes network round trips; Cleanup must leave its directory alone.
+        let _creating = self.creating(id);
         let dir = self.snapshot_dir(id);
         let mounted = remote.mount(id, &dir, request).await;
         let source = match mounted {

@@ -34,22 +34,37 @@ impl Snapshotter {
     }
 
     /// Removes snapshot directories no record refers to (and unmounts what is mounted there).
+    ///
+    /// Races with snapshots being created: the directories are listed first, then the ids being
+    /// created, then the records. A directory listed belongs to a snapshot that was created
+    /// before (its record is found), is still being created (its id is found), or failed.
     pub fn cleanup(&self) -> Result<()> {
-        let known: HashSet<String> = self
-            .store
-            .list()?
-            .into_iter()
-            .map(|(_, r)| r.id.to_string())
-            .collect();
         let snapshots = self.root.join("snapshots");
-        let entries = std::fs::read_dir(&snapshots).map_err(Error::io("listing", &snapshots))?;
-        for entry in entries {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&snapshots).map_err(Error::io("listing", &snapshots))? {
             let entry = entry.map_err(Error::io("listing", &snapshots))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
+            found.push((
+                entry.file_name().to_string_lossy().into_owned(),
+                entry.path(),
+            ));
+        }
+        let mut known: HashSet<String> = self
+            .creating
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(u64::to_string)
+            .collect();
+        known.extend(
+            self.store
+                .list()?
+                .into_iter()
+                .map(|(_, r)| r.id.to_string()),
+        );
+        for (name, path) in found {
             if known.contains(&name) {
                 continue;
             }
-            let path = entry.path();
             if let (Ok(id), Some(remote)) = (name.parse::<u64>(), &self.remote) {
                 remote.unmount(id);
             }

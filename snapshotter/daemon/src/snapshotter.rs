@@ -76,9 +76,39 @@ pub struct Snapshotter {
     /// Serializes remote prepares of one target so concurrent pulls of an image mount each
     /// layer once.
     pub(crate) remote_locks: crate::locks::KeyedLocks,
+    /// Ids whose directories exist (or are about to) before their record is committed: Cleanup
+    /// must not take those for leftovers.
+    pub(crate) creating: std::sync::Mutex<std::collections::HashSet<u64>>,
+}
+
+/// Keeps a snapshot id out of Cleanup's reach while its snapshot is being created.
+#[derive(Debug)]
+pub(crate) struct Creating<'a> {
+    owner: &'a Snapshotter,
+    id: u64,
+}
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        self.owner
+            .creating
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.id);
+    }
 }
 
 impl Snapshotter {
+    /// Marks `id` as being created until the guard is dropped (after its record is committed,
+    /// or its directory removed).
+    pub(crate) fn creating(&self, id: u64) -> Creating<'_> {
+        self.creating
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id);
+        Creating { owner: self, id }
+    }
+
     /// Opens (or creates) the snapshotter state under `root`. Remote layers are mounted only if
     /// `remote` is given; without it, every prepare is an ordinary one.
     pub fn open(root: &Path, remote: Option<Arc<RemoteLayers>>) -> Result<Self> {
@@ -90,6 +120,7 @@ impl Snapshotter {
             store,
             remote,
             remote_locks: Default::default(),
+            creating: Default::default(),
         })
     }
 
@@ -225,6 +256,31 @@ mod tests {
         assert_eq!(
             info(None).field(&["kind".into()]).as_deref(),
             Some("committed")
+        );
+    }
+    #[test]
+    fn cleanup_leaves_the_directories_of_snapshots_being_created() {
+        let root = tempfile::tempdir().unwrap();
+        let snapshotter = Snapshotter::open(root.path(), None).unwrap();
+        snapshotter
+            .create(Kind::Active, "kept", None, BTreeMap::new())
+            .unwrap();
+        // A snapshot whose record is not committed yet, and a leftover.
+        let (being_created, leftover) =
+            (snapshotter.snapshot_dir(90), snapshotter.snapshot_dir(91));
+        std::fs::create_dir_all(being_created.join("fs")).unwrap();
+        std::fs::create_dir_all(leftover.join("fs")).unwrap();
+        let guard = snapshotter.creating(90);
+        snapshotter.cleanup().unwrap();
+        assert!(being_created.exists(), "removed while being created");
+        assert!(!leftover.exists(), "a leftover was kept");
+        drop(guard);
+        snapshotter.cleanup().unwrap();
+        assert!(!being_created.exists(), "kept after its creation failed");
+        let record = snapshotter.record("kept").unwrap();
+        assert!(
+            snapshotter.snapshot_dir(record.id).exists(),
+            "a committed snapshot was removed"
         );
     }
 }
