@@ -693,7 +693,7 @@ mod tests {
         assert_eq!(
             opts.config_toml(),
             "[cache]\nmax_size_bytes = 8388608\nmemory_bytes = 16777216\n\n[fetch]\n\
-             deadline_seconds = 60\n\n[registry]\nplain_http = [\"127.0.0.1:5000\"]\n\n\
+             deadline_seconds = 60\nprefetch_profile = true\n\n[registry]\nplain_http = [\"127.0.0.1:5000\"]\n\n\
              [metrics]\naddress = \"\"\n"
         );
     }
