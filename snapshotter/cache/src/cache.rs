@@ -99,8 +99,20 @@ impl ChunkCache {
         source: &Arc<dyn BlobSource>,
         chunks: &[ChunkRef],
     ) -> Result<Vec<Bytes>> {
+        self.get_within(source, chunks, self.inner.config.fetch_deadline)
+            .await
+    }
+
+    /// [`get`](Self::get) with another deadline than the configured one (a shorter one while
+    /// the source is known to be down).
+    pub async fn get_within(
+        &self,
+        source: &Arc<dyn BlobSource>,
+        chunks: &[ChunkRef],
+        deadline: std::time::Duration,
+    ) -> Result<Vec<Bytes>> {
         let source: &dyn BlobSource = source.as_ref();
-        let deadline = Deadline::after(self.inner.config.fetch_deadline);
+        let deadline = Deadline::after(deadline);
         let metrics = &self.inner.metrics;
         let mut found: HashMap<Digest, Bytes> = HashMap::with_capacity(chunks.len());
         let mut seen = HashSet::with_capacity(chunks.len());
@@ -170,6 +182,11 @@ impl ChunkCache {
     /// Whether the chunk is in memory or on disk (as far as the index knows; no I/O).
     pub fn contains(&self, digest: &Digest) -> bool {
         lock(&self.inner.memory).contains(digest) || lock(&self.inner.index).contains(digest)
+    }
+
+    /// How long a [`get`](Self::get) waits for the source before it fails.
+    pub fn fetch_deadline(&self) -> std::time::Duration {
+        self.inner.config.fetch_deadline
     }
 
     /// The byte cap of the chunk files on disk.

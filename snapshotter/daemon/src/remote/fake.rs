@@ -1,21 +1,25 @@
 //! Test doubles for the remote layer pieces: a data blob in memory and its TOC.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use streamsnap_cache::{BlobSource, BoxFuture, SourceError};
 use streamsnap_format::{Digest, Toc, api, compress_chunk};
 
-/// A data blob in memory that counts range requests.
+/// A data blob in memory that counts range requests; while `stalled`, requests never answer.
 pub struct Blob {
     pub data: Vec<u8>,
     pub requests: AtomicU64,
+    pub stalled: AtomicBool,
 }
 
 impl BlobSource for Blob {
     fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
         self.requests.fetch_add(1, Ordering::SeqCst);
+        if self.stalled.load(Ordering::SeqCst) {
+            return Box::pin(std::future::pending());
+        }
         let slice = Bytes::copy_from_slice(&self.data[offset as usize..(offset + len) as usize]);
         Box::pin(async move { Ok(slice) })
     }
@@ -72,6 +76,7 @@ pub fn layer(chunks: usize, size: usize, incompressible: bool) -> (Arc<Toc>, Arc
         Arc::new(Blob {
             data,
             requests: AtomicU64::new(0),
+            stalled: AtomicBool::new(false),
         }),
     )
 }

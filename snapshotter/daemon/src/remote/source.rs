@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use streamsnap_cache::{BlobSource, BoxFuture, ChunkCache, ChunkRef, SourceError};
@@ -91,7 +92,17 @@ pub struct CacheReader {
     reading_ahead: Arc<AtomicBool>,
     /// The chunks the layer's first reads touched (for a start-up profile).
     log: Arc<AccessLog>,
+    /// When a read of this blob last failed at its deadline (the source is down).
+    outage: Mutex<Option<Instant>>,
 }
+
+/// After a read of a blob failed at its deadline, reads of that blob wait at most this long
+/// until one succeeds: the kernel retries a failed readahead page by page, and a reader may try
+/// again (`cat` falls back from sendfile to read), so a full deadline each time would make one
+/// read wait several deadlines during an outage.
+pub const PROBE_DEADLINE: Duration = Duration::from_secs(1);
+/// How long after such a failure the shorter deadline applies.
+pub const OUTAGE_MEMORY: Duration = Duration::from_secs(30);
 
 /// The smallest read-ahead window, in compressed bytes.
 pub const FIRST_WINDOW: u64 = 256 << 10;
@@ -148,6 +159,33 @@ impl CacheReader {
             pattern: Mutex::default(),
             reading_ahead: Arc::default(),
             log: Arc::default(),
+            outage: Mutex::default(),
+        }
+    }
+
+    /// The deadline of the next on-demand read: the cache's, or [`PROBE_DEADLINE`] while the
+    /// blob is known to be down.
+    fn deadline(&self) -> Duration {
+        let full = self.cache.fetch_deadline();
+        let outage = *self
+            .outage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match outage {
+            Some(at) if at.elapsed() < OUTAGE_MEMORY => full.min(PROBE_DEADLINE),
+            _ => full,
+        }
+    }
+
+    fn note_outcome<T>(&self, result: &Result<T, streamsnap_cache::Error>) {
+        let mut outage = self
+            .outage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match result {
+            Ok(_) => *outage = None,
+            Err(streamsnap_cache::Error::Deadline { .. }) => *outage = Some(Instant::now()),
+            Err(_) => {}
         }
     }
 
@@ -225,7 +263,12 @@ impl ChunkReader for CacheReader {
             if let Some((first, last)) = span {
                 self.read_ahead(first, last);
             }
-            self.cache.get(&self.source, &refs).await.map_err(|error| {
+            let result = self
+                .cache
+                .get_within(&self.source, &refs, self.deadline())
+                .await;
+            self.note_outcome(&result);
+            result.map_err(|error| {
                 tracing::debug!(blob = self.source.describe(), %error, "chunk read failed");
                 ReadError::new(error.to_string())
             })
@@ -366,6 +409,42 @@ mod tests {
             blob.requests.load(Ordering::SeqCst),
             1,
             "only the first cache fetched"
+        );
+    }
+
+    #[tokio::test]
+    async fn after_a_read_hits_the_deadline_reads_of_the_blob_wait_briefly_until_one_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = CacheConfig::new(dir.path(), 1 << 30);
+        config.fetch_deadline = Duration::from_secs(3);
+        let cache = Arc::new(ChunkCache::open(config).unwrap());
+        let (toc, blob) = layer(8, 4096, true);
+        let source: Arc<dyn BlobSource> = blob.clone();
+        let reader = CacheReader::new(cache, source, toc, Arc::default(), 0);
+        blob.stalled.store(true, Ordering::SeqCst);
+        let waited = |started: Instant| started.elapsed().as_secs_f64().round();
+
+        let started = Instant::now();
+        assert!(reader.read_chunks(&[0]).await.is_err());
+        assert_eq!(
+            waited(started),
+            3.0,
+            "the first read waits the whole deadline"
+        );
+        let started = Instant::now();
+        assert!(reader.read_chunks(&[0]).await.is_err());
+        assert_eq!(
+            waited(started),
+            PROBE_DEADLINE.as_secs_f64(),
+            "a retry during the outage fails fast"
+        );
+
+        blob.stalled.store(false, Ordering::SeqCst);
+        reader.read_chunks(&[1]).await.unwrap();
+        assert_eq!(
+            reader.deadline(),
+            Duration::from_secs(3),
+            "a success ends it"
         );
     }
 
