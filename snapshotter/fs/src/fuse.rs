@@ -3,8 +3,15 @@
 //! Metadata requests are answered inline on the fuser thread (they only read the inode table).
 //! Reads are spawned on the tokio runtime whose handle the caller passes in and answered from
 //! the task, so a slow chunk fetch holds up no other request. The layer is immutable: open files
-//! keep the page cache, attributes and entries are cached for a long TTL, and every request that
-//! would change something is refused with EROFS.
+//! keep the page cache, attributes, entries and missing names are cached for a long TTL, and
+//! every request that would change something is refused with EROFS.
+//!
+//! Each request is a round trip through the kernel, and a start-up under overlayfs makes
+//! thousands, so the adapter lets the kernel skip what it can: listings come with every entry's
+//! attributes (READDIRPLUS, so looking a listed name up costs nothing), opens of files take no
+//! request at all where the kernel supports it (the answer would always be "read-only, keep the
+//! cache"), and a layer without any xattr says so once (ENOSYS) instead of answering the xattr
+//! queries overlayfs makes for every directory.
 
 use std::ffi::OsStr;
 use std::io;
@@ -16,8 +23,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno as FuseErrno, FileAttr, FileHandle, FileType,
     Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 use nix::errno::Errno;
 use tokio::runtime::Handle;
@@ -36,7 +44,8 @@ const MAX_BACKGROUND: u16 = 64;
 const WANTED_CAPABILITIES: InitFlags = InitFlags::FUSE_ASYNC_READ
     .union(InitFlags::FUSE_PARALLEL_DIROPS)
     .union(InitFlags::FUSE_CACHE_SYMLINKS)
-    .union(InitFlags::FUSE_MAX_PAGES);
+    .union(InitFlags::FUSE_MAX_PAGES)
+    .union(InitFlags::FUSE_DO_READDIRPLUS);
 
 /// Counts a request from the moment it is taken until its reply is sent (or the task ends).
 struct InFlight(Arc<AtomicUsize>);
@@ -66,6 +75,8 @@ pub struct FuseLayer {
     read_warnings: Arc<RateLimit>,
     /// Reads taken from the kernel and not answered yet (a handover waits for them).
     in_flight: Arc<AtomicUsize>,
+    /// The kernel opens files without asking once told ENOSYS (FUSE_NO_OPEN_SUPPORT).
+    zero_message_open: bool,
 }
 
 impl FuseLayer {
@@ -79,6 +90,7 @@ impl FuseLayer {
             metrics: Arc::default(),
             read_warnings: Arc::new(RateLimit::new(READ_WARNING_INTERVAL)),
             in_flight: Arc::default(),
+            zero_message_open: false,
         }
     }
 
@@ -123,6 +135,27 @@ fn file_type(kind: FileKind) -> FileType {
         FileKind::CharDevice => FileType::CharDevice,
         FileKind::BlockDevice => FileType::BlockDevice,
         FileKind::NamedPipe => FileType::NamedPipe,
+    }
+}
+
+/// The attributes of a negative entry: only its node number (0) matters to the kernel.
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
     }
 }
 
@@ -189,6 +222,8 @@ impl Filesystem for FuseLayer {
         let offered = config.capabilities();
         // Only asks for what the kernel offers, so this cannot fail.
         let _ = config.add_capabilities(WANTED_CAPABILITIES & offered);
+        // Runs in every process that serves the connection (a handover replays the kept INIT).
+        self.zero_message_open = offered.contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
         if let Err(kernel_max) = config.set_max_readahead(MAX_READAHEAD) {
             let _ = config.set_max_readahead(kernel_max);
         }
@@ -208,6 +243,9 @@ impl Filesystem for FuseLayer {
         self.done(Op::Lookup, started, &result);
         match result {
             Ok(attr) => reply.entry(&self.ttl, &self.attr(&attr), Generation(0)),
+            // A negative entry (node 0) the kernel caches like a positive one: the name will
+            // never appear.
+            Err(Errno::ENOENT) => reply.entry(&self.ttl, &negative_entry(), Generation(0)),
             Err(error) => reply.error(errno(error)),
         }
     }
@@ -234,6 +272,13 @@ impl Filesystem for FuseLayer {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let started = Instant::now();
+        if self.zero_message_open {
+            // The mount is read-only, so the kernel refuses writes itself; every other open
+            // would be answered "keep the cache", which is what the kernel then assumes.
+            self.metrics.observe(Op::Open, started, None);
+            reply.error(FuseErrno::ENOSYS);
+            return;
+        }
         let result = if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             Err(Errno::EROFS)
         } else {
@@ -358,6 +403,50 @@ impl Filesystem for FuseLayer {
         }
     }
 
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let started = Instant::now();
+        match self.fs.readdir_iter(ino.0, offset) {
+            Ok(entries) => {
+                let mut failed = None;
+                for entry in entries {
+                    let attr = match self.fs.getattr(entry.ino) {
+                        Ok(attr) => attr,
+                        Err(error) => {
+                            failed = Some(error);
+                            break;
+                        }
+                    };
+                    if reply.add(
+                        INodeNo(entry.ino),
+                        entry.offset,
+                        entry.name,
+                        &self.ttl,
+                        &self.attr(&attr),
+                        Generation(0),
+                    ) {
+                        break;
+                    }
+                }
+                self.metrics.observe(Op::Readdir, started, failed);
+                match failed {
+                    None => reply.ok(),
+                    Some(error) => reply.error(errno(error)),
+                }
+            }
+            Err(error) => {
+                self.metrics.observe(Op::Readdir, started, Some(error));
+                reply.error(errno(error));
+            }
+        }
+    }
+
     fn fsyncdir(
         &self,
         _req: &Request,
@@ -387,12 +476,24 @@ impl Filesystem for FuseLayer {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let started = Instant::now();
+        if !self.fs.has_xattrs() {
+            // The kernel stops asking this mount: every query then fails EOPNOTSUPP at once,
+            // which overlayfs and capability checks read as "none".
+            self.metrics.observe(Op::Getxattr, started, None);
+            reply.error(FuseErrno::ENOSYS);
+            return;
+        }
         let result = reply_xattr(reply, size, self.fs.getxattr(ino.0, name));
         self.done(Op::Getxattr, started, &result);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let started = Instant::now();
+        if !self.fs.has_xattrs() {
+            self.metrics.observe(Op::Listxattr, started, None);
+            reply.error(FuseErrno::ENOSYS);
+            return;
+        }
         let result = reply_xattr(reply, size, self.fs.listxattr(ino.0));
         self.done(Op::Listxattr, started, &result);
     }

@@ -98,6 +98,8 @@ pub struct LayerFs {
     table: Table,
     options: FsOptions,
     statfs: StatFs,
+    /// Some inode has an xattr (or an opaque marker, which is presented as one).
+    has_xattrs: bool,
 }
 
 impl fmt::Debug for LayerFs {
@@ -137,13 +139,26 @@ impl LayerFs {
             block_size: BLOCK_SIZE,
             name_max: NAME_MAX,
         };
-        Ok(Self {
+        let mut layer = Self {
             toc,
             reader,
             table,
             options,
             statfs,
-        })
+            has_xattrs: false,
+        };
+        layer.has_xattrs = layer
+            .table
+            .nodes
+            .iter()
+            .any(|node| node.opaque || layer.xattrs(node).next().is_some());
+        Ok(layer)
+    }
+
+    /// Whether any inode has an extended attribute (opaque markers count). Layers without any
+    /// (most) can tell the kernel so once instead of answering every xattr query.
+    pub fn has_xattrs(&self) -> bool {
+        self.has_xattrs
     }
 
     pub fn toc(&self) -> &Arc<Toc> {
