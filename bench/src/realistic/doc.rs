@@ -104,10 +104,16 @@ fn markdown(f: &Figures) -> String {
         }
         let _ = writeln!(
             m,
-            "### Data layer {} GiB (image {:.2} GB compressed, {:.2} GB unpacked)\n",
+            "### Data layer {} GiB (image {:.2} GB compressed, {:.2} GB unpacked; registry storage \
+             {})\n",
             p.data_gib,
             p.compressed_bytes as f64 / 1e9,
-            p.unpacked_bytes as f64 / 1e9
+            p.unpacked_bytes as f64 / 1e9,
+            if p.registry_in_memory {
+                "in a tmpfs"
+            } else {
+                "on disk: it does not fit in memory next to the rest"
+            }
         );
         let _ = writeln!(
             m,

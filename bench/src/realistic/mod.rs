@@ -64,8 +64,9 @@ pub struct Args {
     /// Data layer blobs up to this size (GiB) stay cached; larger ones are written per run.
     #[arg(long, default_value_t = 1)]
     pub keep_data_gib: u64,
-    /// Keep the registry's storage in a tmpfs (RAM) instead of on disk: the disk then only has
-    /// to hold containerd's copy of the image, so larger data layers fit.
+    /// Keep the registry's storage in a tmpfs (RAM) instead of on disk where memory allows: the
+    /// disk then only has to hold containerd's copy of the image. Points whose registry does
+    /// not fit in memory keep it on disk.
     #[arg(long)]
     pub registry_tmpfs: bool,
     /// Skip the sequential read and stat figures.
@@ -104,12 +105,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let mut figures = Figures::new(&args, shape, software_summary(&software));
     for (n, &gib) in args.sizes_gib.iter().enumerate() {
-        let point = match disk_shortfall(&args.cache_dir, &software, gib, args.registry_tmpfs)? {
-            Some(reason) => {
+        let point = match placement(&args.cache_dir, &software, gib, args.registry_tmpfs)? {
+            Err(reason) => {
                 eprintln!("skipping the {gib} GiB point: {reason}");
                 SizePoint::skipped(gib, reason)
             }
-            None => measure_size(&args, &cache, &software, gib, n == 0, &streamsnap, shape)?,
+            Ok(in_memory) => {
+                let plan = PointPlan {
+                    gib,
+                    first: n == 0,
+                    registry_in_memory: in_memory,
+                };
+                measure_size(&args, &cache, &software, plan, &streamsnap, shape)?
+            }
         };
         figures.points.push(point);
         report::print_point(figures.points.last().expect("just pushed"));
@@ -134,41 +142,43 @@ fn software_summary(layers: &[LayerInfo]) -> Vec<(String, u64, u64, u64)> {
         .collect()
 }
 
-/// Why the machine cannot hold the point, if it cannot. At the peak (a full pull) the registry
-/// holds the image and its streaming form (in RAM with `tmpfs`), containerd the image
-/// compressed and unpacked; each about the data layer's size plus the software's.
-fn disk_shortfall(
+/// Where the point's registry storage goes: `Ok(true)` in a tmpfs (asked for with `tmpfs`, and
+/// memory allows), `Ok(false)` on disk, `Err(why)` when the machine cannot hold the point. At
+/// the peak (a full pull) the registry holds the image and its streaming form, containerd the
+/// image compressed and unpacked; each about the data layer's size plus the software's.
+fn placement(
     cache_dir: &Path,
     software: &[LayerInfo],
     gib: u64,
     tmpfs: bool,
-) -> anyhow::Result<Option<String>> {
+) -> anyhow::Result<Result<bool, String>> {
     let compressed: u64 = software.iter().map(|l| l.size).sum();
     let unpacked: u64 = software.iter().map(|l| l.tar_size).sum();
     let data = gib * GIB + gib * GIB / 32;
     let registry = 2 * compressed + 2 * data;
     let containerd = compressed + unpacked + 2 * data;
-    let (disk_need, ram_need) = if tmpfs {
-        (containerd + 3 * GIB / 2, registry + 4 * GIB)
-    } else {
-        (containerd + registry + GIB, 0)
-    };
     let free = free_bytes(cache_dir)?.min(free_bytes(&std::env::temp_dir())?);
+    let in_memory = tmpfs && mem_available()? >= registry + 4 * GIB;
+    let disk_need = if in_memory {
+        containerd + 3 * GIB / 2
+    } else {
+        containerd + registry + GIB
+    };
     if free < disk_need {
-        return Ok(Some(format!(
+        return Ok(Err(format!(
             "needs about {:.1} GB of free disk, {:.1} GB are free",
             disk_need as f64 / 1e9,
             free as f64 / 1e9
         )));
     }
-    let available = mem_available()?;
-    Ok((available < ram_need).then(|| {
-        format!(
-            "needs about {:.1} GB of available memory for the registry, {:.1} GB are available",
-            ram_need as f64 / 1e9,
-            available as f64 / 1e9
-        )
-    }))
+    if tmpfs && !in_memory {
+        eprintln!(
+            "the {gib} GiB point's registry (about {:.1} GB) does not fit in memory: it stays on \
+             disk",
+            registry as f64 / 1e9
+        );
+    }
+    Ok(Ok(in_memory))
 }
 
 fn mem_available() -> anyhow::Result<u64> {
@@ -218,15 +228,29 @@ fn free_bytes(path: &Path) -> anyhow::Result<u64> {
         .context("parsing df's output")
 }
 
+/// What one size point measures.
+#[derive(Clone, Copy, Debug)]
+struct PointPlan {
+    gib: u64,
+    /// The first point also calibrates the link and measures the file-system figures.
+    first: bool,
+    /// The registry's storage is a tmpfs (else the disk).
+    registry_in_memory: bool,
+}
+
 fn measure_size(
     args: &Args,
     cache: &ImageCache,
     software: &[LayerInfo],
-    gib: u64,
-    first: bool,
+    plan: PointPlan,
     streamsnap: &Path,
     shape: LinkShape,
 ) -> anyhow::Result<SizePoint> {
+    let PointPlan {
+        gib,
+        first,
+        registry_in_memory,
+    } = plan;
     let prepare = Instant::now();
     let data = cache.data_layer(gib * GIB)?;
     let tag = format!("data-{gib}g");
@@ -237,7 +261,7 @@ fn measure_size(
     let registry = Registry::start()?;
     // Unmounted (lazily: the registry still runs) before the registry is dropped, which then
     // removes the empty dir.
-    let storage = if args.registry_tmpfs {
+    let storage = if registry_in_memory {
         Some(Tmpfs::mount(
             &registry.dir().join("storage"),
             2 * image.compressed_bytes() + GIB,
@@ -276,6 +300,7 @@ fn measure_size(
 
     let mut point = SizePoint::new(gib, &image);
     point.calibration = calibration;
+    point.registry_in_memory = registry_in_memory;
     for round in 0..args.runs {
         let wall = Instant::now();
         let (overlay, containerd) = overlay_run(&proxy, &reference, &format!("o{gib}-{round}"))?;

@@ -54,6 +54,8 @@ pub struct SizePoint {
     pub compressed_bytes: u64,
     pub unpacked_bytes: u64,
     pub entries: u64,
+    /// The registry's storage was a tmpfs (else the disk).
+    pub registry_in_memory: bool,
     pub calibration: Option<Calibration>,
     pub trace: Option<Trace>,
     pub limit: Option<Limit>,
