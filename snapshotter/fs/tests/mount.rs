@@ -416,7 +416,7 @@ fn the_mount_gets_the_kernel_readahead_it_asks_for() {
     let rt = runtime();
     let (toc, reader) = sample();
     let m = Mounted::new(toc, reader, rt.handle().clone());
-    // The INIT answer alone leaves FUSE at the kernel's offer (128 KiB).
+    // A mount gets the default (the INIT answer alone would leave the kernel's 128 KiB).
     assert_eq!(
         streamsnap_fs::readahead(&m.path()).unwrap(),
         streamsnap_fs::DEFAULT_READAHEAD_BYTES
