@@ -83,8 +83,8 @@ fn markdown(f: &Figures) -> String {
          10 GiB disk cache, 64 MiB memory cache, no background fetch; plus 4 MiB of kernel \
          readahead); the warm run's daemon \
          starts with the chunk cache the cold run before it left. *Cold + profile* is a cold \
-         run (empty chunk cache) of an image that has a start-up profile: the untimed access-trace \
-         run recorded what the start-up read (the daemon's `/debug/profile`) and `streamsnap \
+         run (empty chunk cache) of an image that has a start-up profile: the first cold run's \
+         daemon recorded what the start-up read (its `/debug/profile`) and `streamsnap \
          artifact-streaming profile` pushed it, so the daemon fetches those chunks as it mounts \
          the layers (docs/snapshotter.md, *Start-up profiles*). *Cold* runs with the profile \
          prefetch turned off, as for an image without a profile. The headline uses cold + \

@@ -6,11 +6,13 @@
 //! Per data size: a fresh registry, the image pushed and converted, a link-shaping proxy in
 //! front of it; a trace round (full pull, then the start-up on a cold and a hot page cache, the
 //! bytes it brought into the page cache, warm file-system figures, and an untimed streamsnap run
-//! whose access trace is pushed as the image's start-up profile); then `runs` rounds of the
+//! with the kernel's readahead off for the access trace); then `runs` rounds of the
 //! four contenders one after another: overlayfs full pull + run, streamsnap with an empty chunk
 //! cache and no profile, streamsnap with an empty chunk cache and the profile, streamsnap with
-//! the chunk cache the cold run left. Every run has a fresh containerd (and a fresh daemon): only
-//! the chunk cache carries over, and only into the warm run.
+//! the chunk cache the cold run left. What the first cold run's daemon recorded is pushed as the
+//! image's start-up profile before the first cold + profile run. Every run has a fresh
+//! containerd (and a fresh daemon): only the chunk cache carries over, and only into the warm
+//! run.
 
 mod access;
 mod doc;
@@ -312,7 +314,7 @@ fn measure_size(
         point.overlay.push(overlay);
         if round == 0 {
             let mut trace = trace(&containerd, &reference, !args.skip_fs)?;
-            trace.read_bytes = Some(access_trace(&proxy, &reference, &direct, gib, streamsnap)?);
+            trace.read_bytes = Some(access_trace_bytes(&proxy, &reference, gib)?);
             point.trace = Some(trace);
             if first && !args.skip_fs {
                 point.fs.overlay = Some(fsbench::overlay_side(&containerd, &reference)?);
@@ -327,14 +329,26 @@ fn measure_size(
         let seed = tempfile::Builder::new()
             .prefix("ss-seed-")
             .tempdir_in("/tmp")?;
-        let cold = streamsnap_run(
+        // The first cold run's daemon records what the start read: pushed as the image's
+        // start-up profile, it is what the cold + profile runs prefetch.
+        let profile = tempfile::Builder::new()
+            .prefix("ss-profile-")
+            .tempfile_in("/tmp")?;
+        let cold = streamsnap_run_with(
             &proxy,
             &reference,
             &format!("c{gib}-{round}"),
             None,
             Some(seed.path()),
-            false,
+            &SnapshotterdOptions {
+                prefetch_profile: false,
+                ..daemon_options()
+            },
+            (round == 0).then(|| profile.path()),
         )?;
+        if round == 0 {
+            push_profile(streamsnap, &direct, profile.path())?;
+        }
         eprintln!(
             "  round {round}: streamsnap cold {:.2} s ({:.1} MB fetched)",
             cold.ready_s,
@@ -475,20 +489,9 @@ fn overlay_run(
     Ok((sample, containerd))
 }
 
-/// A cold streamsnap run (untimed) with `[fuse] readahead_bytes = 0`, so the kernel reads only
-/// the pages asked for: returns the bytes the start-up read through FUSE, and pushes what the
-/// daemon recorded (`/debug/profile`) as the image's start-up profile (`direct`: the image in
-/// the registry itself, not through the shaped link).
-fn access_trace(
-    proxy: &ShapingProxy,
-    reference: &str,
-    direct: &str,
-    gib: u64,
-    streamsnap: &Path,
-) -> anyhow::Result<u64> {
-    let profile = tempfile::Builder::new()
-        .prefix("ss-profile-")
-        .tempfile_in("/tmp")?;
+/// The bytes the start-up reads through FUSE when the kernel reads only the pages asked for: a
+/// cold streamsnap run (untimed) with `[fuse] readahead_bytes = 0`.
+fn access_trace_bytes(proxy: &ShapingProxy, reference: &str, gib: u64) -> anyhow::Result<u64> {
     let run = streamsnap_run_with(
         proxy,
         reference,
@@ -500,28 +503,33 @@ fn access_trace(
             prefetch_profile: false,
             ..daemon_options()
         },
-        Some(profile.path()),
+        None,
     )?;
     let bytes = run
         .daemon
         .as_ref()
         .map(|d| d.fuse_read_bytes as u64)
         .context("the trace run has no daemon figures")?;
+    eprintln!(
+        "  access trace: the start-up read {:.1} MB through FUSE with the kernel's readahead off",
+        bytes as f64 / 1e6
+    );
+    Ok(bytes)
+}
+
+/// Pushes the start-up profile a run saved (`profile`) for the image (`direct`: in the registry
+/// itself, not through the shaped link), as a user would after a first start.
+fn push_profile(streamsnap: &Path, direct: &str, profile: &Path) -> anyhow::Result<()> {
     let pushed = streamsnap_e2e::run(Command::new(streamsnap).args([
         "artifact-streaming",
         "profile",
         "--image",
         direct,
         "--file",
-        profile.path().to_str().context("temp path")?,
+        profile.to_str().context("temp path")?,
     ]))?;
-    eprintln!(
-        "  access trace: the start-up read {:.1} MB through FUSE with the kernel's readahead off; \
-         {}",
-        bytes as f64 / 1e6,
-        String::from_utf8_lossy(&pushed.stdout).trim()
-    );
-    Ok(bytes)
+    eprintln!("  {}", String::from_utf8_lossy(&pushed.stdout).trim());
+    Ok(())
 }
 
 /// A streamsnap run with a fresh daemon; with `seed`, its chunk cache starts as a hard-linked
