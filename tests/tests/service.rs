@@ -549,7 +549,8 @@ fn a_conversion_interrupted_by_kill_or_sigterm_is_resumed_after_restart() -> any
 }
 
 #[test]
-fn deleting_an_original_manifest_deletes_its_streaming_artifact() -> anyhow::Result<()> {
+fn deleting_an_original_manifest_deletes_its_streaming_artifact_and_profile() -> anyhow::Result<()>
+{
     let env = Env::start(&["-v"], None)?;
     env.cli_ok(&[
         "update",
@@ -576,7 +577,7 @@ fn deleting_an_original_manifest_deletes_its_streaming_artifact() -> anyhow::Res
         artifact_type: Some("application/vnd.example.signature".into()),
         config: Descriptor::of(media::OCI_EMPTY, media::OCI_EMPTY_CONTENT),
         layers: vec![],
-        subject: Some(subject),
+        subject: Some(subject.clone()),
         annotations: Default::default(),
     };
     let signature = env.rt.block_on(async {
@@ -589,7 +590,28 @@ fn deleting_an_original_manifest_deletes_its_streaming_artifact() -> anyhow::Res
             .await?;
         env.client.push_referrer(&repo, &signature).await
     })?;
-    ensure!(env.referrers("del", &digest)?.len() == 2);
+    // And a start-up profile of it.
+    let profile_blob = br#"{"version":1,"layers":[]}"#;
+    let profile = ImageManifest {
+        schema_version: 2,
+        media_type: Some(media::OCI_MANIFEST.into()),
+        artifact_type: Some(media::PROFILE_ARTIFACT_TYPE.into()),
+        config: Descriptor::of(media::OCI_EMPTY, media::OCI_EMPTY_CONTENT),
+        layers: vec![Descriptor::of(media::PROFILE, profile_blob)],
+        subject: Some(subject),
+        annotations: Default::default(),
+    };
+    let profile = env.rt.block_on(async {
+        env.client
+            .push_blob(
+                &repo,
+                &profile.layers[0].digest,
+                profile_blob.as_slice().into(),
+            )
+            .await?;
+        env.client.push_referrer(&repo, &profile).await
+    })?;
+    ensure!(env.referrers("del", &digest)?.len() == 3);
 
     env.rt
         .block_on(env.client.delete_manifest(&repo, &digest))?;
@@ -605,6 +627,12 @@ fn deleting_an_original_manifest_deletes_its_streaming_artifact() -> anyhow::Res
         ensure!(Instant::now() < deadline, "the artifact was not deleted");
         std::thread::sleep(POLL);
     }
+    ensure!(
+        env.rt
+            .block_on(env.client.head_manifest(&repo, &profile.digest.to_string()))?
+            .is_none(),
+        "the start-up profile was not deleted"
+    );
     // The fallback index lists the other referrer only.
     let index = env.rt.block_on(
         env.client

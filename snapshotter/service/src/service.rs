@@ -432,8 +432,8 @@ impl Service {
     }
 
     /// A manifest was deleted: stop its queued or running operation, and delete its streaming
-    /// artifacts (found through the referrers API or the fallback tag, which outlives the
-    /// manifest). Returns how many were deleted.
+    /// artifacts and start-up profiles (found through the referrers API or the fallback tag,
+    /// which outlives the manifest). Other referrers stay. Returns how many were deleted.
     async fn on_delete(&self, name: &str, digest: Digest) -> Result<usize> {
         let Ok(repo) = self.repository(name) else {
             return Ok(0);
@@ -445,17 +445,26 @@ impl Service {
             self.request_cancel(&op.id, "the image manifest was deleted")
                 .await?;
         }
-        let referrers = self
+        let ours: Vec<_> = self
             .client
-            .referrers(&repo, &digest, Some(media::ARTIFACT_TYPE))
-            .await?;
-        for artifact in &referrers.manifests {
+            .referrers(&repo, &digest, None)
+            .await?
+            .manifests
+            .into_iter()
+            .filter(|d| {
+                matches!(
+                    d.artifact_type.as_deref(),
+                    Some(media::ARTIFACT_TYPE | media::PROFILE_ARTIFACT_TYPE)
+                )
+            })
+            .collect();
+        for artifact in &ours {
             self.client
                 .remove_referrer(&repo, &digest, &artifact.digest)
                 .await?;
-            tracing::info!(repository = name, subject = %digest, artifact = %artifact.digest, "deleted the streaming artifact of a deleted manifest");
+            tracing::info!(repository = name, subject = %digest, artifact = %artifact.digest, artifact_type = artifact.artifact_type.as_deref().unwrap_or(""), "deleted a streaming referrer of a deleted manifest");
         }
-        Ok(referrers.manifests.len())
+        Ok(ours.len())
     }
 }
 
