@@ -80,8 +80,8 @@ fn markdown(f: &Figures) -> String {
          ready runs from the start of the pull (`ctr images pull` for overlayfs, `ctr-remote \
          images rpull` for streamsnap) to the line `ready` on the container's stdout. Each run \
          has a fresh containerd and, for streamsnap, a fresh daemon (its documented defaults: \
-         10 GiB disk cache, 64 MiB memory cache, no background fetch; plus 4 MiB of kernel \
-         readahead); the warm run's daemon \
+         10 GiB disk cache, 64 MiB memory cache, 4 MiB of kernel readahead, no background \
+         fetch); the warm run's daemon \
          starts with the chunk cache the cold run before it left. *Cold + profile* is a cold \
          run (empty chunk cache) of an image that has a start-up profile: the first cold run's \
          daemon recorded what the start-up read (its `/debug/profile`) and `streamsnap \
