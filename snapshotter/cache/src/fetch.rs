@@ -48,7 +48,7 @@ impl Deadline {
 
 /// A run of frames fetched with one range request: `len` bytes at `offset` of the blob.
 #[derive(Debug)]
-pub(crate) struct Run<T> {
+pub struct Run<T> {
     pub offset: u64,
     pub len: u64,
     pub chunks: Vec<(ChunkRef, T)>,
@@ -56,12 +56,9 @@ pub(crate) struct Run<T> {
 
 /// Groups frames into runs in blob order: a frame joins the previous run if at most `max_gap`
 /// bytes separate them and the run stays within `max_request` bytes. A frame larger than
-/// `max_request` gets a run of its own.
-pub(crate) fn plan_runs<T>(
-    mut chunks: Vec<(ChunkRef, T)>,
-    max_request: u64,
-    max_gap: u64,
-) -> Vec<Run<T>> {
+/// `max_request` gets a run of its own. `T` travels with each frame (a fetch's waiters, a
+/// prefetch's ranks).
+pub fn plan_runs<T>(mut chunks: Vec<(ChunkRef, T)>, max_request: u64, max_gap: u64) -> Vec<Run<T>> {
     chunks.sort_by_key(|(chunk, _)| (chunk.offset, chunk.compressed_size));
     let mut runs: Vec<Run<T>> = Vec::new();
     for (chunk, item) in chunks {

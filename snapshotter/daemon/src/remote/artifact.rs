@@ -58,17 +58,7 @@ impl Artifact {
             artifact: digest,
             reason,
         };
-        let manifest: ImageManifest =
-            serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
-        if manifest.artifact_type.as_deref() != Some(media::ARTIFACT_TYPE) {
-            return Err(invalid(format!(
-                "artifactType is {:?}",
-                manifest.artifact_type
-            )));
-        }
-        if manifest.subject.as_ref().map(|s| s.digest) != Some(subject) {
-            return Err(invalid(format!("its subject is not {subject}")));
-        }
+        let manifest = referrer_manifest(bytes, media::ARTIFACT_TYPE, subject).map_err(invalid)?;
         let version = manifest.annotations.get(media::ANNOTATION_FORMAT_VERSION);
         if version != Some(&FORMAT_VERSION.to_string()) {
             return Err(invalid(format!(
@@ -106,6 +96,22 @@ impl Artifact {
             profile: None,
         })
     }
+}
+
+/// Parses a manifest that must be an `artifact_type` referrer of `subject`; the error is why not.
+fn referrer_manifest(
+    bytes: &[u8],
+    artifact_type: &str,
+    subject: Digest,
+) -> Result<ImageManifest, String> {
+    let manifest: ImageManifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if manifest.artifact_type.as_deref() != Some(artifact_type) {
+        return Err(format!("artifactType is {:?}", manifest.artifact_type));
+    }
+    if manifest.subject.as_ref().map(|s| s.digest) != Some(subject) {
+        return Err(format!("its subject is not {subject}"));
+    }
+    Ok(manifest)
 }
 
 enum Entry {
@@ -234,13 +240,8 @@ impl ArtifactCache {
             reason,
         };
         let fetched = self.client.get_manifest(repo, &digest.to_string()).await?;
-        let manifest: ImageManifest =
-            serde_json::from_slice(&fetched.bytes).map_err(|e| invalid(e.to_string()))?;
-        if manifest.artifact_type.as_deref() != Some(media::PROFILE_ARTIFACT_TYPE)
-            || manifest.subject.as_ref().map(|s| s.digest) != Some(subject)
-        {
-            return Err(invalid(format!("not a start-up profile of {subject}")));
-        }
+        let manifest = referrer_manifest(&fetched.bytes, media::PROFILE_ARTIFACT_TYPE, subject)
+            .map_err(invalid)?;
         let [layer] = manifest.layers.as_slice() else {
             return Err(invalid(format!(
                 "{} layers, expected 1",

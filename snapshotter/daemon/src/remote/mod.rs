@@ -162,33 +162,29 @@ impl RemoteLayers {
         let mounts = self.mounts.lock().expect("mounts lock");
         let mut entries: Vec<(&u64, &MountEntry)> = mounts.iter().collect();
         entries.sort_by_key(|(id, _)| **id);
-        // Per layer: each chunk with its earliest rank, then in rank order.
-        let mut by_layer: Vec<(Digest, HashMap<u32, u64>)> = Vec::new();
+        // Per layer: each chunk with its earliest rank over the layer's mounts.
+        let mut by_layer: Vec<(Digest, Vec<Option<u64>>)> = Vec::new();
         for (_, entry) in entries {
             let index = match by_layer.iter().position(|(l, _)| *l == entry.layer) {
                 Some(index) => index,
                 None => {
-                    by_layer.push((entry.layer, HashMap::new()));
+                    by_layer.push((entry.layer, Vec::new()));
                     by_layer.len() - 1
                 }
             };
-            for (chunk, rank) in entry.log.entries() {
-                let known = by_layer[index].1.entry(chunk).or_insert(rank);
-                *known = (*known).min(rank);
-            }
+            entry.log.merge_into(&mut by_layer[index].1);
         }
         let layers = by_layer
             .into_iter()
-            .filter(|(_, chunks)| !chunks.is_empty())
-            .map(|(layer, chunks)| {
-                let mut ranked: Vec<(u32, u64)> = chunks.into_iter().collect();
-                ranked.sort_by_key(|&(_, rank)| rank);
+            .map(|(layer, ranks)| {
+                let ranked = profile::ranked(&ranks);
                 LayerProfile {
                     layer,
                     chunks: ranked.iter().map(|&(c, _)| c).collect(),
                     ranks: ranked.iter().map(|&(_, r)| r).collect(),
                 }
             })
+            .filter(|l| !l.chunks.is_empty())
             .collect();
         Profile::new(layers)
     }
@@ -352,7 +348,7 @@ impl RemoteLayers {
             source.data_digest,
         ));
         let toc = Arc::new(toc);
-        let log = Arc::new(AccessLog::new(self.reads.clone()));
+        let log = Arc::new(AccessLog::new(self.reads.clone(), toc.chunks().len()));
         let reader = Arc::new(
             CacheReader::new(
                 self.cache.clone(),

@@ -4,20 +4,20 @@
 //! the order the start first read them.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use streamsnap_cache::{BlobSource, ChunkCache, ChunkRef};
+use streamsnap_cache::{BlobSource, ChunkCache, ChunkRef, plan_runs};
 use streamsnap_format::{LayerProfile, Toc};
 
 use crate::metrics::Metrics;
 
 /// How long after a layer is mounted its reads count as start-up.
 pub const RECORD_WINDOW: Duration = Duration::from_secs(60);
-/// Chunks further apart than this (compressed bytes in the blob) are fetched in different
-/// batches; closer ones in one, the gap included.
+/// Chunks further apart than this (compressed bytes in the blob) go in different batches;
+/// closer ones in one, the gap included (batches are the cache's runs, `plan_runs`).
 const MAX_GAP: u64 = 256 << 10;
 /// Largest batch of chunks fetched in one go, in compressed bytes: a read waiting for a chunk
 /// of a batch waits for the whole batch.
@@ -28,25 +28,30 @@ const WORKERS: usize = 4;
 const MAX_FAILURES: u32 = 3;
 
 /// The chunks of one mounted layer read within [`RECORD_WINDOW`] of its mount, each with its
-/// position in the node's order of first reads. Memory is bounded by the layer's chunk count.
+/// position in the node's order of first reads: one slot per chunk of the layer.
 #[derive(Debug)]
 pub struct AccessLog {
     mounted: Instant,
     /// Shared by every layer of the daemon: ranks order first reads across layers.
     sequence: Arc<AtomicU64>,
-    state: Mutex<Reads>,
+    /// By chunk index: the rank of its first read, if it was read.
+    ranks: Mutex<Vec<Option<u64>>>,
 }
 
-/// The chunks seen, and each chunk with its rank in the order first read.
-type Reads = (HashSet<u32>, Vec<(u32, u64)>);
-
 impl AccessLog {
-    pub fn new(sequence: Arc<AtomicU64>) -> Self {
+    /// A log for a layer of `chunks` chunks.
+    pub fn new(sequence: Arc<AtomicU64>, chunks: usize) -> Self {
         Self {
             mounted: Instant::now(),
             sequence,
-            state: Mutex::default(),
+            ranks: Mutex::new(vec![None; chunks]),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<u64>>> {
+        self.ranks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Notes a read of `chunks` (in the order the read needs them).
@@ -54,32 +59,51 @@ impl AccessLog {
         if self.mounted.elapsed() > RECORD_WINDOW {
             return;
         }
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (seen, order) = &mut *state;
+        let mut ranks = self.lock();
         for &chunk in chunks {
-            if seen.insert(chunk) {
-                order.push((chunk, self.sequence.fetch_add(1, Ordering::Relaxed)));
+            if let Some(slot @ None) = ranks.get_mut(chunk as usize) {
+                *slot = Some(self.sequence.fetch_add(1, Ordering::Relaxed));
             }
         }
     }
 
+    /// Folds this log into `ranks` (one slot per chunk): each chunk keeps its earliest rank.
+    pub fn merge_into(&self, ranks: &mut Vec<Option<u64>>) {
+        let mine = self.lock();
+        if ranks.len() < mine.len() {
+            ranks.resize(mine.len(), None);
+        }
+        for (slot, rank) in ranks.iter_mut().zip(mine.iter()) {
+            *slot = match (*slot, *rank) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+    }
+
     /// The chunks read so far and their ranks, first read first.
-    pub fn entries(&self) -> Vec<(u32, u64)> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .1
-            .clone()
+    #[cfg(test)]
+    fn entries(&self) -> Vec<(u32, u64)> {
+        ranked(&self.lock())
     }
 }
 
 impl Default for AccessLog {
+    /// A log that records nothing (no chunks).
     fn default() -> Self {
-        Self::new(Arc::default())
+        Self::new(Arc::default(), 0)
     }
+}
+
+/// The chunks that have a rank, with it, lowest rank first.
+pub fn ranked(ranks: &[Option<u64>]) -> Vec<(u32, u64)> {
+    let mut ranked: Vec<(u32, u64)> = ranks
+        .iter()
+        .enumerate()
+        .filter_map(|(chunk, rank)| Some((chunk as u32, (*rank)?)))
+        .collect();
+    ranked.sort_by_key(|&(_, rank)| rank);
+    ranked
 }
 
 /// Groups what the profile lists for a layer (indices outside the TOC are dropped) into
@@ -93,40 +117,24 @@ pub fn plan(toc: &Toc, listed: &LayerProfile, max_bytes: u64) -> Vec<(u64, Vec<C
         .filter(|&(index, _)| (index as usize) < table.len())
         .collect();
     ranked.sort_by_key(|&(_, rank)| rank);
-    let mut seen = HashSet::new();
+    // A decoded profile lists each chunk of a layer once.
     let mut planned = 0u64;
     let mut kept = Vec::new();
     for (index, rank) in ranked {
-        if !seen.insert(index) {
-            continue;
-        }
         planned += u64::from(table[index as usize].size);
         if planned > max_bytes {
             break;
         }
-        kept.push((index, rank));
+        kept.push((ChunkRef::from_toc(&table[index as usize]), rank));
     }
-    kept.sort_by_key(|&(index, _)| table[index as usize].offset);
-    let mut batches: Vec<(u64, Vec<ChunkRef>)> = Vec::new();
-    let mut span: Option<(u64, u64)> = None; // start and end of the current batch in the blob
-    for (index, rank) in kept {
-        let chunk = ChunkRef::from_toc(&table[index as usize]);
-        let end = chunk.offset + u64::from(chunk.compressed_size);
-        match (&mut span, batches.last_mut()) {
-            (Some((start, last_end)), Some((first_rank, batch)))
-                if chunk.offset.saturating_sub(*last_end) <= MAX_GAP
-                    && end - *start <= MAX_BATCH =>
-            {
-                *last_end = end;
-                *first_rank = (*first_rank).min(rank);
-                batch.push(chunk);
-            }
-            _ => {
-                span = Some((chunk.offset, end));
-                batches.push((rank, vec![chunk]));
-            }
-        }
-    }
+    let mut batches: Vec<(u64, Vec<ChunkRef>)> = plan_runs(kept, MAX_BATCH, MAX_GAP)
+        .into_iter()
+        .map(|run| {
+            let rank = run.chunks.iter().map(|&(_, rank)| rank).min();
+            let chunks = run.chunks.into_iter().map(|(chunk, _)| chunk).collect();
+            (rank.expect("a run has a chunk"), chunks)
+        })
+        .collect();
     batches.sort_by_key(|(rank, _)| *rank);
     batches
 }
@@ -318,14 +326,19 @@ mod tests {
     fn the_log_keeps_first_reads_once_with_node_wide_ranks() {
         let sequence = Arc::new(AtomicU64::new(0));
         let (a, b) = (
-            AccessLog::new(sequence.clone()),
-            AccessLog::new(sequence.clone()),
+            AccessLog::new(sequence.clone(), 8),
+            AccessLog::new(sequence.clone(), 8),
         );
         a.record(&[5, 6]);
         b.record(&[1]);
-        a.record(&[2, 5]);
+        a.record(&[2, 5, 99]);
         assert_eq!(a.entries(), vec![(5, 0), (6, 1), (2, 3)]);
         assert_eq!(b.entries(), vec![(1, 2)]);
+        // Two mounts of one layer: each chunk keeps its earliest rank.
+        let mut merged = Vec::new();
+        a.merge_into(&mut merged);
+        b.merge_into(&mut merged);
+        assert_eq!(ranked(&merged), vec![(5, 0), (6, 1), (1, 2), (2, 3)]);
     }
 
     #[test]
