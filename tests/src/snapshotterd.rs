@@ -225,6 +225,21 @@ impl Snapshotterd {
         self.metrics_address.as_ref().map(|a| format!("http://{a}"))
     }
 
+    /// `GET path` on the metrics address (`/metrics`, `/debug/profile`): the body of a 200
+    /// answer; another status is an error naming it. Needs a daemon started with metrics.
+    pub fn get(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let address = self
+            .metrics_address()
+            .context("the daemon was started without metrics")?;
+        let response = crate::http::get(address, path, &[])?;
+        ensure!(
+            response.status == 200,
+            "{path} answered {}",
+            response.status
+        );
+        Ok(response.body)
+    }
+
     /// `127.0.0.1:PORT` of the metrics endpoint, if started with metrics.
     pub fn metrics_address(&self) -> Option<&str> {
         self.metrics_address.as_deref()

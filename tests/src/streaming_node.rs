@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use anyhow::{Context, ensure};
+use anyhow::ensure;
 use streamsnap_format::Digest;
 
 use crate::container::{rpull, run_container};
@@ -13,7 +13,7 @@ use crate::image::{Compression, ImageSpec, LayerBlob, OciLayout};
 use crate::targen::pseudo_random_bytes;
 use crate::{
     Containerd, ContainerdOptions, CountingProxy, Registry, Snapshotterd, SnapshotterdOptions,
-    TarGen, http, require_root_tools, skopeo_push, workspace_bin,
+    TarGen, require_root_tools, skopeo_push, workspace_bin,
 };
 
 /// Data files in the test image: incompressible, several chunks each.
@@ -114,17 +114,7 @@ impl StreamingNode {
     }
 
     pub fn metrics(&self) -> anyhow::Result<String> {
-        let address = self
-            .daemon
-            .metrics_address()
-            .context("daemon started without metrics")?;
-        let response = http::get(address, "/metrics", &[])?;
-        ensure!(
-            response.status == 200,
-            "/metrics answered {}",
-            response.status
-        );
-        Ok(String::from_utf8(response.body)?)
+        Ok(String::from_utf8(self.daemon.get("/metrics")?)?)
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use streamsnap_e2e::container::{rpull, run_container};
 use streamsnap_e2e::streaming_node::{FILE_SIZE, FILES, StreamingNode, metric};
-use streamsnap_e2e::{Containerd, ContainerdOptions, Snapshotterd, SnapshotterdOptions, http};
+use streamsnap_e2e::{Containerd, ContainerdOptions, Snapshotterd, SnapshotterdOptions};
 use streamsnap_format::Profile;
 
 #[test]
@@ -29,17 +29,8 @@ fn a_pushed_profile_is_prefetched_so_the_start_runs_without_the_registry() -> an
     );
 
     // What the node saw: busybox's reads of the warm-up and this start, and the two files.
-    let address = first
-        .daemon
-        .metrics_address()
-        .context("no metrics address")?;
-    let response = http::get(address, "/debug/profile", &[])?;
-    ensure!(
-        response.status == 200,
-        "/debug/profile answered {}",
-        response.status
-    );
-    let profile = Profile::decode(&response.body)?;
+    let recorded = first.daemon.get("/debug/profile")?;
+    let profile = Profile::decode(&recorded)?;
     let per_file = FILE_SIZE.div_ceil(1 << 20);
     ensure!(
         profile.len() >= 2 * per_file && profile.len() < FILES * per_file,
@@ -48,7 +39,7 @@ fn a_pushed_profile_is_prefetched_so_the_start_runs_without_the_registry() -> an
         2 * per_file
     );
     let file = tempfile::NamedTempFile::new()?;
-    std::fs::write(file.path(), &response.body)?;
+    std::fs::write(file.path(), &recorded)?;
     let direct = first
         .image
         .replace(&first.proxy.addr(), &first.registry.addr());
@@ -71,15 +62,7 @@ fn a_pushed_profile_is_prefetched_so_the_start_runs_without_the_registry() -> an
         ContainerdOptions::default().with_proxy_snapshotter("streamsnap", daemon.socket()),
     )?;
     rpull(&containerd, &first.image, "streamsnap", true)?;
-    let address = daemon
-        .metrics_address()
-        .context("no metrics address")?
-        .to_owned();
-    let metrics = || -> anyhow::Result<String> {
-        Ok(String::from_utf8(
-            http::get(&address, "/metrics", &[])?.body,
-        )?)
-    };
+    let metrics = || -> anyhow::Result<String> { Ok(String::from_utf8(daemon.get("/metrics")?)?) };
     // Wait until the prefetch has settled: its byte count stops growing.
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = -1.0;
@@ -129,11 +112,7 @@ fn a_pushed_profile_is_prefetched_so_the_start_runs_without_the_registry() -> an
 #[test]
 fn profiles_for_missing_images_and_files_that_are_not_profiles_are_refused() -> anyhow::Result<()> {
     let node = StreamingNode::start(SnapshotterdOptions::default().with_metrics())?;
-    let address = node
-        .daemon
-        .metrics_address()
-        .context("no metrics address")?;
-    let body = http::get(address, "/debug/profile", &[])?.body;
+    let body = node.daemon.get("/debug/profile")?;
     let file = tempfile::NamedTempFile::new()?;
     std::fs::write(file.path(), &body)?;
     let missing = format!("{}/res/other:v1", node.registry.addr());

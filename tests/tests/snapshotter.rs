@@ -24,22 +24,13 @@ use streamsnap_e2e::registry::AccessLogEntry;
 use streamsnap_e2e::snapshotterd::SNAPSHOTTER;
 use streamsnap_e2e::targen::pseudo_random_bytes;
 use streamsnap_e2e::{
-    CRI_NAMESPACE, Containerd, ContainerdOptions, CountingProxy, Node, Registry, Snapshotterd,
-    SnapshotterdOptions, TarGen, chain_id, diff_trees, every_entry_type_layer, mount_view, pull,
-    require_root, require_root_tools, rpull, run_container_in, skopeo_push, upper_layers,
-    upper_layers_view, walk_tree, workspace_bin,
+    CRI_NAMESPACE, Containerd, ContainerdOptions, CountingProxy, Node, Registry,
+    STREAMING_NODE_TOOLS, Snapshotterd, SnapshotterdOptions, TarGen, chain_id, diff_trees,
+    every_entry_type_layer, mount_view, pull, require_root, require_root_tools, rpull,
+    run_container_in, skopeo_push, upper_layers, upper_layers_view, walk_tree, workspace_bin,
 };
 use streamsnap_format::Digest;
 
-const TOOLS: &[&str] = &[
-    "docker-registry",
-    "skopeo",
-    "containerd",
-    "ctr",
-    "ctr-remote",
-    "runc",
-    "containerd-shim-runc-v2",
-];
 const OVERLAYFS: &str = "overlayfs";
 /// Most a lazy pull and start may take from the registry, as a share of the image's compressed
 /// layers.
@@ -49,7 +40,7 @@ const CHUNK_SIZE: u64 = 1 << 20;
 
 fn preflight() -> anyhow::Result<()> {
     require_root()?;
-    require_root_tools(TOOLS)?;
+    require_root_tools(&[STREAMING_NODE_TOOLS, &["containerd-shim-runc-v2"]].concat())?;
     ensure!(
         Path::new("/dev/fuse").exists(),
         "/dev/fuse is missing: the snapshotter mounts layers through FUSE (modprobe fuse)"

@@ -7,15 +7,13 @@ use std::path::Path;
 use anyhow::Context;
 use streamsnap_e2e::container::rpull;
 use streamsnap_e2e::{
-    Containerd, ContainerdOptions, Snapshotterd, SnapshotterdOptions, chain_id, mount_rootfs,
-    mount_view,
+    Containerd, ContainerdOptions, Snapshotterd, chain_id, mount_rootfs, mount_view,
 };
 use streamsnap_format::Digest;
 
 use super::image::{BuiltImage, DATA_PATH};
 use super::report::FsSide;
 use super::runner::{drop_caches, fadvise_dontneed, read_file, stat_tree};
-use super::{CACHE_MAX_BYTES, CACHE_MEMORY_BYTES};
 
 /// Repetitions of each file-system figure.
 const REPEATS: usize = 3;
@@ -28,12 +26,7 @@ pub fn overlay_side(containerd: &Containerd, reference: &str) -> anyhow::Result<
 
 /// With a fresh daemon and containerd: the image pulled lazily, its rootfs mounted as a view.
 pub fn streamsnap_side(reference: &str, image: &BuiltImage) -> anyhow::Result<FsSide> {
-    let daemon = Snapshotterd::start(SnapshotterdOptions {
-        cache_max_bytes: CACHE_MAX_BYTES,
-        cache_memory_bytes: CACHE_MEMORY_BYTES,
-        extra_config: super::KERNEL_READAHEAD.to_owned(),
-        ..SnapshotterdOptions::default()
-    })?;
+    let daemon = Snapshotterd::start(super::daemon_options())?;
     let containerd = Containerd::start(
         ContainerdOptions::default().with_proxy_snapshotter("streamsnap", daemon.socket()),
     )?;

@@ -331,9 +331,15 @@ fn measure_size(
             .tempdir_in("/tmp")?;
         // The first cold run's daemon records what the start read: pushed as the image's
         // start-up profile, it is what the cold + profile runs prefetch.
-        let profile = tempfile::Builder::new()
-            .prefix("ss-profile-")
-            .tempfile_in("/tmp")?;
+        let profile = if round == 0 {
+            Some(
+                tempfile::Builder::new()
+                    .prefix("ss-profile-")
+                    .tempfile_in("/tmp")?,
+            )
+        } else {
+            None
+        };
         let cold = streamsnap_run_with(
             &proxy,
             &reference,
@@ -344,9 +350,9 @@ fn measure_size(
                 prefetch_profile: false,
                 ..daemon_options()
             },
-            (round == 0).then(|| profile.path()),
+            profile.as_ref().map(|p| p.path()),
         )?;
-        if round == 0 {
+        if let Some(profile) = &profile {
             push_profile(streamsnap, &direct, profile.path())?;
         }
         eprintln!(
@@ -550,20 +556,16 @@ fn streamsnap_run(
     streamsnap_run_with(proxy, reference, id, seed, keep, &options, None)
 }
 
-/// The daemon of the measured runs: the documented cache defaults, metrics on, and the 4 MiB
-/// kernel readahead for sequential readers.
-fn daemon_options() -> SnapshotterdOptions {
+/// The daemon of the measured runs: the documented defaults (the harness's own cache sizes are
+/// for tests), metrics on.
+pub(super) fn daemon_options() -> SnapshotterdOptions {
     SnapshotterdOptions {
         cache_max_bytes: CACHE_MAX_BYTES,
         cache_memory_bytes: CACHE_MEMORY_BYTES,
-        extra_config: KERNEL_READAHEAD.to_owned(),
         ..SnapshotterdOptions::default()
     }
     .with_metrics()
 }
-
-/// The daemon config of the measured runs: the 4 MiB kernel readahead for sequential readers.
-pub(crate) const KERNEL_READAHEAD: &str = "[fuse]\nreadahead_bytes = 4194304\n";
 
 /// [`streamsnap_run`] with a given daemon config; with `save_profile`, what the daemon recorded
 /// of the start-up (`/debug/profile`) is written there.
@@ -610,13 +612,7 @@ fn streamsnap_run_with(
         &metrics,
     )?));
     if let Some(path) = save_profile {
-        let response = streamsnap_e2e::http::get(&metrics, "/debug/profile", &[])?;
-        ensure!(
-            response.status == 200,
-            "/debug/profile answered {}",
-            response.status
-        );
-        std::fs::write(path, &response.body)?;
+        std::fs::write(path, daemon.get("/debug/profile")?)?;
     }
     let teardown = Instant::now();
     drop(containerd);
