@@ -5,7 +5,9 @@
 #   deploy/image/build.sh [--bin-dir DIR] [--tag TAG] OUT_DIR
 #
 # DIR holds the built binaries (default target/release: `cargo build --release --locked --bins`).
-# OUT_DIR becomes an OCI layout with the image tagged TAG (default: the workspace version); push
+# OUT_DIR becomes an OCI layout with the image tagged TAG (default: the workspace version). It
+# must not exist, be empty, or be an earlier output of this script (an OCI layout holding only
+# oci-layout, index.json and blobs/, which is replaced); anything else is refused untouched. Push
 # it with skopeo, e.g.
 #   skopeo copy oci:OUT_DIR:TAG docker://registry.example.com/streamsnap/streamsnap:TAG
 # The result is reproducible: the same binaries give the same digests (SOURCE_DATE_EPOCH sets
@@ -21,13 +23,33 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --bin-dir) bin_dir=$2; shift 2 ;;
     --tag) tag=$2; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     -*) echo "build.sh: unknown option $1" >&2; exit 2 ;;
     *) break ;;
   esac
 done
 [ $# -eq 1 ] || { echo "usage: build.sh [--bin-dir DIR] [--tag TAG] OUT_DIR" >&2; exit 2; }
 out=$1
+# Refuse, before building anything, a path that holds something else: OUT_DIR is replaced.
+if [ -e "$out" ] || [ -L "$out" ]; then
+  if [ -L "$out" ] || [ ! -d "$out" ]; then
+    echo "build.sh: $out exists and is not a directory: give a new or empty directory" >&2
+    exit 1
+  fi
+  for entry in "$out"/* "$out"/.[!.]* "$out"/..?*; do
+    [ -e "$entry" ] || [ -L "$entry" ] || continue
+    case "${entry##*/}" in
+      oci-layout|index.json|blobs) ;;
+      *)
+        echo "build.sh: $out is not empty and not an OCI layout this script wrote (it holds ${entry##*/}): give a new or empty directory" >&2
+        exit 1 ;;
+    esac
+  done
+  if [ -n "$(ls -A "$out")" ] && [ ! -f "$out/oci-layout" ]; then
+    echo "build.sh: $out is not empty and has no oci-layout file: give a new or empty directory" >&2
+    exit 1
+  fi
+fi
 if [ -z "$tag" ]; then
   tag=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)
 fi
@@ -91,7 +113,7 @@ cat > "$work/manifest.json" <<JSON
 JSON
 manifest_digest=$(sha "$work/manifest.json")
 
-rm -rf "$out"
+rm -rf "$out/blobs" "$out/index.json" "$out/oci-layout"
 mkdir -p "$out/blobs/sha256"
 mv "$work/layer.tar.gz" "$out/blobs/sha256/$layer_digest"
 mv "$work/config.json" "$out/blobs/sha256/$config_digest"
