@@ -3,11 +3,11 @@
 # with containerd's overlayfs snapshotter and against the physical limit, behind a shaped link
 # (1 Gbit/s, 2 ms RTT). Run as root on Debian 12:
 #
-#   sudo bash bench/run.sh            # growth series 1, 2, 4, 8 GiB (sizes the disk cannot hold
+#   bash bench/run.sh                 # growth series 1, 2, 4, 8 GiB (sizes the disk cannot hold
 #                                     # are skipped), 5 runs each; writes docs/benchmarks.md and
 #                                     # docs/benchmark-startup.png
-#   sudo bash bench/run.sh --quick    # the 1 GiB point, 3 runs each, no file-system figures
-#   sudo SIZES=1,2,4 bash bench/run.sh   # another growth series (GiB, comma-separated)
+#   bash bench/run.sh --quick         # the 1 GiB point, 3 runs each, no file-system figures
+#   SIZES=1,2,4 bash bench/run.sh     # another growth series (GiB, comma-separated)
 #
 # More arguments go to `streamsnap-bench realistic` (see its --help), e.g. --mbit 500 --rtt-ms 10.
 # The rootfs (debootstrap + apt + pip), the layer blobs and a venv with matplotlib are cached
@@ -18,8 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CACHE_DIR=${CACHE_DIR:-/var/cache/streamsnap-bench}
 SIZES=${SIZES:-1,2,4,8}
-command="sudo bash bench/run.sh"
-[ "$SIZES" = 1,2,4,8 ] || command="sudo SIZES=$SIZES bash bench/run.sh"
+command="bash bench/run.sh"
+[ "$SIZES" = 1,2,4,8 ] || command="SIZES=$SIZES bash bench/run.sh"
 quick=0
 if [ "${1:-}" = --quick ]; then
     quick=1

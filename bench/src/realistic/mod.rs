@@ -81,7 +81,7 @@ pub struct Args {
     #[arg(long)]
     pub doc: Option<PathBuf>,
     /// The command line shown in the Markdown section.
-    #[arg(long, default_value = "sudo bash bench/run.sh")]
+    #[arg(long, default_value = "bash bench/run.sh")]
     pub command: String,
     /// The plot the Markdown section links to, relative to the Markdown file.
     #[arg(long)]
