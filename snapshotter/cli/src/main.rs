@@ -147,19 +147,49 @@ fn init_logging(verbose: u8) {
         2 => LevelFilter::DEBUG,
         _ => LevelFilter::TRACE,
     };
-    let filter = std::env::var("STREAMSNAP_LOG")
-        .ok()
-        .and_then(|spec| spec.parse::<Targets>().ok())
-        .unwrap_or_else(|| Targets::new().with_default(default));
+    let spec = std::env::var("STREAMSNAP_LOG").ok().filter(|s| !s.is_empty());
+    let parsed = spec.as_deref().map(parse_filter);
+    let filter = match &parsed {
+        Some(Some(targets)) => targets.clone(),
+        _ => Targets::new().with_default(default),
+    };
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_ansi(colour_on_stderr())
                 .with_target(false),
         )
         .with(filter)
         .init();
+    if let (Some(spec), Some(None)) = (spec, parsed) {
+        tracing::warn!(
+            "STREAMSNAP_LOG={spec:?} is not a log filter (write a level such as info or debug, \
+             or target=level pairs separated by commas): ignored"
+        );
+    }
+}
+
+/// `info`, `debug,h2=info`, ... A directive without `=` must be a level: a typo such as `inf`
+/// would otherwise parse as a target name and switch every log line off.
+fn parse_filter(spec: &str) -> Option<tracing_subscriber::filter::Targets> {
+    use tracing_subscriber::filter::LevelFilter;
+    let levels_ok = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && !d.contains('='))
+        .all(|d| d.parse::<LevelFilter>().is_ok());
+    if !levels_ok {
+        return None;
+    }
+    spec.parse().ok()
+}
+
+/// Colours only for a person at a terminal: not in a file, journald or `kubectl logs`, and not
+/// when NO_COLOR is set (https://no-color.org).
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

@@ -50,8 +50,13 @@ fn main() -> std::process::ExitCode {
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
-            eprintln!("error: {error:#}");
+            // Once: as a log line like the others (journald, `kubectl logs`), or on plain
+            // stderr when the log filter hides errors.
+            if tracing::enabled!(tracing::Level::ERROR) {
+                tracing::error!("{error:#}");
+            } else {
+                eprintln!("error: {error:#}");
+            }
             std::process::ExitCode::FAILURE
         }
     }
@@ -314,18 +319,63 @@ fn init_logging(filter: &str) {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let mut targets = filter
-        .parse::<Targets>()
-        .unwrap_or_else(|_| Targets::new().with_default(LevelFilter::INFO));
+    let parsed = parse_filter(filter);
+    let invalid = parsed.is_none();
+    let mut targets = parsed.unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
     // A bare level ("debug") is about streamsnap: keep the HTTP/2 and gRPC plumbing at info.
     if !filter.contains('=') {
         for noisy in ["h2", "hyper", "hyper_util", "tonic", "tower"] {
             targets = targets.with_target(noisy, LevelFilter::INFO);
         }
     }
-    let filter = targets;
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(colour_on_stderr()),
+        )
+        .with(targets)
         .init();
+    if invalid {
+        tracing::warn!(
+            "--log-level {filter:?} is not a log filter (write a level such as info or debug, \
+             or target=level pairs separated by commas): logging at info"
+        );
+    }
+}
+
+/// `info`, `debug,streamsnap_cache=trace`, ... A directive without `=` must be a level: a typo
+/// such as `inf` would otherwise parse as a target name and switch every log line off.
+fn parse_filter(spec: &str) -> Option<tracing_subscriber::filter::Targets> {
+    use tracing_subscriber::filter::LevelFilter;
+    let levels_ok = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && !d.contains('='))
+        .all(|d| d.parse::<LevelFilter>().is_ok());
+    if !levels_ok {
+        return None;
+    }
+    spec.parse().ok()
+}
+
+/// Colours only for a person at a terminal: not in a file, journald or `kubectl logs`, and not
+/// when NO_COLOR is set (https://no-color.org).
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_filters_are_levels_or_target_level_pairs() {
+        assert!(parse_filter("info").is_some());
+        assert!(parse_filter("debug,h2=info").is_some());
+        assert!(parse_filter("streamsnap_snapshotter=debug").is_some());
+        assert!(parse_filter("inf").is_none(), "a misspelt level is refused");
+        assert!(parse_filter("info,verbose").is_none());
+    }
 }
