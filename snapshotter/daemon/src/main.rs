@@ -12,7 +12,7 @@ use streamsnap_cache::{CacheConfig, ChunkCache};
 use streamsnap_holder::HolderClient;
 use streamsnap_registry::{Client, ClientConfig, CredentialStore};
 use streamsnap_snapshotter::Snapshotter;
-use streamsnap_snapshotter::config::Config;
+use streamsnap_snapshotter::config::{Config, RegistrySection};
 use streamsnap_snapshotter::http::Endpoints;
 use streamsnap_snapshotter::metrics::Metrics;
 use streamsnap_snapshotter::mounter::FuseMounter;
@@ -114,8 +114,7 @@ fn build_remote(
     metrics: Metrics,
 ) -> anyhow::Result<Arc<RemoteLayers>> {
     let registry = &config.registry;
-    let mut credentials = CredentialStore::from_docker_config(registry.docker_config.as_deref())
-        .context("reading registry credentials")?;
+    let credentials = load_credentials(registry)?;
     let mut plain_http = registry.plain_http.clone();
     let mut mirrors = HashMap::new();
     for (host, settings) in &registry.hosts {
@@ -124,14 +123,6 @@ fn build_remote(
         }
         if !settings.mirrors.is_empty() {
             mirrors.insert(host.clone(), settings.mirrors.clone());
-        }
-        if let Some(file) = &settings.credentials_file {
-            let store = CredentialStore::from_docker_config(Some(file))
-                .with_context(|| format!("reading credentials of {host}"))?;
-            let found = store
-                .get(host)
-                .with_context(|| format!("{} has no auths entry for {host}", file.display()))?;
-            credentials.insert(host, found.clone());
         }
     }
     let registry_metrics = streamsnap_registry::Metrics::register(&metrics.registry)?;
@@ -197,6 +188,33 @@ fn build_remote(
         }
     }
     Ok(Arc::new(remote))
+}
+
+/// The docker config's credentials, with each host's `credentials_file` entry over them. A file
+/// the config names must exist and hold an entry for its host.
+fn load_credentials(registry: &RegistrySection) -> anyhow::Result<CredentialStore> {
+    let mut credentials = CredentialStore::from_docker_config(registry.docker_config.as_deref())
+        .with_context(|| match &registry.docker_config {
+            Some(_) => "reading registry credentials (registry.docker_config of the config)",
+            None => "reading registry credentials (the default docker config)",
+        })?;
+    for (host, settings) in &registry.hosts {
+        let Some(file) = &settings.credentials_file else {
+            continue;
+        };
+        let store = CredentialStore::from_docker_config_file(file)
+            .with_context(|| format!("registry.hosts.\"{host}\".credentials_file of the config"))?;
+        let found = store.get(host).with_context(|| {
+            format!(
+                "registry.hosts.\"{host}\".credentials_file {} has no \"auths\" entry for \
+                 {host}: add one ({{\"auths\": {{\"{host}\": {{\"auth\": \"<base64 of \
+                 user:password>\"}}}}}}) or name the file that has it",
+                file.display()
+            )
+        })?;
+        credentials.insert(host, found.clone());
+    }
+    Ok(credentials)
 }
 
 /// Connects to the FUSE holder on `socket`, starting one (detached, so it outlives this process)
@@ -377,5 +395,52 @@ mod tests {
         assert!(parse_filter("streamsnap_snapshotter=debug").is_some());
         assert!(parse_filter("inf").is_none(), "a misspelt level is refused");
         assert!(parse_filter("info,verbose").is_none());
+    }
+
+    #[test]
+    fn a_credentials_file_that_is_missing_or_lacks_the_host_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.json");
+        let empty = dir.path().join("empty.json");
+        std::fs::write(&empty, r#"{"auths": {}}"#).unwrap();
+        let good = dir.path().join("good.json");
+        std::fs::write(
+            &good,
+            r#"{"auths": {"reg.example:5000": {"auth": "dTpw"}}}"#,
+        )
+        .unwrap();
+        let config = |file: &std::path::Path| {
+            Config::parse(&format!(
+                "[registry]\ndocker_config = {:?}\n[registry.hosts.\"reg.example:5000\"]\n\
+                 credentials_file = {:?}\n",
+                empty.display().to_string(),
+                file.display().to_string()
+            ))
+            .unwrap()
+        };
+
+        let error = format!(
+            "{:#}",
+            load_credentials(&config(&missing).registry).unwrap_err()
+        );
+        assert!(
+            error.contains("credentials_file")
+                && error.contains(&*missing.to_string_lossy())
+                && error.contains("not found"),
+            "{error}"
+        );
+        assert!(!error.contains("auths"), "{error}");
+
+        let error = format!(
+            "{:#}",
+            load_credentials(&config(&empty).registry).unwrap_err()
+        );
+        assert!(
+            error.contains("no \"auths\" entry for reg.example:5000"),
+            "{error}"
+        );
+
+        let store = load_credentials(&config(&good).registry).unwrap();
+        assert_eq!(store.get("reg.example:5000").unwrap().password(), "p");
     }
 }

@@ -90,25 +90,45 @@ struct AuthEntry {
 
 impl CredentialStore {
     /// Reads a Docker `config.json`: `path`, or else `$DOCKER_CONFIG/config.json`, or else
-    /// `~/.docker/config.json`. A missing file gives an empty store. Credential helpers and
-    /// stores are not run: the hosts that rely on them are named in a warning and skipped.
+    /// `~/.docker/config.json`. A missing default file gives an empty store; a missing `path`
+    /// is an error (someone named it: a typo must not silently mean "no credentials").
+    /// Credential helpers and stores are not run: the hosts that rely on them are named in a
+    /// warning and skipped.
     pub fn from_docker_config(path: Option<&Path>) -> Result<Self> {
-        let path = match path {
-            Some(p) => p.to_path_buf(),
+        match path {
+            Some(path) => Self::from_docker_config_file(path),
             None => match default_config_path() {
-                Some(p) => p,
-                None => return Ok(Self::default()),
+                Some(path) => Self::read(&path, false),
+                None => Ok(Self::default()),
             },
-        };
-        let text = match std::fs::read(&path) {
+        }
+    }
+
+    /// Reads the Docker `config.json` at `path`, which must exist.
+    pub fn from_docker_config_file(path: &Path) -> Result<Self> {
+        Self::read(path, true)
+    }
+
+    fn read(path: &Path, required: bool) -> Result<Self> {
+        let text = match std::fs::read(path) {
             Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && required => {
+                return Err(Error::DockerConfigMissing {
+                    path: path.to_path_buf(),
+                });
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tracing::debug!(path = %path.display(), "no docker config, no stored credentials");
                 return Ok(Self::default());
             }
-            Err(source) => return Err(Error::DockerConfigRead { path, source }),
+            Err(source) => {
+                return Err(Error::DockerConfigRead {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
         };
-        Self::from_docker_config_json(&text, &path)
+        Self::from_docker_config_json(&text, path)
     }
 
     fn from_docker_config_json(text: &[u8], path: &Path) -> Result<Self> {
@@ -299,11 +319,21 @@ mod tests {
     }
 
     #[test]
-    fn missing_file_gives_an_empty_store() {
+    fn a_missing_default_file_gives_an_empty_store_and_a_missing_named_file_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            CredentialStore::from_docker_config(Some(&dir.path().join("nope.json"))).unwrap();
+        let missing = dir.path().join("nope.json");
+        let store = CredentialStore::read(&missing, false).unwrap();
         assert!(store.is_empty());
+        for result in [
+            CredentialStore::from_docker_config(Some(&missing)),
+            CredentialStore::from_docker_config_file(&missing),
+        ] {
+            let e = result.unwrap_err().to_string();
+            assert!(
+                e.contains(&*missing.to_string_lossy()) && e.contains("not found"),
+                "{e}"
+            );
+        }
         let path = dir.path().join("config.json");
         std::fs::write(&path, br#"{"auths":{"localhost:5000":{"auth":"dTpw"}}}"#).unwrap();
         let store = CredentialStore::from_docker_config(Some(&path)).unwrap();

@@ -14,6 +14,12 @@ pub enum Error {
     #[error("invalid image reference {reference:?}: {reason}")]
     InvalidReference { reference: String, reason: String },
 
+    #[error(
+        "docker config {} not found: create it (`docker login` writes one) or correct the path",
+        path.display()
+    )]
+    DockerConfigMissing { path: PathBuf },
+
     #[error("docker config {}: cannot read it", path.display())]
     DockerConfigRead {
         path: PathBuf,
