@@ -47,6 +47,16 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    crate::registry_args::reject_scheme(
+        &args.image,
+        "containerd's registry configuration (its hosts.toml files) decides between HTTP and HTTPS",
+    )?;
+    // containerd expands a short name the same way; say so, as `--image` does elsewhere.
+    if let Ok(reference) = streamsnap_registry::Reference::parse(&args.image)
+        && let Some(notice) = crate::registry_args::short_name_notice(&args.image, &reference)
+    {
+        eprintln!("{notice}");
+    }
     let auth = match &args.username {
         Some(username) => Some(AuthConfig {
             username: username.clone(),

@@ -72,6 +72,75 @@ impl RegistryArgs {
     }
 }
 
+/// `--image`: `HOST[:PORT]/REPO:TAG` or `HOST[:PORT]/REPO@DIGEST`. A short name (`busybox`,
+/// `user/app`) means Docker Hub, as for docker and the kubelet: a notice on stderr names the
+/// image it expands to.
 pub fn parse_reference(image: &str) -> anyhow::Result<Reference> {
-    Ok(Reference::parse(image)?)
+    reject_scheme(image, "use --plain-http for a registry served over HTTP")?;
+    let reference = Reference::parse(image)?;
+    if let Some(notice) = short_name_notice(image, &reference) {
+        eprintln!("{notice}");
+    }
+    Ok(reference)
+}
+
+/// An image or registry written as a URL (`http://host:5000/app:1`) gets an error that says how
+/// to write it, instead of "port must be a number". `hint` says how to choose HTTP.
+pub fn reject_scheme(image: &str, hint: &str) -> anyhow::Result<()> {
+    if let Some((scheme, rest)) = image.split_once("://") {
+        bail!(
+            "{image:?} has a scheme ({scheme}://): give the reference without a scheme: \
+             HOST[:PORT]/REPO:TAG (here {rest}); {hint}"
+        );
+    }
+    Ok(())
+}
+
+/// `busybox` -> "notice: busybox names no registry: using docker.io/library/busybox:latest ...".
+pub fn short_name_notice(image: &str, reference: &Reference) -> Option<String> {
+    Reference::is_short_name(image).then(|| {
+        format!(
+            "notice: {image} names no registry: using {reference} (Docker Hub, as docker and \
+             the kubelet do); write HOST[:PORT]/REPO:TAG to use another registry"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reference_with_a_scheme_says_how_to_write_it() {
+        let error = parse_reference("HTTP://127.0.0.1:5000/app:1")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "\"HTTP://127.0.0.1:5000/app:1\" has a scheme (HTTP://): give the reference without \
+             a scheme: HOST[:PORT]/REPO:TAG (here 127.0.0.1:5000/app:1); use --plain-http for a \
+             registry served over HTTP"
+        );
+        assert!(!error.contains("port must be a number"));
+    }
+
+    #[test]
+    fn short_names_go_to_docker_hub_with_a_notice() {
+        let reference = parse_reference("busybox").unwrap();
+        assert_eq!(reference.to_string(), "docker.io/library/busybox:latest");
+        let notice = short_name_notice("busybox", &reference).unwrap();
+        assert!(
+            notice.starts_with(
+                "notice: busybox names no registry: using docker.io/library/busybox:latest"
+            ),
+            "{notice}"
+        );
+        let full = parse_reference("127.0.0.1:5000/app:1").unwrap();
+        assert_eq!(short_name_notice("127.0.0.1:5000/app:1", &full), None);
+        let hub = parse_reference("docker.io/library/busybox:1.36").unwrap();
+        assert_eq!(
+            short_name_notice("docker.io/library/busybox:1.36", &hub),
+            None
+        );
+    }
 }

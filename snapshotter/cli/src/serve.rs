@@ -44,6 +44,14 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some((scheme, rest)) = args.registry.split_once("://") {
+        anyhow::bail!(
+            "--registry {:?} has a scheme ({scheme}://): give HOST[:PORT] without one (here \
+             {}); use --plain-http for a registry served over HTTP",
+            args.registry,
+            rest.trim_end_matches('/')
+        );
+    }
     let token = args
         .token_file
         .as_deref()

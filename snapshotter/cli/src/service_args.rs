@@ -52,6 +52,13 @@ impl ServerArgs {
 /// reference. The repository may carry the service's registry host (`HOST/REPO:TAG`): the
 /// service drops it.
 pub fn split_image(image: &str) -> anyhow::Result<(String, String)> {
+    if let Some((scheme, rest)) = image.split_once("://") {
+        bail!(
+            "{image:?} has a scheme ({scheme}://): give the image without one, as REPO:TAG or \
+             REPO@DIGEST relative to the service's registry (here {rest}); the service reaches \
+             its registry the way `serve --plain-http` says"
+        );
+    }
     let (repo, reference) = match image.split_once('@') {
         Some((named, digest)) => (strip_tag(named), digest.to_owned()),
         None => match image.rfind(':') {
@@ -97,6 +104,13 @@ mod tests {
             ("app".to_owned(), d.to_owned())
         );
         assert!(split_image(":v1").is_err());
+        let error = split_image("http://127.0.0.1:5000/app:v1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("without one") && error.contains("127.0.0.1:5000/app:v1"),
+            "{error}"
+        );
         assert!(split_image("app@").is_err());
     }
 }

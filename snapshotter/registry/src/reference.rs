@@ -59,6 +59,12 @@ impl Reference {
         if s.is_empty() {
             return Err(invalid("empty reference".into()));
         }
+        if let Some((scheme, rest)) = s.split_once("://") {
+            return Err(invalid(format!(
+                "give the reference without a scheme ({scheme}://): HOST[:PORT]/REPO:TAG, \
+                 e.g. {rest}"
+            )));
+        }
         let (rest, digest) = match s.split_once('@') {
             Some((rest, digest)) => {
                 let digest = digest
@@ -107,6 +113,14 @@ impl Reference {
             tag,
             digest,
         })
+    }
+
+    /// Whether `s` names no registry, so that [`Reference::parse`] puts it on Docker Hub
+    /// (`busybox` is `docker.io/library/busybox:latest`), as Docker, containerd's CRI plugin and
+    /// the kubelet do.
+    pub fn is_short_name(s: &str) -> bool {
+        let name = s.split_once('@').map_or(s, |(name, _)| name);
+        !matches!(name.split_once('/'), Some((first, _)) if looks_like_host(first))
     }
 
     /// What goes after `/manifests/`: the digest if there is one, else the tag, else `latest`.
@@ -301,6 +315,23 @@ mod tests {
     }
 
     #[test]
+    fn short_names_are_the_ones_without_a_registry_host() {
+        for short in ["busybox", "busybox:1.36", "user/app", &format!("app@{D}")] {
+            assert!(Reference::is_short_name(short), "{short}");
+        }
+        for full in [
+            "docker.io/library/busybox",
+            "docker.io/busybox",
+            "localhost/a",
+            "127.0.0.1:5000/a:tag",
+            "ghcr.io/o/r",
+            &format!("reg.example/app@{D}"),
+        ] {
+            assert!(!Reference::is_short_name(full), "{full}");
+        }
+    }
+
+    #[test]
     fn display_round_trips() {
         for s in [
             "127.0.0.1:5000/a/b:tag",
@@ -339,6 +370,8 @@ mod tests {
             ("host:port/a", "port must be a number"),
             ("-bad.host/a", "host name"),
             ("[::1/a", "IPv6"),
+            ("HTTP://reg.example:5000/a:1", "without a scheme (HTTP://)"),
+            ("https://reg.example/a", "e.g. reg.example/a"),
         ];
         for (input, want) in table {
             let e = Reference::parse(input).expect_err(input).to_string();
