@@ -3,11 +3,14 @@
 //!   with its `build.sh` (Debian's Go packages) into `target/ci-tools/`;
 //! - `kubernetes-validate` (PyPI, with the Kubernetes API schemas of every release), installed
 //!   once into a virtualenv `target/ci-tools/kv-venv` made by Debian's python3 (python3-venv),
-//!   whose PyYAML also turns YAML into JSON for the tests.
+//!   whose PyYAML also turns YAML into JSON for the tests and whose jsonschema (a dependency of
+//!   kubernetes-validate) checks chart values against `values.schema.json`, which
+//!   helm-template does not.
 //!
 //! Both are set up on first use and reused after; a process-wide lock keeps parallel tests from
 //! setting them up twice.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -112,36 +115,99 @@ pub fn kubernetes_validate() -> anyhow::Result<PathBuf> {
     Ok(venv()?.join("bin/kubernetes-validate"))
 }
 
-/// Every document of a multi-document YAML text, as JSON (empty documents dropped).
-pub fn yaml_documents(yaml: &str) -> anyhow::Result<Vec<serde_json::Value>> {
-    use std::io::Write;
-    let python = venv()?.join("bin/python");
-    let mut child = Command::new(python)
-        .args([
-            "-c",
-            "import json, sys, yaml\n\
-             docs = [d for d in yaml.safe_load_all(sys.stdin) if d is not None]\n\
-             json.dump(docs, sys.stdout)",
-        ])
+/// The venv's python running `script` on `input`: its stdout, or an error with `what` and
+/// python's stderr.
+fn python(script: &str, args: &[&str], input: &[u8], what: &str) -> anyhow::Result<Vec<u8>> {
+    let mut child = Command::new(venv()?.join("bin/python"))
+        .arg("-c")
+        .arg(script)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("starting python for YAML")?;
+        .context("starting the kubernetes-validate virtualenv's python")?;
     child
         .stdin
         .take()
         .context("python's stdin")?
-        .write_all(yaml.as_bytes())?;
+        .write_all(input)?;
     let output = child.wait_with_output()?;
     if !output.status.success() {
-        bail!(
-            "not valid YAML: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+        bail!("{what}: {}", String::from_utf8_lossy(&output.stderr).trim());
     }
-    match serde_json::from_slice(&output.stdout)? {
+    Ok(output.stdout)
+}
+
+/// Every document of a multi-document YAML text, as JSON (empty documents dropped).
+pub fn yaml_documents(yaml: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let json = python(
+        "import json, sys, yaml\n\
+         docs = [d for d in yaml.safe_load_all(sys.stdin) if d is not None]\n\
+         json.dump(docs, sys.stdout)",
+        &[],
+        yaml.as_bytes(),
+        "not valid YAML",
+    )?;
+    match serde_json::from_slice(&json)? {
         serde_json::Value::Array(docs) => Ok(docs),
         other => bail!("expected a list of documents, got {other}"),
     }
+}
+
+/// What JSON Schema draft 7 (the dialect of Helm's `values.schema.json`) finds wrong with
+/// `values`: one `path: message` line per error, none when the values are valid. Fails if
+/// `schema` is not a valid draft 7 schema.
+pub fn schema_errors(
+    schema: &serde_json::Value,
+    values: &serde_json::Value,
+) -> anyhow::Result<Vec<String>> {
+    let input = serde_json::to_vec(&serde_json::json!({"schema": schema, "values": values}))?;
+    let json = python(
+        "import json, sys, jsonschema\n\
+         given = json.load(sys.stdin)\n\
+         jsonschema.Draft7Validator.check_schema(given['schema'])\n\
+         validator = jsonschema.Draft7Validator(given['schema'])\n\
+         errors = sorted(validator.iter_errors(given['values']), key=lambda e: list(map(str, e.absolute_path)))\n\
+         json.dump(['/'.join(map(str, e.absolute_path)) + ': ' + e.message for e in errors], sys.stdout)",
+        &[],
+        &input,
+        "checking values against the schema",
+    )?;
+    Ok(serde_json::from_slice(&json)?)
+}
+
+/// `helm-template streamsnap CHART --namespace streamsnap ARGS` (`--set`, `-f` ...): the
+/// rendered manifests. Release and namespace are the names deploy/kubernetes uses.
+pub fn render_chart_at(chart: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let output = run(Command::new(helm_template()?)
+        .arg("streamsnap")
+        .arg(chart)
+        .args(["--namespace", "streamsnap"])
+        .args(args))
+    .with_context(|| format!("rendering {}", chart.display()))?;
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+/// helm/streamsnap rendered with `--set` each of `sets`.
+pub fn render_chart(sets: &[&str]) -> anyhow::Result<String> {
+    let args: Vec<&str> = sets.iter().flat_map(|set| ["--set", set]).collect();
+    render_chart_at(&workspace_root().join("helm/streamsnap"), &args)
+}
+
+/// `kubernetes-validate --strict [-k VERSION] FILES` (the newest schemas without a version):
+/// its output on success.
+pub fn validate_manifests(version: Option<&str>, files: &[PathBuf]) -> anyhow::Result<String> {
+    let mut cmd = Command::new(kubernetes_validate()?);
+    cmd.arg("--strict");
+    if let Some(v) = version {
+        cmd.args(["-k", v]);
+    }
+    cmd.args(files);
+    let output = run(&mut cmd)?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    ))
 }

@@ -1,13 +1,12 @@
 //! Deployment end to end (issue 7's acceptance): `streamsnap node install | uninstall | run`
-//! against a real containerd 1.6 running from the config file they edit; the Kubernetes
-//! manifests in deploy/kubernetes and the Helm chart (rendered with the project's helm-template)
-//! validated against the Kubernetes 1.26 and newest API schemas (kubernetes-validate) and kept in
-//! agreement; the Grafana dashboard and the alerts querying only metrics the real daemon serves;
-//! the node image built by deploy/image/build.sh running under containerd with `ctr run`.
+//! against a real containerd 1.6 running from the config file they edit; the Grafana dashboard
+//! and the alerts querying only metrics the real daemon serves; the node image built by
+//! deploy/image/build.sh running under containerd with `ctr run`; the systemd unit. The
+//! Kubernetes manifests and the Helm chart are checked in chart.rs.
 //!
 //! The workspace binaries must be built first: `cargo build --workspace --bins`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -15,10 +14,8 @@ use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
-use streamsnap_e2e::k8s_tools::{
-    helm_template, kubernetes_validate, workspace_root, yaml_documents,
-};
+use anyhow::{Context, ensure};
+use streamsnap_e2e::k8s_tools::{render_chart, workspace_root, yaml_documents};
 use streamsnap_e2e::node_containerd::NodeContainerd;
 use streamsnap_e2e::snapshotterd::SNAPSHOTTER;
 use streamsnap_e2e::{
@@ -393,256 +390,6 @@ fn node_run_supervises_the_daemon_and_the_config_follows_it() -> anyhow::Result<
     }
     let _ = supervisor.wait();
     result
-}
-
-// ---------------------------------------------------------------------------------------------
-// Manifests and chart
-
-fn render_chart(sets: &[&str]) -> anyhow::Result<String> {
-    let chart = workspace_root().join("helm/streamsnap");
-    let mut cmd = Command::new(helm_template()?);
-    cmd.arg("streamsnap")
-        .arg(&chart)
-        .args(["--namespace", "streamsnap"]);
-    for set in sets {
-        cmd.args(["--set", set]);
-    }
-    let output = run(&mut cmd).context("rendering helm/streamsnap")?;
-    Ok(String::from_utf8(output.stdout)?)
-}
-
-fn deploy_manifests() -> anyhow::Result<Vec<PathBuf>> {
-    let dir = workspace_root().join("deploy/kubernetes");
-    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
-        .with_context(|| format!("listing {}", dir.display()))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    ensure!(!files.is_empty(), "no manifests in {}", dir.display());
-    Ok(files)
-}
-
-/// `kubernetes-validate --strict [-k VERSION] FILES`: its output on success.
-fn validate(version: Option<&str>, files: &[PathBuf]) -> anyhow::Result<String> {
-    let mut cmd = Command::new(kubernetes_validate()?);
-    cmd.arg("--strict");
-    if let Some(v) = version {
-        cmd.args(["-k", v]);
-    }
-    cmd.args(files);
-    let output = run(&mut cmd)?;
-    Ok(format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    ))
-}
-
-/// Labels only a Helm release has.
-const HELM_ONLY_LABELS: [&str; 2] = ["helm.sh/chart", "app.kubernetes.io/managed-by"];
-
-fn by_kind_and_name(
-    docs: Vec<serde_json::Value>,
-) -> anyhow::Result<BTreeMap<(String, String), serde_json::Value>> {
-    let mut objects = BTreeMap::new();
-    for mut doc in docs {
-        if let Some(labels) = doc
-            .pointer_mut("/metadata/labels")
-            .and_then(|l| l.as_object_mut())
-        {
-            for label in HELM_ONLY_LABELS {
-                labels.remove(label);
-            }
-        }
-        let kind = doc["kind"]
-            .as_str()
-            .context("a document without kind")?
-            .to_owned();
-        let name = doc["metadata"]["name"]
-            .as_str()
-            .context("a document without name")?
-            .to_owned();
-        ensure!(
-            objects.insert((kind.clone(), name.clone()), doc).is_none(),
-            "{kind}/{name} twice"
-        );
-    }
-    Ok(objects)
-}
-
-/// Acceptance 2: every manifest in deploy/kubernetes and every template of the chart rendered
-/// with default values validates against the Kubernetes 1.26 and newest schemas, and the two
-/// describe the same objects.
-#[test]
-fn manifests_and_chart_validate_against_kubernetes_1_26_and_newest_and_agree() -> anyhow::Result<()>
-{
-    let rendered = render_chart(&[])?;
-    let dir = tempfile::tempdir()?;
-    let rendered_path = dir.path().join("chart.yaml");
-    fs::write(&rendered_path, &rendered)?;
-    let mut files = deploy_manifests()?;
-    files.push(rendered_path.clone());
-    for version in [Some("1.26.0"), None] {
-        let said = validate(version, &files)
-            .with_context(|| format!("validating against {}", version.unwrap_or("the newest")))?;
-        for object in ["daemonset/streamsnap", "service/streamsnap-metrics"] {
-            ensure!(
-                said.contains(&format!("passed for resource {object}")),
-                "{said}"
-            );
-        }
-        let against = said
-            .split("against version ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or("?");
-        eprintln!(
-            "validated against Kubernetes {against} ({}): {} resources",
-            version.unwrap_or("the newest schemas"),
-            said.matches("passed for resource").count()
-        );
-    }
-    // The check can fail: a DaemonSet with a field the API does not have.
-    let broken = dir.path().join("broken.yaml");
-    fs::write(
-        &broken,
-        fs::read_to_string(workspace_root().join("deploy/kubernetes/30-daemonset.yaml"))?
-            .replace("hostPID: true", "hostPID: true\n      hostFuse: true"),
-    )?;
-    ensure!(
-        validate(Some("1.26.0"), &[broken]).is_err(),
-        "an unknown field passed validation"
-    );
-
-    // deploy/kubernetes and the chart with default values: the same objects, except the
-    // Namespace (helm install --create-namespace makes it) and the dashboard (chart only).
-    let mut deploy_docs = Vec::new();
-    for file in deploy_manifests()? {
-        deploy_docs.extend(yaml_documents(&fs::read_to_string(&file)?)?);
-    }
-    let deploy = by_kind_and_name(deploy_docs)?;
-    let chart = by_kind_and_name(yaml_documents(&rendered)?)?;
-    let key = |k: &str, n: &str| (k.to_owned(), n.to_owned());
-    for ((kind, name), object) in &deploy {
-        if kind == "Namespace" {
-            continue;
-        }
-        let Some(from_chart) = chart.get(&key(kind, name)) else {
-            bail!("deploy/kubernetes has {kind}/{name}, the chart does not");
-        };
-        ensure!(
-            object == from_chart,
-            "{kind}/{name} differs:\n--- deploy/kubernetes ---\n{}\n--- chart ---\n{}",
-            serde_json::to_string_pretty(object)?,
-            serde_json::to_string_pretty(from_chart)?
-        );
-    }
-    for (kind, name) in chart.keys() {
-        ensure!(
-            deploy.contains_key(&key(kind, name))
-                || (kind == "ConfigMap" && name == "streamsnap-dashboard"),
-            "the chart renders {kind}/{name}, deploy/kubernetes does not"
-        );
-    }
-
-    // Every option on: still valid, and the daemon takes the config file it renders.
-    let full = render_chart(&[
-        "metrics.serviceMonitor.enabled=true",
-        "metrics.prometheusRule.enabled=true",
-        "credentials.existingSecret=regcred",
-        "registry.plainHttp={registry.local:5000}",
-        "registry.hosts.registry\\.example\\.com.mirrors={mirror.local:5000}",
-        "registry.hosts.registry\\.example\\.com.plainHttp=false",
-        "backgroundFetch.enabled=true",
-        "imagePullSecrets[0].name=pull",
-    ])?;
-    let docs = yaml_documents(&full)?;
-    let builtin: Vec<&serde_json::Value> = docs
-        .iter()
-        .filter(|d| {
-            !d["apiVersion"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with("monitoring.coreos.com")
-        })
-        .collect();
-    ensure!(
-        builtin.len() + 2 == docs.len(),
-        "ServiceMonitor or PrometheusRule missing"
-    );
-    let full_path = dir.path().join("full.yaml");
-    fs::write(
-        &full_path,
-        builtin
-            .iter()
-            .map(serde_json::to_string)
-            .collect::<Result<Vec<_>, _>>()?
-            .join("\n---\n"),
-    )?;
-    validate(Some("1.26.0"), std::slice::from_ref(&full_path))?;
-    validate(None, &[full_path])?;
-    let config_toml = docs
-        .iter()
-        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "streamsnap-config")
-        .and_then(|d| d["data"]["config.toml"].as_str())
-        .context("no daemon config in the chart")?;
-    ensure!(
-        config_toml.contains("mirrors = [\"mirror.local:5000\"]"),
-        "{config_toml}"
-    );
-    daemon_accepts_config(config_toml, dir.path())
-}
-
-/// Starts the real daemon on `config` (the credentials path moved into `dir`) and checks it
-/// serves, i.e. it accepted every key.
-fn daemon_accepts_config(config: &str, dir: &Path) -> anyhow::Result<()> {
-    let docker_config = dir.join("docker-config.json");
-    fs::write(&docker_config, "{\"auths\": {}}")?;
-    let config = config.replace(
-        "/etc/streamsnap/credentials/config.json",
-        &docker_config.to_string_lossy(),
-    );
-    let config_path = dir.join("config.toml");
-    fs::write(&config_path, config)?;
-    let socket = dir.join("s.sock");
-    let root = dir.join("root");
-    let mut daemon = Command::new(workspace_bin("streamsnap-snapshotterd")?)
-        .arg("--config")
-        .arg(&config_path)
-        .arg("--address")
-        .arg(&socket)
-        .arg("--root")
-        .arg(&root)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let served = wait_for("the daemon serving on the chart's config", || {
-        if let Some(status) = daemon.try_wait()? {
-            let mut stderr = String::new();
-            if let Some(mut pipe) = daemon.stderr.take() {
-                use std::io::Read;
-                let _ = pipe.read_to_string(&mut stderr);
-            }
-            bail!("the daemon refused the chart's config ({status}): {stderr}");
-        }
-        Ok(UnixStream::connect(&socket).is_ok())
-    });
-    sys::signal(i32::try_from(daemon.id())?, libc::SIGTERM);
-    let _ = daemon.wait();
-    // The FUSE holder the daemon started outlives it by design: stop it too.
-    let needle = format!("{}/", dir.display());
-    let left: Vec<i32> = sys::processes_mentioning(&needle)
-        .iter()
-        .map(|p| p.pid)
-        .collect();
-    sys::kill_and_wait(&left, Duration::from_secs(5));
-    for (path, e) in sys::unmount_all_under(&root) {
-        eprintln!("warning: cannot unmount {}: {e}", path.display());
-    }
-    served
 }
 
 // ---------------------------------------------------------------------------------------------
