@@ -7,15 +7,19 @@
 //!   kubernetes-validate) checks chart values against `values.schema.json`, which
 //!   helm-template does not.
 //!
-//! Both are set up on first use and reused after; a process-wide lock keeps parallel tests from
-//! setting them up twice.
+//! [`ChartUnderTest`] renders a copy of helm/streamsnap that also prints what helm-template does
+//! not: the NOTES and the coalesced values.
+//!
+//! Both tools are set up on first use and reused after; a process-wide lock keeps parallel tests
+//! from setting them up twice.
 
+use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, bail, ensure};
 
 use crate::bins::run;
 
@@ -210,4 +214,195 @@ pub fn validate_manifests(version: Option<&str>, files: &[PathBuf]) -> anyhow::R
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     ))
+}
+
+/// The ConfigMap [`ChartUnderTest`] adds to the output.
+const PROBE: &str = "chart-under-test";
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// A copy of helm/streamsnap with a template that adds the ConfigMap `chart-under-test` to the
+/// output: the NOTES (NOTES.txt's text, unchanged, as a `define`) and the values the templates
+/// saw (values.yaml, `-f` files and `--set`s coalesced), which is what Helm checks against
+/// values.schema.json.
+#[derive(Debug)]
+pub struct ChartUnderTest {
+    dir: tempfile::TempDir,
+}
+
+/// One rendering of [`ChartUnderTest`].
+#[derive(Debug)]
+pub struct Rendered {
+    /// The chart's own documents, without the probe.
+    pub docs: Vec<serde_json::Value>,
+    /// The NOTES, as `helm install` prints them.
+    pub notes: String,
+    /// The coalesced values, as Helm checks them against values.schema.json.
+    pub values: serde_json::Value,
+}
+
+impl Rendered {
+    /// The rendered object `kind`/`name`.
+    pub fn object(&self, kind: &str, name: &str) -> anyhow::Result<&serde_json::Value> {
+        self.docs
+            .iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .with_context(|| format!("the chart renders no {kind}/{name}"))
+    }
+
+    /// The DaemonSet (release `streamsnap`).
+    pub fn daemonset(&self) -> anyhow::Result<&serde_json::Value> {
+        self.object("DaemonSet", "streamsnap")
+    }
+
+    /// The DaemonSet's container.
+    pub fn container(&self) -> anyhow::Result<&serde_json::Value> {
+        Ok(&self.daemonset()?["spec"]["template"]["spec"]["containers"][0])
+    }
+
+    /// The pod template's `checksum/config` annotation.
+    pub fn checksum(&self) -> anyhow::Result<String> {
+        self.daemonset()?["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+            .as_str()
+            .map(str::to_owned)
+            .context("the pod template has no checksum/config annotation")
+    }
+
+    /// The chart's documents as one multi-document file for kubernetes-validate.
+    pub fn write_manifests(&self, path: &Path) -> anyhow::Result<()> {
+        let docs = self
+            .docs
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<_>, _>>()?;
+        fs::write(path, docs.join("\n---\n"))?;
+        Ok(())
+    }
+}
+
+impl ChartUnderTest {
+    /// Copies helm/streamsnap into a temporary directory and adds the probe template.
+    pub fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let chart = dir.path().join("streamsnap");
+        copy_dir(&workspace_root().join("helm/streamsnap"), &chart)?;
+        let notes = fs::read_to_string(chart.join("templates/NOTES.txt"))?;
+        fs::write(
+            chart.join("templates/_chart_under_test.tpl"),
+            format!("{{{{- define \"chart-under-test.notes\" -}}}}\n{notes}{{{{- end -}}}}\n"),
+        )?;
+        fs::write(
+            chart.join("templates/chart-under-test.yaml"),
+            format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {PROBE}\ndata:\n  \
+                 notes: {{{{ include \"chart-under-test.notes\" . | toJson }}}}\n  \
+                 values: {{{{ .Values | toJson | toJson }}}}\n"
+            ),
+        )?;
+        Ok(Self { dir })
+    }
+
+    fn chart(&self) -> PathBuf {
+        self.dir.path().join("streamsnap")
+    }
+
+    /// Renders with helm-template ARGS (`--set`, `-f` ...).
+    pub fn render(&self, args: &[&str]) -> anyhow::Result<Rendered> {
+        let text = render_chart_at(&self.chart(), args)?;
+        let (probe, docs): (Vec<serde_json::Value>, Vec<serde_json::Value>) =
+            yaml_documents(&text)?
+                .into_iter()
+                .partition(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == PROBE);
+        let probe = probe.first().context("the probe ConfigMap is missing")?;
+        let notes = probe["data"]["notes"]
+            .as_str()
+            .context("no notes in the probe")?
+            .to_owned();
+        let values = serde_json::from_str(
+            probe["data"]["values"]
+                .as_str()
+                .context("no values in the probe")?,
+        )?;
+        Ok(Rendered {
+            docs,
+            notes,
+            values,
+        })
+    }
+
+    /// Renders with `--set` each of `sets`.
+    pub fn render_set(&self, sets: &[&str]) -> anyhow::Result<Rendered> {
+        let args: Vec<&str> = sets.iter().flat_map(|set| ["--set", set]).collect();
+        self.render(&args)
+    }
+
+    /// Renders with the values file `yaml`.
+    pub fn render_file(&self, yaml: &str) -> anyhow::Result<Rendered> {
+        let path = self.dir.path().join("values-under-test.yaml");
+        fs::write(&path, yaml)?;
+        self.render(&["-f", &path.to_string_lossy()])
+    }
+}
+
+/// The manifests in deploy/kubernetes, in the order `kubectl apply -f` takes them.
+pub fn deploy_manifests() -> anyhow::Result<Vec<PathBuf>> {
+    let dir = workspace_root().join("deploy/kubernetes");
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    ensure!(!files.is_empty(), "no manifests in {}", dir.display());
+    Ok(files)
+}
+
+/// Walks a JSON schema's properties: for each, its path (`a/b`; `items` for list items, `*`
+/// for map values) and its schema.
+pub fn schema_nodes<'a>(
+    path: &str,
+    node: &'a serde_json::Value,
+    out: &mut Vec<(String, &'a serde_json::Value)>,
+) {
+    out.push((path.to_owned(), node));
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}/{key}")
+        }
+    };
+    if let Some(properties) = node["properties"].as_object() {
+        for (key, child) in properties {
+            schema_nodes(&join(key), child, out);
+        }
+    }
+    if node["items"].is_object() {
+        schema_nodes(&join("items"), &node["items"], out);
+    }
+    if node["additionalProperties"].is_object() {
+        schema_nodes(&join("*"), &node["additionalProperties"], out);
+    }
+}
+
+/// The `type` of a schema node: one or several names.
+pub fn types(node: &serde_json::Value) -> Vec<&str> {
+    match &node["type"] {
+        serde_json::Value::String(t) => vec![t.as_str()],
+        serde_json::Value::Array(ts) => ts.iter().filter_map(serde_json::Value::as_str).collect(),
+        _ => Vec::new(),
+    }
 }

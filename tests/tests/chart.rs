@@ -22,15 +22,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use serde_json::{Value, json};
 use streamsnap_e2e::k8s_tools::{
-    render_chart, render_chart_at, schema_errors, validate_manifests, workspace_root,
-    yaml_documents,
+    ChartUnderTest, deploy_manifests, render_chart, schema_errors, schema_nodes, types,
+    validate_manifests, workspace_root, yaml_documents,
 };
 use streamsnap_e2e::{http, sys, workspace_bin};
 
 const WAIT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(100);
-/// The ConfigMap [`ChartUnderTest`] adds to the output.
-const PROBE: &str = "chart-under-test";
 /// The Pod Security admission label deploy/kubernetes/00-namespace.yaml sets.
 const PSA_LABEL: &str = "pod-security.kubernetes.io/enforce";
 
@@ -50,146 +48,6 @@ fn chart_dir() -> PathBuf {
 fn schema() -> anyhow::Result<Value> {
     let path = chart_dir().join("values.schema.json");
     serde_json::from_slice(&fs::read(&path)?).with_context(|| format!("parsing {}", path.display()))
-}
-
-fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
-    fs::create_dir_all(to)?;
-    for entry in fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            fs::copy(entry.path(), &target)?;
-        }
-    }
-    Ok(())
-}
-
-/// A copy of helm/streamsnap with a template that adds the ConfigMap `chart-under-test` to the
-/// output: the NOTES (NOTES.txt's text, unchanged, as a `define`) and the values the templates
-/// saw (values.yaml, `-f` files and `--set`s coalesced), which is what Helm checks against
-/// values.schema.json.
-struct ChartUnderTest {
-    dir: tempfile::TempDir,
-}
-
-/// One rendering of [`ChartUnderTest`].
-struct Rendered {
-    /// The chart's own documents, without the probe.
-    docs: Vec<Value>,
-    notes: String,
-    values: Value,
-}
-
-impl Rendered {
-    fn object(&self, kind: &str, name: &str) -> anyhow::Result<&Value> {
-        self.docs
-            .iter()
-            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
-            .with_context(|| format!("the chart renders no {kind}/{name}"))
-    }
-
-    fn daemonset(&self) -> anyhow::Result<&Value> {
-        self.object("DaemonSet", "streamsnap")
-    }
-
-    fn container(&self) -> anyhow::Result<&Value> {
-        Ok(&self.daemonset()?["spec"]["template"]["spec"]["containers"][0])
-    }
-
-    fn checksum(&self) -> anyhow::Result<String> {
-        self.daemonset()?["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
-            .as_str()
-            .map(str::to_owned)
-            .context("the pod template has no checksum/config annotation")
-    }
-
-    /// The chart's documents as one multi-document file for kubernetes-validate.
-    fn write_manifests(&self, path: &Path) -> anyhow::Result<()> {
-        let docs = self
-            .docs
-            .iter()
-            .map(serde_json::to_string)
-            .collect::<Result<Vec<_>, _>>()?;
-        fs::write(path, docs.join("\n---\n"))?;
-        Ok(())
-    }
-}
-
-impl ChartUnderTest {
-    fn new() -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let chart = dir.path().join("streamsnap");
-        copy_dir(&chart_dir(), &chart)?;
-        let notes = fs::read_to_string(chart.join("templates/NOTES.txt"))?;
-        fs::write(
-            chart.join("templates/_chart_under_test.tpl"),
-            format!("{{{{- define \"chart-under-test.notes\" -}}}}\n{notes}{{{{- end -}}}}\n"),
-        )?;
-        fs::write(
-            chart.join("templates/chart-under-test.yaml"),
-            format!(
-                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {PROBE}\ndata:\n  \
-                 notes: {{{{ include \"chart-under-test.notes\" . | toJson }}}}\n  \
-                 values: {{{{ .Values | toJson | toJson }}}}\n"
-            ),
-        )?;
-        Ok(Self { dir })
-    }
-
-    fn chart(&self) -> PathBuf {
-        self.dir.path().join("streamsnap")
-    }
-
-    /// Renders with helm-template ARGS (`--set`, `-f` ...).
-    fn render(&self, args: &[&str]) -> anyhow::Result<Rendered> {
-        let text = render_chart_at(&self.chart(), args)?;
-        let (probe, docs): (Vec<Value>, Vec<Value>) = yaml_documents(&text)?
-            .into_iter()
-            .partition(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == PROBE);
-        let probe = probe.first().context("the probe ConfigMap is missing")?;
-        let notes = probe["data"]["notes"]
-            .as_str()
-            .context("no notes in the probe")?
-            .to_owned();
-        let values = serde_json::from_str(
-            probe["data"]["values"]
-                .as_str()
-                .context("no values in the probe")?,
-        )?;
-        Ok(Rendered {
-            docs,
-            notes,
-            values,
-        })
-    }
-
-    /// Renders with `--set` each of `sets`.
-    fn render_set(&self, sets: &[&str]) -> anyhow::Result<Rendered> {
-        let args: Vec<&str> = sets.iter().flat_map(|set| ["--set", set]).collect();
-        self.render(&args)
-    }
-
-    /// Renders with the values file `yaml`.
-    fn render_file(&self, yaml: &str) -> anyhow::Result<Rendered> {
-        let path = self.dir.path().join("values-under-test.yaml");
-        fs::write(&path, yaml)?;
-        self.render(&["-f", &path.to_string_lossy()])
-    }
-}
-
-fn deploy_manifests() -> anyhow::Result<Vec<PathBuf>> {
-    let dir = workspace_root().join("deploy/kubernetes");
-    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
-        .with_context(|| format!("listing {}", dir.display()))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    ensure!(!files.is_empty(), "no manifests in {}", dir.display());
-    Ok(files)
 }
 
 fn deploy_object(kind: &str) -> anyhow::Result<Value> {
@@ -510,37 +368,6 @@ const KUBERNETES_OBJECTS: [&str; 4] = [
     "tolerations/items",
     "extraEnv/items/valueFrom",
 ];
-
-/// Walks the schema's properties: for each, its path (`a/b`, `items` for list items) and schema.
-fn schema_nodes<'a>(path: &str, node: &'a Value, out: &mut Vec<(String, &'a Value)>) {
-    out.push((path.to_owned(), node));
-    let join = |key: &str| {
-        if path.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{path}/{key}")
-        }
-    };
-    if let Some(properties) = node["properties"].as_object() {
-        for (key, child) in properties {
-            schema_nodes(&join(key), child, out);
-        }
-    }
-    if node["items"].is_object() {
-        schema_nodes(&join("items"), &node["items"], out);
-    }
-    if node["additionalProperties"].is_object() {
-        schema_nodes(&join("*"), &node["additionalProperties"], out);
-    }
-}
-
-fn types(node: &Value) -> Vec<&str> {
-    match &node["type"] {
-        Value::String(t) => vec![t.as_str()],
-        Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
-        _ => Vec::new(),
-    }
-}
 
 /// The examples in values.yaml: the comment lines after a line ending in "e.g.", uncommented.
 fn values_yaml_examples(text: &str) -> Vec<String> {
