@@ -10,18 +10,21 @@ use anyhow::{Context, bail};
 use streamsnap_convert::{ConvertOptions, CreateOptions, Progress};
 use streamsnap_format::MAX_CHUNK_SIZE;
 
-use crate::output::{Format, human_bytes};
+use crate::output::{Format, human_bytes, plural};
 use crate::registry_args::{RegistryArgs, parse_reference};
 use crate::remote;
 use crate::service_args::ServerArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Image to convert: REGISTRY/REPO:TAG or REGISTRY/REPO@DIGEST (linux/amd64, or an index
-    /// with a linux/amd64 entry).
+    /// Image to convert: REGISTRY/REPO:TAG or REGISTRY/REPO@DIGEST, no scheme (linux/amd64, or
+    /// an index with a linux/amd64 entry). A name without a registry (busybox) means Docker Hub
+    /// (docker.io/library/busybox:latest), with a notice on stderr. With --server: REPO:TAG or
+    /// REPO@DIGEST, relative to the service's registry.
     #[arg(long)]
     image: String,
-    /// text: a summary; json: the pushed artifact's descriptor and nothing else on stdout.
+    /// text: a summary; json: the pushed artifact's descriptor (with --server: the operation)
+    /// and nothing else on stdout.
     #[arg(long, value_enum, default_value_t)]
     output: Format,
     /// Convert and push even if the image already has a streaming artifact.
@@ -37,7 +40,8 @@ pub struct Args {
     /// With --server: print the operation and return at once instead of waiting for it.
     #[arg(long)]
     no_wait: bool,
-    /// Directory for the chunk blobs staged before upload [default: the system temp dir].
+    /// Directory for the chunk blobs staged before upload, for a local conversion [default:
+    /// the system temp dir].
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
     #[command(flatten)]
@@ -102,8 +106,8 @@ pub async fn run(args: Args, server: &ServerArgs) -> anyhow::Result<()> {
                     .sum();
                 let seconds = started.elapsed().as_secs_f64();
                 println!(
-                    "converted {reference}: {} layers, {} compressed ({} uncompressed) -> {} streaming, in {seconds:.1} s ({:.0} MB/s uncompressed)",
-                    created.layers.len(),
+                    "converted {reference}: {}, {} compressed ({} uncompressed) -> {} streaming, in {seconds:.1} s ({:.0} MB/s uncompressed)",
+                    plural(created.layers.len() as u64, "layer"),
                     human_bytes(source),
                     human_bytes(uncompressed),
                     human_bytes(streaming),

@@ -26,7 +26,8 @@ use clap::{Parser, Subcommand};
     about = "Artifact streaming for container images"
 )]
 struct Cli {
-    /// More log output on stderr (-v info, -vv debug). STREAMSNAP_LOG=<filter> overrides.
+    /// More log output on stderr (-v info, -vv debug; `serve` logs at info without it).
+    /// STREAMSNAP_LOG=<filter> (e.g. debug or streamsnap_registry=trace) overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
     #[command(subcommand)]
@@ -147,7 +148,9 @@ fn init_logging(verbose: u8) {
         2 => LevelFilter::DEBUG,
         _ => LevelFilter::TRACE,
     };
-    let spec = std::env::var("STREAMSNAP_LOG").ok().filter(|s| !s.is_empty());
+    let spec = std::env::var("STREAMSNAP_LOG")
+        .ok()
+        .filter(|s| !s.is_empty());
     let parsed = spec.as_deref().map(parse_filter);
     let filter = match &parsed {
         Some(Some(targets)) => targets.clone(),
@@ -192,4 +195,54 @@ fn parse_filter(spec: &str) -> Option<tracing_subscriber::filter::Targets> {
 fn colour_on_stderr() -> bool {
     use std::io::IsTerminal;
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every command and every flag of every subcommand, however deep, says what it is.
+    #[test]
+    fn every_command_and_flag_has_a_help_text() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", command.get_name()).trim().to_owned();
+            if command
+                .get_about()
+                .is_none_or(|a| a.to_string().trim().is_empty())
+            {
+                missing.push(format!("`{path}` has no about text"));
+            }
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if arg
+                    .get_help()
+                    .is_none_or(|h| h.to_string().trim().is_empty())
+                {
+                    missing.push(format!("`{path}` --{id} has no help text"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                if sub.get_name() != "help" {
+                    walk(sub, &path, missing);
+                }
+            }
+        }
+        let command = Cli::command();
+        command.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&command, "", &mut missing);
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
+    }
+
+    #[test]
+    fn log_filters_are_levels_or_target_level_pairs() {
+        assert!(parse_filter("debug").is_some());
+        assert!(parse_filter("warn,streamsnap_registry=trace").is_some());
+        assert!(parse_filter("inf").is_none(), "a misspelt level is refused");
+    }
 }

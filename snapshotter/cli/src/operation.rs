@@ -3,7 +3,7 @@
 use anyhow::{Context, bail};
 use streamsnap_service::api::{Operation, OperationState};
 
-use crate::output::{Format, human_bytes, table};
+use crate::output::{Format, human_bytes, plural, table};
 use crate::service_args::{ServerArgs, split_image};
 
 #[derive(Debug, clap::Args)]
@@ -15,19 +15,24 @@ pub struct ShowArgs {
     /// Repository of the operation (with --id).
     #[arg(long, requires = "id")]
     repository: Option<String>,
-    /// Operation ID (with --repository).
+    /// Operation ID (with --repository), as `create` or `operation show` printed it.
     #[arg(long, requires = "repository")]
     id: Option<String>,
+    /// text: the operation as a two-column table; json: the API's operation object.
     #[arg(long, value_enum, default_value_t)]
     output: Format,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct CancelArgs {
+    /// Repository of the operation, relative to the service's registry (e.g. team/app).
     #[arg(long)]
     repository: String,
+    /// Operation ID, as `create` or `operation show` printed it.
     #[arg(long)]
     id: String,
+    /// text: one line saying whether it is canceled or still stopping; json: the API's
+    /// operation object.
     #[arg(long, value_enum, default_value_t)]
     output: Format,
 }
@@ -104,7 +109,10 @@ fn details(op: &Operation) -> String {
     if op.interruptions > 0 {
         rows.push(vec![
             "INTERRUPTED".to_owned(),
-            format!("{} time(s) by a service stop, resumed", op.interruptions),
+            format!(
+                "{} by a service stop, resumed",
+                plural(u64::from(op.interruptions), "time")
+            ),
         ]);
     }
     rows.push(vec![

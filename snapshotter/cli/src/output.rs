@@ -27,6 +27,15 @@ pub fn error_chain(error: &anyhow::Error) -> String {
     line
 }
 
+/// A count and its noun: `1 layer`, `2 layers`, `0 layers`. Nouns here take a plain `s`.
+pub fn plural(count: u64, noun: &str) -> String {
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
+}
+
 /// Bytes as a short human figure.
 pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
@@ -82,6 +91,13 @@ mod tests {
             vec!["long".to_owned(), "x".to_owned(), "y".to_owned()],
         ];
         assert_eq!(table(&rows), "A     BB  C\nlong  x   y\n");
+    }
+
+    #[test]
+    fn counts_take_the_plural_unless_one() {
+        assert_eq!(plural(1, "layer"), "1 layer");
+        assert_eq!(plural(0, "layer"), "0 layers");
+        assert_eq!(plural(2, "chunk"), "2 chunks");
     }
 
     #[test]

@@ -10,14 +10,15 @@ use streamsnap_format::oci::{Descriptor, ImageManifest};
 use streamsnap_format::{MAX_PROFILE_BLOB, Profile, media};
 use streamsnap_service::api::Timestamp;
 
-use crate::output::Format;
+use crate::output::{Format, plural};
 use crate::registry_args::{RegistryArgs, parse_reference};
 use crate::service_args::ServerArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Image the profile is for: REGISTRY/REPO:TAG or REGISTRY/REPO@DIGEST (it must have a
-    /// streaming artifact).
+    /// Image the profile is for: REGISTRY/REPO:TAG or REGISTRY/REPO@DIGEST, no scheme (it must
+    /// have a streaming artifact). A name without a registry (busybox) means Docker Hub, with a
+    /// notice on stderr.
     #[arg(long)]
     image: String,
     /// The profile, as a node serves it at http://NODE:9464/debug/profile after the image's
@@ -96,11 +97,11 @@ pub async fn run(args: Args, server: &ServerArgs) -> anyhow::Result<()> {
     match args.output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&pushed)?),
         Format::Text => println!(
-            "pushed start-up profile {} for {reference} ({} chunks in {} layers); nodes \
-             prefetch them from the next pull on",
+            "pushed start-up profile {} for {reference} ({} in {}); nodes prefetch them \
+             from the next pull on",
             pushed.digest,
-            profile.len(),
-            profile.layers.len()
+            plural(profile.len() as u64, "chunk"),
+            plural(profile.layers.len() as u64, "layer")
         ),
     }
     Ok(())

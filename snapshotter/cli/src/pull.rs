@@ -24,7 +24,9 @@ const DEADLINE_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Image to pull, as a pod spec names it: REGISTRY/REPO:TAG or REGISTRY/REPO@DIGEST.
+    /// Image to pull, as a pod spec names it: REGISTRY/REPO:TAG or REGISTRY/REPO@DIGEST, no
+    /// scheme. containerd puts a name without a registry (busybox) on Docker Hub
+    /// (docker.io/library/busybox:latest); a notice on stderr says so.
     image: String,
     /// containerd's gRPC socket.
     #[arg(long, value_name = "PATH", env = "STREAMSNAP_CONTAINERD_SOCKET",

@@ -9,7 +9,7 @@ use streamsnap_registry::{Client, ClientConfig, CredentialStore, Credentials, Re
 
 #[derive(Debug, clap::Args)]
 pub struct RegistryArgs {
-    /// Reach the image's registry over plain HTTP (localhost and 127.0.0.0/8 always are).
+    /// Reach the registry over plain HTTP (localhost and 127.0.0.0/8 always are).
     #[arg(long)]
     pub plain_http: bool,
     /// Registry user name (with --password-stdin or STREAMSNAP_PASSWORD). Without it,
@@ -19,8 +19,8 @@ pub struct RegistryArgs {
     /// Read the registry password from standard input.
     #[arg(long, requires = "username")]
     pub password_stdin: bool,
-    /// Docker config file with registry credentials [default: $DOCKER_CONFIG/config.json or
-    /// ~/.docker/config.json].
+    /// Docker config file with registry credentials; a file named here must exist [default:
+    /// $DOCKER_CONFIG/config.json or ~/.docker/config.json, no credentials when absent].
     #[arg(long, value_name = "FILE")]
     pub docker_config: Option<PathBuf>,
     /// Seconds to wait for a registry response before retrying.

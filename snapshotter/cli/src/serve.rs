@@ -12,7 +12,8 @@ use crate::registry_args::RegistryArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The registry served (HOST[:PORT]); repositories are named relative to it.
+    /// The registry served (HOST[:PORT], no scheme; --plain-http for HTTP); repositories are
+    /// named relative to it.
     #[arg(long, value_name = "HOST[:PORT]")]
     registry: String,
     /// Address of the HTTP API and webhook.
@@ -22,6 +23,8 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     state_dir: PathBuf,
     /// File holding the API token that every /v1 call but the webhook and /v1/healthz needs.
+    /// Required, unless --insecure-dev-loopback (a developer's machine) lets loopback callers
+    /// in without one.
     #[arg(
         long,
         value_name = "FILE",
@@ -32,7 +35,8 @@ pub struct Args {
     /// each notification (its endpoint's `headers`).
     #[arg(long, value_name = "FILE")]
     webhook_secret_file: PathBuf,
-    /// Development only: API calls from loopback addresses need no token.
+    /// Development only: API calls from loopback addresses need no token (then --token-file
+    /// may be left out).
     #[arg(long)]
     insecure_dev_loopback: bool,
     /// Conversions run at once.

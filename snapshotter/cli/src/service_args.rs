@@ -11,11 +11,13 @@ const TOKEN_ENV: &str = "STREAMSNAP_TOKEN";
 
 #[derive(Debug, clap::Args)]
 pub struct ServerArgs {
-    /// The conversion service (`streamsnap serve`) to send the verb to, e.g.
-    /// http://127.0.0.1:8080. Without it, `create` converts locally and the other verbs fail.
+    /// The conversion service (`streamsnap serve`), e.g. http://127.0.0.1:8080. `update`,
+    /// `show` and `operation` need it; `create` starts an operation there instead of
+    /// converting locally; `profile` does not use it.
     #[arg(long, env = "STREAMSNAP_SERVER", global = true, value_name = "URL")]
     pub server: Option<String>,
-    /// File holding the service's API token [default: the STREAMSNAP_TOKEN variable].
+    /// File holding the service's API token (the one `serve --token-file` reads) [default:
+    /// the token in the STREAMSNAP_TOKEN variable].
     #[arg(long, global = true, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
 }

@@ -16,6 +16,8 @@ pub struct UpdateArgs {
     /// artifacts already made stay).
     #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
     enable_streaming: bool,
+    /// text: a table of the repository's state and operation counts; json: the API's
+    /// repository object.
     #[arg(long, value_enum, default_value_t)]
     output: Format,
 }
@@ -25,6 +27,8 @@ pub struct ShowArgs {
     /// Only this repository, with its operations [default: every repository the service knows].
     #[arg(long)]
     repository: Option<String>,
+    /// text: a table of states and operation counts (and, with --repository, its
+    /// operations); json: the API's repository object(s).
     #[arg(long, value_enum, default_value_t)]
     output: Format,
 }

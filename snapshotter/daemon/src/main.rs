@@ -27,20 +27,29 @@ use streamsnap_snapshotter::startup::{RootLock, remount_remote_snapshots};
     about = "containerd remote snapshotter for streaming images"
 )]
 struct Args {
-    /// Unix socket to serve the snapshots API on [default: /run/streamsnap/snapshotter.sock].
+    /// Unix socket to serve the snapshots API on [default: the config's address, else
+    /// /run/streamsnap/snapshotter.sock]
     #[arg(long, value_name = "SOCKET")]
     address: Option<PathBuf>,
-    /// State directory: snapshots, chunk cache, metadata [default: /var/lib/streamsnap].
+    /// State directory: snapshots, chunk cache, metadata [default: the config's root, else
+    /// /var/lib/streamsnap]
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
     /// TOML config file (see docs/snapshotter.md); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Serve Prometheus /metrics and /healthz on HOST:PORT.
+    /// Serve Prometheus /metrics, /healthz and /debug/profile on HOST:PORT [default: the
+    /// config's metrics_address; off when unset].
     #[arg(long, value_name = "HOST:PORT")]
     metrics_address: Option<std::net::SocketAddr>,
-    /// Log filter, e.g. info or streamsnap_snapshotter=debug (env STREAMSNAP_LOG).
-    #[arg(long, env = "STREAMSNAP_LOG", default_value = "info")]
+    /// Log filter: a level (error, warn, info, debug, trace) or target=level pairs separated
+    /// by commas, e.g. info,streamsnap_cache=debug.
+    #[arg(
+        long,
+        value_name = "FILTER",
+        env = "STREAMSNAP_LOG",
+        default_value = "info"
+    )]
     log_level: String,
 }
 
