@@ -1,12 +1,18 @@
 //! Finding an image's streaming artifact, with a short-lived cache: containerd prepares every
 //! layer of an image one after another, and they all share one lookup.
+//!
+//! An artifact is bound to the image it is used for: its `subject` must be the image manifest
+//! containerd pulls (by digest), and each layer it covers must be a layer of that manifest, whose
+//! diff ID (from the image config, at the layer's position) the layer's TOC must carry too
+//! ([`Artifact::expect_diff_id`]). This catches mix-ups and mistakes; only a signature stops
+//! someone who can push referrers and forge the claims.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use streamsnap_format::oci::{
-    Descriptor, ImageIndex, ImageManifest, PLATFORM_ARCHITECTURE, PLATFORM_OS,
+    Descriptor, ImageConfig, ImageIndex, ImageManifest, PLATFORM_ARCHITECTURE, PLATFORM_OS,
 };
 use streamsnap_format::{Digest, FORMAT_VERSION, MAX_PROFILE_BLOB, Profile, media};
 use streamsnap_registry::{Client, Reference, Repository};
@@ -22,18 +28,55 @@ const MISSING_TTL: Duration = Duration::from_secs(30);
 const MAX_ENTRIES: usize = 4096;
 /// The annotation that orders start-up profiles: the newest is used.
 const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
+/// Largest image config read (configs with a long history are a few hundred KB).
+const MAX_IMAGE_CONFIG: u64 = 4 << 20;
 
 /// A streaming artifact: for each original layer digest, its TOC and data descriptors.
 #[derive(Debug)]
 pub struct Artifact {
     pub digest: Digest,
     pub repository: Repository,
+    /// The image manifest it was checked against.
+    pub subject: Digest,
     layers: HashMap<Digest, (Descriptor, Descriptor)>,
+    /// The image's layers (by digest) and the diff ID its config lists for each.
+    diff_ids: HashMap<Digest, Digest>,
     /// The image's newest start-up profile, if it has one that could be read.
     profile: Option<Profile>,
 }
 
 impl Artifact {
+    /// Checks a layer's TOC claims against the image: the layer is one of the image's and the
+    /// TOC names its digest and the diff ID the image config lists for it.
+    pub fn expect_claims(
+        &self,
+        toc_digest: Digest,
+        layer: Digest,
+        toc_layer: Digest,
+        toc_diff_id: Digest,
+    ) -> Result<(), RemoteError> {
+        let mismatch = |reason: String| RemoteError::ArtifactMismatch {
+            artifact: self.digest,
+            reason,
+        };
+        let expected = self
+            .diff_ids
+            .get(&layer)
+            .ok_or_else(|| mismatch(format!("layer {layer} is not a layer of the image")))?;
+        if toc_layer != layer {
+            return Err(mismatch(format!(
+                "TOC {toc_digest} describes layer {toc_layer}, expected {layer}"
+            )));
+        }
+        if toc_diff_id != *expected {
+            return Err(mismatch(format!(
+                "TOC {toc_digest} of layer {layer} claims diff ID {toc_diff_id}, the image \
+                 config lists {expected}"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn profile(&self) -> Option<&Profile> {
         self.profile.as_ref()
     }
@@ -47,18 +90,23 @@ impl Artifact {
         )
     }
 
-    /// Reads the layer map of an artifact manifest, checking it is one of ours for `subject`.
+    /// Reads the layer map of an artifact manifest, checking it is one of ours for `image` (the
+    /// subject), and that every layer it covers is one of the image's with the same diff ID.
     fn parse(
         digest: Digest,
         repository: Repository,
-        subject: Digest,
+        image: &BoundImage,
         bytes: &[u8],
     ) -> Result<Self, RemoteError> {
         let invalid = |reason: String| RemoteError::InvalidArtifact {
             artifact: digest,
             reason,
         };
-        let manifest = referrer_manifest(bytes, media::ARTIFACT_TYPE, subject).map_err(invalid)?;
+        let mismatch = |reason: String| RemoteError::ArtifactMismatch {
+            artifact: digest,
+            reason,
+        };
+        let manifest = referrer_manifest(bytes, media::ARTIFACT_TYPE, image.manifest)?;
         let version = manifest.annotations.get(media::ANNOTATION_FORMAT_VERSION);
         if version != Some(&FORMAT_VERSION.to_string()) {
             return Err(invalid(format!(
@@ -87,36 +135,107 @@ impl Artifact {
                 .ok_or_else(|| {
                     invalid(format!("TOC {} has no layer digest annotation", toc.digest))
                 })?;
+            let Some(expected) = image.diff_ids.get(&layer) else {
+                return Err(mismatch(format!(
+                    "it covers layer {layer}, which is not a layer of image {}",
+                    image.manifest
+                )));
+            };
+            let claimed = toc.annotations.get(media::ANNOTATION_LAYER_DIFF_ID);
+            if claimed.and_then(|d| d.parse::<Digest>().ok()) != Some(*expected) {
+                return Err(mismatch(format!(
+                    "it claims diff ID {} for layer {layer}, the image config lists {expected}",
+                    claimed.map_or("(none)", String::as_str)
+                )));
+            }
             layers.insert(layer, (toc.clone(), data.clone()));
         }
         Ok(Self {
             digest,
             repository,
+            subject: image.manifest,
             layers,
+            diff_ids: image.diff_ids.clone(),
             profile: None,
         })
     }
 }
 
-/// Parses a manifest that must be an `artifact_type` referrer of `subject`; the error is why not.
+/// The image manifest an artifact must be bound to, and the diff ID of each of its layers.
+#[derive(Debug)]
+struct BoundImage {
+    manifest: Digest,
+    diff_ids: HashMap<Digest, Digest>,
+}
+
+impl BoundImage {
+    /// Pairs the manifest's layers with the config's diff IDs, position by position.
+    fn new(
+        manifest: Digest,
+        image: &ImageManifest,
+        config: &ImageConfig,
+    ) -> Result<Self, RemoteError> {
+        let invalid = |reason: String| RemoteError::InvalidImage { manifest, reason };
+        if image.layers.len() != config.rootfs.diff_ids.len() {
+            return Err(invalid(format!(
+                "{} layers but {} diff IDs in its config",
+                image.layers.len(),
+                config.rootfs.diff_ids.len()
+            )));
+        }
+        let mut diff_ids = HashMap::new();
+        for (layer, diff_id) in image.layers.iter().zip(&config.rootfs.diff_ids) {
+            if let Some(other) = diff_ids.insert(layer.digest, *diff_id)
+                && other != *diff_id
+            {
+                return Err(invalid(format!(
+                    "layer {} is listed with two diff IDs",
+                    layer.digest
+                )));
+            }
+        }
+        Ok(Self { manifest, diff_ids })
+    }
+}
+
+/// Parses a manifest that must be an `artifact_type` referrer of `subject`: malformed or of
+/// another type is [`RemoteError::InvalidArtifact`], bound to another subject
+/// [`RemoteError::ArtifactMismatch`].
 fn referrer_manifest(
     bytes: &[u8],
     artifact_type: &str,
     subject: Digest,
-) -> Result<ImageManifest, String> {
-    let manifest: ImageManifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+) -> Result<ImageManifest, RemoteError> {
+    let artifact = Digest::sha256(bytes);
+    let invalid = |reason: String| RemoteError::InvalidArtifact { artifact, reason };
+    let manifest: ImageManifest =
+        serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
     if manifest.artifact_type.as_deref() != Some(artifact_type) {
-        return Err(format!("artifactType is {:?}", manifest.artifact_type));
+        return Err(invalid(format!(
+            "artifactType is {:?}",
+            manifest.artifact_type
+        )));
     }
-    if manifest.subject.as_ref().map(|s| s.digest) != Some(subject) {
-        return Err(format!("its subject is not {subject}"));
+    match &manifest.subject {
+        Some(s) if s.digest == subject => Ok(manifest),
+        other => Err(RemoteError::ArtifactMismatch {
+            artifact,
+            reason: format!(
+                "its subject is {}, not the image manifest {subject}",
+                other
+                    .as_ref()
+                    .map_or_else(|| "missing".to_owned(), |s| s.digest.to_string())
+            ),
+        }),
     }
-    Ok(manifest)
 }
 
 enum Entry {
     Found(Arc<Artifact>, Instant),
     Missing(Instant),
+    /// A layer's TOC did not match the image: no further layer of the image is mounted from
+    /// this artifact.
+    Rejected(Digest, String, Instant),
 }
 
 /// Lookups by platform manifest digest, and image references resolved to manifest digests.
@@ -165,6 +284,12 @@ impl ArtifactCache {
                     image: request.image.clone(),
                 });
             }
+            Some(Entry::Rejected(artifact, reason, at)) if now.duration_since(*at) < FOUND_TTL => {
+                return Err(RemoteError::ArtifactMismatch {
+                    artifact: *artifact,
+                    reason: reason.clone(),
+                });
+            }
             _ => {}
         }
         let found = self.lookup(&repo, manifest, &request.image).await;
@@ -180,13 +305,30 @@ impl ArtifactCache {
         found
     }
 
+    /// Stops using `artifact` for its image (for as long as a found artifact
+    /// is remembered): one of its layers did not match the image.
+    pub fn reject(&self, artifact: &Artifact, reason: String) {
+        let key = (artifact.repository.to_string(), artifact.subject);
+        self.by_manifest
+            .lock()
+            .expect("artifact cache lock")
+            .insert(
+                key,
+                Entry::Rejected(artifact.digest, reason, Instant::now()),
+            );
+    }
+
     async fn lookup(
         &self,
         repo: &Repository,
         manifest: Digest,
         image: &str,
     ) -> Result<Arc<Artifact>, RemoteError> {
-        let referrers = self.client.referrers(repo, &manifest, None).await?;
+        let (referrers, bound) = tokio::join!(
+            self.client.referrers(repo, &manifest, None),
+            self.bound_image(repo, manifest)
+        );
+        let referrers = referrers?;
         let version = FORMAT_VERSION.to_string();
         let descriptor = referrers
             .manifests
@@ -202,7 +344,7 @@ impl ArtifactCache {
             .client
             .get_manifest(repo, &descriptor.digest.to_string())
             .await?;
-        let mut artifact = Artifact::parse(fetched.digest, repo.clone(), manifest, &fetched.bytes)?;
+        let mut artifact = Artifact::parse(fetched.digest, repo.clone(), &bound?, &fetched.bytes)?;
         let profile = referrers
             .manifests
             .iter()
@@ -240,8 +382,7 @@ impl ArtifactCache {
             reason,
         };
         let fetched = self.client.get_manifest(repo, &digest.to_string()).await?;
-        let manifest = referrer_manifest(&fetched.bytes, media::PROFILE_ARTIFACT_TYPE, subject)
-            .map_err(invalid)?;
+        let manifest = referrer_manifest(&fetched.bytes, media::PROFILE_ARTIFACT_TYPE, subject)?;
         let [layer] = manifest.layers.as_slice() else {
             return Err(invalid(format!(
                 "{} layers, expected 1",
@@ -256,6 +397,35 @@ impl ArtifactCache {
             .get_blob_bytes(repo, &layer.digest, MAX_PROFILE_BLOB)
             .await?;
         Profile::decode(&blob).map_err(|e| invalid(e.to_string()))
+    }
+
+    /// The image manifest `manifest` (fetched by digest, so the registry cannot substitute
+    /// another) with the diff IDs its config lists.
+    async fn bound_image(
+        &self,
+        repo: &Repository,
+        manifest: Digest,
+    ) -> Result<BoundImage, RemoteError> {
+        let invalid = |reason: String| RemoteError::InvalidImage { manifest, reason };
+        let fetched = self
+            .client
+            .get_manifest(repo, &manifest.to_string())
+            .await?;
+        if !media::is_image_manifest(&fetched.media_type) {
+            return Err(invalid(format!(
+                "media type {} is not an image manifest",
+                fetched.media_type
+            )));
+        }
+        let image: ImageManifest =
+            serde_json::from_slice(&fetched.bytes).map_err(|e| invalid(e.to_string()))?;
+        let config = self
+            .client
+            .get_blob_bytes(repo, &image.config.digest, MAX_IMAGE_CONFIG)
+            .await?;
+        let config: ImageConfig = serde_json::from_slice(&config)
+            .map_err(|e| invalid(format!("image config {}: {e}", image.config.digest)))?;
+        BoundImage::new(manifest, &image, &config)
     }
 
     /// The linux/amd64 manifest digest a reference (tag or digest, image or index) names.
@@ -292,5 +462,152 @@ impl ArtifactCache {
             .expect("resolve cache lock")
             .insert(key, (manifest.digest, now));
         Ok(manifest.digest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use streamsnap_format::oci::RootFs;
+
+    use super::*;
+
+    fn d(s: &str) -> Digest {
+        Digest::sha256(s.as_bytes())
+    }
+
+    fn image(layers: &[&str], diff_ids: &[&str]) -> (ImageManifest, ImageConfig) {
+        let manifest = ImageManifest {
+            schema_version: 2,
+            media_type: Some(media::OCI_MANIFEST.into()),
+            artifact_type: None,
+            config: Descriptor::of(media::OCI_CONFIG, b"{}"),
+            layers: layers
+                .iter()
+                .map(|l| Descriptor::new(media::OCI_MANIFEST, d(l), 1))
+                .collect(),
+            subject: None,
+            annotations: Default::default(),
+        };
+        let config = ImageConfig {
+            architecture: "amd64".into(),
+            os: "linux".into(),
+            variant: None,
+            rootfs: RootFs {
+                kind: "layers".into(),
+                diff_ids: diff_ids.iter().map(|x| d(x)).collect(),
+            },
+        };
+        (manifest, config)
+    }
+
+    /// An artifact manifest for subject `subject` covering `(layer, claimed diff ID)`.
+    fn artifact(subject: Digest, layers: &[(&str, &str)]) -> Vec<u8> {
+        let mut descriptors = Vec::new();
+        for (layer, diff_id) in layers {
+            let mut toc = Descriptor::new(media::TOC, d(&format!("toc {layer}")), 1);
+            toc.annotations
+                .insert(media::ANNOTATION_LAYER_DIGEST.into(), d(layer).to_string());
+            toc.annotations.insert(
+                media::ANNOTATION_LAYER_DIFF_ID.into(),
+                d(diff_id).to_string(),
+            );
+            descriptors.push(toc);
+            descriptors.push(Descriptor::new(
+                media::CHUNKS,
+                d(&format!("data {layer}")),
+                1,
+            ));
+        }
+        let mut annotations = std::collections::BTreeMap::new();
+        annotations.insert(
+            media::ANNOTATION_FORMAT_VERSION.to_owned(),
+            FORMAT_VERSION.to_string(),
+        );
+        serde_json::to_vec(&ImageManifest {
+            schema_version: 2,
+            media_type: Some(media::OCI_MANIFEST.into()),
+            artifact_type: Some(media::ARTIFACT_TYPE.into()),
+            config: Descriptor::of(media::OCI_EMPTY, media::OCI_EMPTY_CONTENT),
+            layers: descriptors,
+            subject: Some(Descriptor::new(media::OCI_MANIFEST, subject, 1)),
+            annotations,
+        })
+        .unwrap()
+    }
+
+    fn repo() -> Repository {
+        Repository::new("r:5000", "a")
+    }
+
+    fn parse(bound: &BoundImage, bytes: &[u8]) -> Result<Artifact, RemoteError> {
+        Artifact::parse(Digest::sha256(bytes), repo(), bound, bytes)
+    }
+
+    #[test]
+    fn an_artifact_binds_to_its_subject_layers_and_diff_ids() {
+        let subject = d("manifest");
+        let (manifest, config) = image(&["l0", "l1"], &["d0", "d1"]);
+        let bound = BoundImage::new(subject, &manifest, &config).unwrap();
+        let good = parse(&bound, &artifact(subject, &[("l0", "d0"), ("l1", "d1")])).unwrap();
+        assert_eq!(good.subject, subject);
+        good.expect_claims(d("t"), d("l1"), d("l1"), d("d1"))
+            .unwrap();
+
+        // Its TOC claims another diff ID, or another layer, or a layer the image lacks.
+        for (layer, toc_layer, toc_diff) in
+            [("l1", "l1", "d0"), ("l1", "l0", "d1"), ("lx", "lx", "d1")]
+        {
+            let err = good
+                .expect_claims(d("t"), d(layer), d(toc_layer), d(toc_diff))
+                .unwrap_err();
+            assert!(matches!(err, RemoteError::ArtifactMismatch { .. }), "{err}");
+        }
+        // The manifest's own claims: another subject, a foreign layer, another diff ID.
+        for bytes in [
+            artifact(d("other manifest"), &[("l0", "d0")]),
+            artifact(subject, &[("l0", "d0"), ("evil", "d1")]),
+            artifact(subject, &[("l0", "d1")]),
+        ] {
+            let err = parse(&bound, &bytes).unwrap_err();
+            assert!(matches!(err, RemoteError::ArtifactMismatch { .. }), "{err}");
+            assert!(
+                err.to_string().contains("does not match the image"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_image_whose_config_disagrees_with_its_manifest_is_refused() {
+        let (manifest, config) = image(&["l0", "l1"], &["d0"]);
+        let err = BoundImage::new(d("m"), &manifest, &config).unwrap_err();
+        assert!(matches!(err, RemoteError::InvalidImage { .. }), "{err}");
+        let (manifest, config) = image(&["l0", "l0"], &["d0", "d1"]);
+        assert!(BoundImage::new(d("m"), &manifest, &config).is_err());
+        let (manifest, config) = image(&["l0", "l0"], &["d0", "d0"]);
+        assert!(BoundImage::new(d("m"), &manifest, &config).is_ok());
+    }
+
+    #[test]
+    fn a_rejected_artifact_is_not_used_again_for_its_image() {
+        let subject = d("manifest");
+        let (manifest, config) = image(&["l0"], &["d0"]);
+        let bound = BoundImage::new(subject, &manifest, &config).unwrap();
+        let artifact = parse(&bound, &artifact(subject, &[("l0", "d0")])).unwrap();
+        let cache =
+            ArtifactCache::new(Client::new(streamsnap_registry::ClientConfig::default()).unwrap());
+        cache.reject(&artifact, "a TOC lied".into());
+        let request = LayerRequest {
+            image: "r:5000/a:1".into(),
+            layer_digest: d("l0"),
+            manifest_digest: Some(subject),
+        };
+        let err = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(cache.get(&request))
+            .unwrap_err();
+        assert!(err.to_string().contains("a TOC lied"), "{err}");
     }
 }

@@ -53,12 +53,11 @@ pub enum RemoteError {
     LayerNotInArtifact { artifact: Digest, layer: Digest },
     #[error("streaming artifact {artifact} is malformed: {reason}")]
     InvalidArtifact { artifact: Digest, reason: String },
-    #[error("TOC {toc} describes layer {found}, expected {expected}")]
-    TocMismatch {
-        toc: Digest,
-        found: Digest,
-        expected: Digest,
-    },
+    /// The artifact's claims do not match the image it is used for: not a mount, ever.
+    #[error("streaming artifact {artifact} does not match the image: {reason}")]
+    ArtifactMismatch { artifact: Digest, reason: String },
+    #[error("image manifest {manifest} cannot be used: {reason}")]
+    InvalidImage { manifest: Digest, reason: String },
     #[error(transparent)]
     Registry(#[from] streamsnap_registry::Error),
     #[error("TOC of layer {layer} is invalid")]
@@ -230,12 +229,14 @@ impl RemoteLayers {
             layer: request.layer_digest,
             source,
         })?;
-        if toc.layer_digest() != request.layer_digest {
-            return Err(RemoteError::TocMismatch {
-                toc: toc_descriptor.digest,
-                found: toc.layer_digest(),
-                expected: request.layer_digest,
-            });
+        if let Err(error) = artifact.expect_claims(
+            toc_descriptor.digest,
+            request.layer_digest,
+            toc.layer_digest(),
+            toc.diff_id(),
+        ) {
+            self.artifacts.reject(&artifact, error.to_string());
+            return Err(error);
         }
         if toc.data_digest() != data_descriptor.digest || toc.data_size() != data_descriptor.size {
             return Err(RemoteError::InvalidArtifact {
@@ -523,9 +524,9 @@ fn fallback_reason(error: &crate::error::Error) -> &'static str {
             RemoteError::NoArtifact { .. } => "no_artifact",
             RemoteError::NoPlatform { .. } => "no_platform",
             RemoteError::LayerNotInArtifact { .. } => "layer_not_in_artifact",
-            RemoteError::InvalidArtifact { .. }
-            | RemoteError::TocMismatch { .. }
-            | RemoteError::Toc { .. } => "invalid_artifact",
+            RemoteError::InvalidArtifact { .. } | RemoteError::Toc { .. } => "invalid_artifact",
+            RemoteError::ArtifactMismatch { .. } => "artifact_mismatch",
+            RemoteError::InvalidImage { .. } => "invalid_image",
             RemoteError::Reference(_) => "invalid_reference",
             RemoteError::Registry(e) if e.is_transient() => "registry_unavailable",
             RemoteError::Registry(_) => "registry_error",
