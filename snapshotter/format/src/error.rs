@@ -17,6 +17,13 @@ pub enum Error {
     #[error("chunk {digest}: content does not match its digest (got {actual})")]
     ChunkDigestMismatch { digest: Digest, actual: Digest },
 
+    #[error("chunk {digest}: the zstd frame declares {declared} bytes, the TOC says {expected}")]
+    ChunkFrameSize {
+        digest: Digest,
+        declared: u64,
+        expected: u32,
+    },
+
     #[error("chunk {digest}: corrupt zstd frame")]
     ChunkDecompress {
         digest: Digest,
@@ -30,8 +37,13 @@ pub enum Error {
     #[error("toc: corrupt zstd frame")]
     TocDecompress(#[source] std::io::Error),
 
-    #[error("toc: decompressed size exceeds the limit of {limit} bytes")]
-    TocTooLarge { limit: usize },
+    /// A TOC over one of the limits of docs/format.md ("Limits"), found before it was decoded.
+    #[error("toc: {what} {value} exceeds the limit of {limit}")]
+    TocLimit {
+        what: &'static str,
+        value: u64,
+        limit: u64,
+    },
 
     #[error("toc: malformed protobuf")]
     TocDecode(#[from] prost::DecodeError),

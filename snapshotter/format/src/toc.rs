@@ -1,20 +1,19 @@
 //! The table of contents of a streaming layer: decoding with limits, validation, and the mapping
 //! from a file byte range to chunk pieces.
 
-use std::io::Read;
-
 use prost::Message;
 
 use crate::api::{self, EntryType};
-use crate::chunk::{MAX_CHUNK_SIZE, max_compressed_size};
+use crate::chunk::{MAX_CHUNK_SIZE, MAX_CHUNK_RATIO, max_compressed_size};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::limits::{
+    self, Census, MAX_TOC_CHUNKS, MAX_TOC_ENTRIES, MAX_TOC_EXTENTS, MAX_TOC_XATTRS,
+};
 use crate::path::validate_path;
 
 /// The format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
-/// Largest decompressed TOC a reader accepts (about 2 million entries of typical size).
-pub const MAX_TOC_DECODED_SIZE: usize = 512 << 20;
 /// Largest xattr value accepted (the Linux limit).
 const MAX_XATTR_VALUE: usize = 64 << 10;
 const MAX_XATTR_NAME: usize = 255;
@@ -71,25 +70,34 @@ pub struct Piece {
 
 impl Toc {
     /// Decodes and validates a TOC blob. The caller has already checked the blob's digest against
-    /// the artifact manifest.
+    /// the artifact manifest. Every limit of docs/format.md ("Limits") is checked before the
+    /// memory it protects is allocated: the decompressed size against the blob's, then the
+    /// counts of entries, chunks, extents and xattrs and the decoded size, from the protobuf
+    /// wire format, before anything is decoded.
     pub fn decode(blob: &[u8]) -> Result<Self> {
-        let decoder =
-            zstd::stream::read::Decoder::with_buffer(blob).map_err(Error::TocDecompress)?;
-        let mut raw = Vec::new();
-        decoder
-            .take(MAX_TOC_DECODED_SIZE as u64 + 1)
-            .read_to_end(&mut raw)
-            .map_err(Error::TocDecompress)?;
-        if raw.len() > MAX_TOC_DECODED_SIZE {
-            return Err(Error::TocTooLarge {
-                limit: MAX_TOC_DECODED_SIZE,
-            });
-        }
-        Self::from_raw(api::Toc::decode(raw.as_slice())?)
+        let raw = limits::decompress(blob)?;
+        let census = Census::of(&raw)?;
+        census.check(raw.len(), blob.len())?;
+        // Vectors reserved to the counts do not grow (and briefly double) while decoding.
+        let mut toc = api::Toc {
+            chunks: Vec::with_capacity(census.chunks as usize),
+            entries: Vec::with_capacity(census.entries as usize),
+            ..Default::default()
+        };
+        toc.merge(raw.as_slice())?;
+        drop(raw);
+        Self::from_raw(toc)
     }
 
-    /// Validates a TOC message.
+    /// Validates a TOC message, the counts of docs/format.md ("Limits") included.
     pub fn from_raw(raw: api::Toc) -> Result<Self> {
+        limits::check("entry count", raw.entries.len() as u64, MAX_TOC_ENTRIES as u64)?;
+        limits::check("chunk count", raw.chunks.len() as u64, MAX_TOC_CHUNKS as u64)?;
+        let (extents, xattrs) = raw.entries.iter().fold((0u64, 0u64), |(e, x), entry| {
+            (e + entry.extents.len() as u64, x + entry.xattrs.len() as u64)
+        });
+        limits::check("extent count", extents, MAX_TOC_EXTENTS as u64)?;
+        limits::check("xattr count", xattrs, MAX_TOC_XATTRS as u64)?;
         if raw.version != FORMAT_VERSION {
             return Err(Error::UnsupportedVersion {
                 found: raw.version,
@@ -158,29 +166,39 @@ impl Toc {
     /// The chunk pieces that hold `len` bytes at `offset` of regular file `entry`, clamped to the
     /// end of the file. Reading at or past the end gives no pieces.
     pub fn pieces(&self, entry: &api::Entry, offset: u64, len: u64) -> Vec<Piece> {
+        self.pieces_iter(entry, offset, len).collect()
+    }
+
+    /// [`pieces`](Self::pieces), one at a time: a range over a file of many tiny extents can
+    /// have as many pieces as bytes, which a reader may want to handle in bounded groups.
+    pub fn pieces_iter<'a>(
+        &self,
+        entry: &'a api::Entry,
+        offset: u64,
+        len: u64,
+    ) -> impl Iterator<Item = Piece> + 'a {
         let end = offset.saturating_add(len).min(entry.size);
-        let mut pieces = Vec::new();
-        if end <= offset {
-            return pieces;
-        }
         let mut extent_start = 0u64;
-        for extent in &entry.extents {
+        let mut done = end <= offset;
+        entry.extents.iter().map_while(move |extent| {
+            if done {
+                return None;
+            }
             let extent_end = extent_start + u64::from(extent.length);
-            if extent_end > offset && extent_start < end {
+            let piece = (extent_end > offset && extent_start < end).then(|| {
                 let from = offset.max(extent_start) - extent_start;
                 let to = end.min(extent_end) - extent_start;
-                pieces.push(Piece {
+                Piece {
                     chunk: extent.chunk,
                     offset: extent.offset + from as u32,
                     len: (to - from) as u32,
-                });
-            }
-            if extent_end >= end {
-                break;
-            }
+                }
+            });
+            done = extent_end >= end;
             extent_start = extent_end;
-        }
-        pieces
+            Some(piece)
+        })
+        .flatten()
     }
 }
 
@@ -206,6 +224,13 @@ fn validate_chunks(raw: &api::Toc) -> Result<()> {
             return Err(bad(format!(
                 "compressed size {} is impossible for {} bytes",
                 chunk.compressed_size, chunk.size
+            )));
+        }
+        if u64::from(chunk.size) > u64::from(chunk.compressed_size) * MAX_CHUNK_RATIO {
+            return Err(bad(format!(
+                "{} bytes cannot compress to {} (more than {MAX_CHUNK_RATIO} bytes per \
+                 compressed byte)",
+                chunk.size, chunk.compressed_size
             )));
         }
         let end = chunk.offset.checked_add(u64::from(chunk.compressed_size));
@@ -424,6 +449,13 @@ mod tests {
                 Box::new(|t| t.max_chunk_size = u32::MAX),
             ),
             ("chunk past blob end", Box::new(|t| t.data_size = 10)),
+            (
+                "chunk inflating past what zstd can",
+                Box::new(|t| {
+                    t.max_chunk_size = MAX_CHUNK_SIZE;
+                    t.chunks[0].size = MAX_CHUNK_SIZE;
+                }),
+            ),
             ("overlapping chunks", Box::new(|t| t.chunks[1].offset = 1)),
             (
                 "short digest",
