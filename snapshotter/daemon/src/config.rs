@@ -72,6 +72,9 @@ pub struct FuseSection {
     pub holder: bool,
     /// The holder's socket [default: <root>/fuse-holder.sock].
     pub holder_socket: Option<PathBuf>,
+    /// A holder the daemon starts exits after this many seconds holding no connection with no
+    /// daemon connected (0: never). One that keeps connections never exits on its own.
+    pub holder_idle_timeout_seconds: u64,
     /// Seconds a graceful stop (SIGTERM) waits for requests in flight before handing over.
     pub handover_timeout_seconds: u64,
     /// The kernel's readahead on each layer mount, in bytes (0: none, only the pages asked for;
@@ -171,6 +174,7 @@ impl Default for FuseSection {
             attr_timeout_seconds: 3600,
             holder: true,
             holder_socket: None,
+            holder_idle_timeout_seconds: streamsnap_holder::DEFAULT_IDLE_TIMEOUT.as_secs(),
             handover_timeout_seconds: 10,
             readahead_bytes: streamsnap_fs::DEFAULT_READAHEAD_BYTES,
         }
@@ -223,6 +227,9 @@ mod tests {
         let config = Config::parse("").unwrap();
         assert_eq!(config.address, PathBuf::from(DEFAULT_ADDRESS));
         assert_eq!(config.cache.max_size_bytes, 10 << 30);
+        assert_eq!(config.fuse.holder_idle_timeout_seconds, 600);
+        let config = Config::parse("[fuse]\nholder_idle_timeout_seconds = 0\n").unwrap();
+        assert_eq!(config.fuse.holder_idle_timeout_seconds, 0);
     }
 
     #[test]

@@ -111,7 +111,24 @@ fn run(args: Args) -> anyhow::Result<()> {
                 tracing::warn!(%error, "cannot record the clean handover; the next daemon will ask the kernel to resend");
             }
         }
-        _ => remote.unmount_all(),
+        // Stopping for good (SIGINT): nothing will take the connections back, so the holder
+        // lets what is left go and exits.
+        _ => {
+            remote.unmount_all();
+            if let Some(holder) = remote.holder() {
+                match holder.stop() {
+                    Ok(0) => tracing::info!("the FUSE holder exits"),
+                    Ok(released) => tracing::warn!(
+                        released,
+                        "the FUSE holder still kept connections of layers that could not be unmounted; it closed them and exits"
+                    ),
+                    Err(error) => tracing::warn!(
+                        %error,
+                        "cannot ask the FUSE holder to exit; it exits on its own once idle"
+                    ),
+                }
+            }
+        }
     }
     drop(runtime);
     Ok(())
@@ -186,7 +203,9 @@ fn build_remote(
             .holder_socket
             .clone()
             .unwrap_or_else(|| config.root.join("fuse-holder.sock"));
-        match connect_holder(&socket, &config.root) {
+        let idle_timeout = (config.fuse.holder_idle_timeout_seconds > 0)
+            .then(|| Duration::from_secs(config.fuse.holder_idle_timeout_seconds));
+        match connect_holder(&socket, &config.root, idle_timeout) {
             Ok(holder) => {
                 metrics.fuse_holder.set(1);
                 remote = remote.with_holder(holder);
@@ -231,6 +250,7 @@ fn load_credentials(registry: &RegistrySection) -> anyhow::Result<CredentialStor
 fn connect_holder(
     socket: &std::path::Path,
     root: &std::path::Path,
+    idle_timeout: Option<Duration>,
 ) -> anyhow::Result<HolderClient> {
     if let Ok(holder) = HolderClient::connect(socket) {
         tracing::info!(socket = %socket.display(), "using the running FUSE holder");
@@ -244,7 +264,8 @@ fn connect_holder(
         "the FUSE holder {} is missing (install it next to the daemon)",
         binary.display()
     );
-    let pid = streamsnap_holder::spawn_holder(&binary, socket, &root.join("fuse-holder.log"))
+    let log = root.join("fuse-holder.log");
+    let pid = streamsnap_holder::spawn_holder(&binary, socket, &log, idle_timeout)
         .with_context(|| format!("starting {}", binary.display()))?;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
