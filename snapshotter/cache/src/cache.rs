@@ -10,7 +10,7 @@ use streamsnap_format::Digest;
 use crate::config::CacheConfig;
 use crate::disk::{Layout, Load, lock};
 use crate::error::{Error, Result};
-use crate::fetch::{self, Deadline, Flights, Lead, Outcome, Role};
+use crate::fetch::{self, Deadline, Flights, Lead, Outcome, Role, RunLimits};
 use crate::index::Index;
 use crate::memory::Memory;
 use crate::metrics::{self, FailureReason, Metrics};
@@ -33,7 +33,13 @@ struct Inner {
     memory: Mutex<Memory>,
     flights: Flights,
     metrics: Arc<Metrics>,
+    /// The decoded bytes `get` calls may hold at once, in units of [`BUDGET_UNIT`] bytes.
+    budget: tokio::sync::Semaphore,
+    budget_units: u64,
 }
+
+/// Granularity of the decoded-bytes budget (`CacheConfig::max_decoded_in_flight`).
+const BUDGET_UNIT: u64 = 4096;
 
 /// How much the cache holds now.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -75,6 +81,9 @@ impl ChunkCache {
             evicted = victims.len(),
             "opened chunk cache"
         );
+        let budget_units = (config.max_decoded_in_flight / BUDGET_UNIT)
+            .min(tokio::sync::Semaphore::MAX_PERMITS as u64)
+            .min(u64::from(u32::MAX));
         Ok(Self {
             inner: Arc::new(Inner {
                 memory: Mutex::new(
@@ -85,6 +94,8 @@ impl ChunkCache {
                 config,
                 flights: Flights::default(),
                 metrics,
+                budget: tokio::sync::Semaphore::new(budget_units as usize),
+                budget_units,
             }),
         })
     }
@@ -94,6 +105,12 @@ impl ChunkCache {
     /// in merged range requests, concurrently, shared with concurrent calls missing the same
     /// chunks; bad frames are refetched alone up to `verify_attempts` times; retryable source
     /// errors are retried until `fetch_deadline`. Never returns bytes that fail verification.
+    ///
+    /// Memory is bounded whatever the chunks claim: an ask over `max_get_bytes` decoded bytes
+    /// or `max_get_chunks` distinct chunks is refused ([`Error::TooLarge`]; one chunk alone is
+    /// always allowed), a ref no valid TOC holds is refused ([`Error::InvalidRef`]), and the
+    /// call first waits (within the deadline) until its decoded bytes fit in
+    /// `max_decoded_in_flight` with those of the other calls running.
     pub async fn get(
         &self,
         source: &Arc<dyn BlobSource>,
@@ -114,13 +131,15 @@ impl ChunkCache {
         let source: &dyn BlobSource = source.as_ref();
         let deadline = Deadline::after(deadline);
         let metrics = &self.inner.metrics;
-        let mut found: HashMap<Digest, Bytes> = HashMap::with_capacity(chunks.len());
         let mut seen = HashSet::with_capacity(chunks.len());
         let mut wanted: Vec<ChunkRef> = chunks
             .iter()
             .filter(|chunk| seen.insert(chunk.digest))
             .copied()
             .collect();
+        let decoded = self.check_ask(&wanted)?;
+        let _budget = self.reserve(decoded, source, &deadline).await?;
+        let mut found: HashMap<Digest, Bytes> = HashMap::with_capacity(wanted.len());
 
         while !wanted.is_empty() {
             let mut leads = Vec::new();
@@ -179,6 +198,29 @@ impl ChunkCache {
         Ok(chunks.iter().map(|c| found[&c.digest].clone()).collect())
     }
 
+    /// Brings the chunks into the cache (memory, as far as it holds them, and disk) without
+    /// returning them: for read-ahead, background fetch and prefetch, whose sets can be any
+    /// size. Distinct chunks go in blob order, in groups of at most `max_request_decoded_bytes`
+    /// decoded bytes and `max_get_chunks` chunks, one group at a time, so what is decoded at
+    /// once stays bounded however many chunks are asked for and however much they inflate.
+    /// Stops at the first group that fails.
+    pub async fn warm(&self, source: &Arc<dyn BlobSource>, chunks: &[ChunkRef]) -> Result<()> {
+        let config = &self.inner.config;
+        let mut seen = HashSet::with_capacity(chunks.len());
+        let mut distinct: Vec<ChunkRef> = chunks
+            .iter()
+            .filter(|chunk| seen.insert(chunk.digest))
+            .copied()
+            .collect();
+        drop(seen);
+        distinct.sort_by_key(|chunk| chunk.offset);
+        let max_bytes = config.max_request_decoded_bytes.min(config.max_get_bytes);
+        for group in groups(&distinct, max_bytes, config.max_get_chunks) {
+            self.get(source, group).await?;
+        }
+        Ok(())
+    }
+
     /// Whether the chunk is in memory or on disk (as far as the index knows; no I/O).
     pub fn contains(&self, digest: &Digest) -> bool {
         lock(&self.inner.memory).contains(digest) || lock(&self.inner.index).contains(digest)
@@ -219,6 +261,51 @@ impl ChunkCache {
     /// The metrics this cache counts into (those of [`CacheConfig::metrics`], or its own).
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// Refuses an ask one call may not hold (see [`get`](Self::get)); its decoded bytes.
+    fn check_ask(&self, wanted: &[ChunkRef]) -> Result<u64> {
+        if let Some((chunk, reason)) = wanted
+            .iter()
+            .find_map(|chunk| Some((chunk, fetch::implausible(chunk)?)))
+        {
+            return Err(Error::InvalidRef {
+                digest: chunk.digest,
+                reason,
+            });
+        }
+        let bytes: u64 = wanted.iter().map(|chunk| u64::from(chunk.size)).sum();
+        let config = &self.inner.config;
+        if wanted.len() > config.max_get_chunks || (wanted.len() > 1 && bytes > config.max_get_bytes)
+        {
+            return Err(Error::TooLarge {
+                chunks: wanted.len(),
+                bytes,
+                max_chunks: config.max_get_chunks,
+                max_bytes: config.max_get_bytes,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Waits until `bytes` of decoded data fit in the budget (all of it for an ask larger than
+    /// the whole budget), within the deadline.
+    async fn reserve(
+        &self,
+        bytes: u64,
+        source: &dyn BlobSource,
+        deadline: &Deadline,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        let units = bytes.div_ceil(BUDGET_UNIT).min(self.inner.budget_units) as u32;
+        match tokio::time::timeout_at(deadline.at, self.inner.budget.acquire_many(units)).await {
+            Ok(Ok(permit)) => Ok(permit),
+            // The semaphore is never closed.
+            Ok(Err(_)) | Err(_) => {
+                self.inner.metrics.fetch_failure(FailureReason::Deadline);
+                let last = "waiting for memory: other reads hold the decoded-bytes budget";
+                Err(deadline.exceeded(source, Some(last.to_string())))
+            }
+        }
     }
 
     fn memory_get(&self, chunk: &ChunkRef) -> Option<Bytes> {
@@ -265,7 +352,13 @@ impl ChunkCache {
         }
         self.inner.metrics.misses.inc_by(missing.len() as u64);
         let config = &self.inner.config;
-        let runs = fetch::plan_runs(missing, config.max_request_bytes, config.max_gap_bytes);
+        let limits = RunLimits {
+            bytes: config.max_request_bytes,
+            decoded_bytes: config.max_request_decoded_bytes,
+            chunks: config.max_request_chunks,
+            gap: config.max_gap_bytes,
+        };
+        let runs = fetch::plan_runs(missing, limits);
         let fetched = join_all(
             runs.into_iter()
                 .map(|run| self.fetch_run(source, run, deadline)),
@@ -281,9 +374,9 @@ impl ChunkCache {
         let inner = Arc::clone(&self.inner);
         let digest = chunk.digest;
         let loaded = tokio::task::spawn_blocking(move || {
-            let loaded = inner.layout.load(&digest);
+            let loaded = inner.layout.load(&digest, chunk.size);
             let delete = match &loaded {
-                Load::Verified(_) => false,
+                Load::Verified(_) | Load::OtherSize => false,
                 Load::Missing => true,
                 Load::Corrupt(actual) => {
                     inner.metrics.verify_failures_disk.inc();
@@ -313,8 +406,9 @@ impl ChunkCache {
         }
     }
 
-    /// Fetches one run, verifies each frame (refetching bad ones alone), then hands each
-    /// outcome to its followers and stores the good chunks.
+    /// Fetches one run, then verifies its frames one at a time, handing each good chunk to
+    /// its followers, the memory and the disk before decoding the next; bad frames are
+    /// refetched alone afterwards.
     async fn fetch_run(
         &self,
         source: &dyn BlobSource,
@@ -341,24 +435,22 @@ impl ChunkCache {
                 "source returned a body of the wrong length"
             );
         }
-        let frames = run
-            .chunks
-            .iter()
-            .map(|(chunk, _)| (*chunk, frame_of(&body, run.offset, chunk)))
-            .collect();
-        let verified = fetch::verify(frames).await;
-        let finishing =
-            run.chunks
-                .into_iter()
-                .zip(verified)
-                .map(|((chunk, lead), first)| async move {
-                    let outcome = match first {
-                        Ok(data) => Ok(data),
-                        Err(reason) => self.refetch(source, chunk, reason, deadline).await,
-                    };
-                    self.finish(chunk.digest, lead, outcome).await
-                });
-        join_all(finishing).await
+        let mut results = Vec::with_capacity(run.chunks.len());
+        let mut bad = Vec::new();
+        for (chunk, lead) in run.chunks {
+            let frame = frame_of(&body, run.offset, &chunk);
+            match fetch::verify(chunk, frame).await {
+                Ok(data) => results.push(self.finish(chunk.digest, lead, Ok(data)).await),
+                Err(reason) => bad.push((chunk, lead, reason)),
+            }
+        }
+        drop(body);
+        let refetching = bad.into_iter().map(|(chunk, lead, reason)| async move {
+            let outcome = self.refetch(source, chunk, reason, deadline).await;
+            self.finish(chunk.digest, lead, outcome).await
+        });
+        results.extend(join_all(refetching).await);
+        results
     }
 
     /// After a frame failed verification (`reason`): fetches it alone until it verifies or
@@ -388,10 +480,9 @@ impl ChunkCache {
             let len = u64::from(chunk.compressed_size);
             let body = fetch::read_range(source, chunk.offset, len, deadline, metrics).await?;
             let frame = frame_of(&body, chunk.offset, &chunk);
-            match fetch::verify(vec![(chunk, frame)]).await.pop() {
-                Some(Ok(data)) => return Ok(data),
-                Some(Err(why)) => reason = why,
-                None => reason = "verification gave no result".into(),
+            match fetch::verify(chunk, frame).await {
+                Ok(data) => return Ok(data),
+                Err(why) => reason = why,
             }
         }
     }
@@ -421,6 +512,25 @@ impl ChunkCache {
     }
 }
 
+/// `chunks` cut in order into groups of at most `max_bytes` decoded bytes (a larger chunk
+/// alone) and `max_chunks` chunks.
+fn groups(chunks: &[ChunkRef], max_bytes: u64, max_chunks: usize) -> Vec<&[ChunkRef]> {
+    let mut groups = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, chunk) in chunks.iter().enumerate() {
+        let size = u64::from(chunk.size);
+        if i > start && (bytes + size > max_bytes || i - start >= max_chunks) {
+            groups.push(&chunks[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < chunks.len() {
+        groups.push(&chunks[start..]);
+    }
+    groups
+}
+
 /// The frame of `chunk` in a body fetched from `offset`, or why it is not all there.
 fn frame_of(body: &Bytes, offset: u64, chunk: &ChunkRef) -> Result<Bytes, String> {
     let start = chunk.offset - offset;
@@ -433,4 +543,30 @@ fn frame_of(body: &Bytes, offset: u64, chunk: &ChunkRef) -> Result<Bytes, String
         ));
     }
     Ok(body.slice(start as usize..end as usize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sized(sizes: &[u32]) -> Vec<ChunkRef> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| ChunkRef {
+                digest: Digest::sha256(&i.to_le_bytes()),
+                offset: i as u64 * 100,
+                compressed_size: 100,
+                size,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn groups_stay_within_bytes_and_count_and_take_a_large_chunk_alone() {
+        let chunks = sized(&[10, 10, 30, 5, 5, 5, 5]);
+        let lens: Vec<usize> = groups(&chunks, 20, 3).iter().map(|g| g.len()).collect();
+        assert_eq!(lens, vec![2, 1, 3, 1]);
+        assert!(groups(&[], 20, 3).is_empty());
+    }
 }

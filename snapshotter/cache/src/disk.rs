@@ -48,6 +48,9 @@ pub(crate) enum Load {
     Corrupt(Digest),
     /// The file could not be read.
     Failed(io::Error),
+    /// The file has another size than the ref asked with: the ref or the file is wrong. Kept
+    /// (a wrong ref must not cost a good file); the caller fetches instead.
+    OtherSize,
 }
 
 impl Layout {
@@ -120,21 +123,28 @@ impl Layout {
         Ok(())
     }
 
-    /// Reads and verifies a chunk file, and marks it used (its mtime orders the LRU at the next
-    /// open). The open fd keeps the content readable even if the file is evicted meanwhile.
-    pub fn load(&self, digest: &Digest) -> Load {
+    /// Reads and verifies a chunk file of `size` bytes, and marks it used (its mtime orders the
+    /// LRU at the next open). Reads at most one byte more than `size`, whatever the file holds.
+    /// The open fd keeps the content readable even if the file is evicted meanwhile.
+    pub fn load(&self, digest: &Digest, size: u32) -> Load {
         let mut file = match fs::File::open(self.chunk_path(digest)) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Load::Missing,
             Err(e) => return Load::Failed(e),
         };
-        let mut data = Vec::new();
-        if let Err(e) = file.read_to_end(&mut data) {
+        let mut data = Vec::with_capacity(size as usize + 1);
+        if let Err(e) = (&mut file).take(u64::from(size) + 1).read_to_end(&mut data) {
             return Load::Failed(e);
+        }
+        if data.len() > size as usize {
+            return Load::OtherSize;
         }
         let actual = Digest::sha256(&data);
         if actual != *digest {
             return Load::Corrupt(actual);
+        }
+        if data.len() != size as usize {
+            return Load::OtherSize;
         }
         // Best effort: only the LRU order after a restart depends on it.
         let _ = file.set_modified(SystemTime::now());
@@ -298,13 +308,18 @@ mod tests {
         layout.open().unwrap();
         let data = b"chunk".as_slice();
         let digest = Digest::sha256(data);
-        assert!(matches!(layout.load(&digest), Load::Missing));
+        assert!(matches!(layout.load(&digest, 5), Load::Missing));
         layout.write(&digest, data).unwrap();
-        assert!(matches!(layout.load(&digest), Load::Verified(d) if d == data));
+        assert!(matches!(layout.load(&digest, 5), Load::Verified(d) if d == data));
+        assert!(matches!(layout.load(&digest, 4), Load::OtherSize));
+        assert!(matches!(layout.load(&digest, 6), Load::OtherSize));
         fs::write(layout.chunk_path(&digest), b"chunK").unwrap();
-        assert!(matches!(layout.load(&digest), Load::Corrupt(_)));
+        assert!(matches!(layout.load(&digest, 5), Load::Corrupt(_)));
+        // A file grown huge is not read past the size asked for.
+        fs::write(layout.chunk_path(&digest), vec![0u8; 1 << 20]).unwrap();
+        assert!(matches!(layout.load(&digest, 5), Load::OtherSize));
         layout.remove(&digest);
         layout.remove(&digest);
-        assert!(matches!(layout.load(&digest), Load::Missing));
+        assert!(matches!(layout.load(&digest, 5), Load::Missing));
     }
 }

@@ -43,6 +43,24 @@ pub enum Error {
         last: Option<String>,
     },
 
+    /// A `get` asking for more than one call may hold: a caller's bug, or a read over a file
+    /// of many tiny extents that the caller must split.
+    #[error(
+        "a read of {chunks} chunks ({bytes} bytes decoded) is over the limit of one read \
+         ({max_chunks} chunks, {max_bytes} bytes): ask for fewer chunks at a time"
+    )]
+    TooLarge {
+        chunks: usize,
+        bytes: u64,
+        max_chunks: usize,
+        max_bytes: u64,
+    },
+
+    /// A chunk ref no valid TOC holds: it would make the cache allocate more than a chunk may
+    /// take.
+    #[error("chunk {digest}: {reason}")]
+    InvalidRef { digest: Digest, reason: String },
+
     #[error(
         "chunk {digest} from {blob}: failed verification {attempts} times (last: {reason}); \
          the blob does not hold the content its TOC describes"
@@ -62,7 +80,11 @@ impl Error {
         match self {
             Self::Source { source, .. } => source.retryable,
             Self::Deadline { .. } => true,
-            Self::Config { .. } | Self::Io { .. } | Self::Corrupt { .. } => false,
+            Self::Config { .. }
+            | Self::Io { .. }
+            | Self::Corrupt { .. }
+            | Self::TooLarge { .. }
+            | Self::InvalidRef { .. } => false,
         }
     }
 

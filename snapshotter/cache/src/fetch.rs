@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use streamsnap_format::{Digest, decode_chunk};
+use streamsnap_format::{Digest, MAX_CHUNK_RATIO, MAX_CHUNK_SIZE, decode_chunk};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -54,23 +54,50 @@ pub struct Run<T> {
     pub chunks: Vec<(ChunkRef, T)>,
 }
 
-/// Groups frames into runs in blob order: a frame joins the previous run if at most `max_gap`
-/// bytes separate them and the run stays within `max_request` bytes. A frame larger than
-/// `max_request` gets a run of its own. `T` travels with each frame (a fetch's waiters, a
+/// How large a run may grow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunLimits {
+    /// Most bytes of blob in one run (one range request), gaps included.
+    pub bytes: u64,
+    /// Most decoded bytes in one run: the sum of its chunks' sizes, what verifying it gives.
+    pub decoded_bytes: u64,
+    /// Most chunks in one run.
+    pub chunks: usize,
+    /// Most bytes between two frames of one run (fetched and discarded).
+    pub gap: u64,
+}
+
+impl<T> Run<T> {
+    /// The decoded size of the run's chunks.
+    pub fn decoded_bytes(&self) -> u64 {
+        self.chunks.iter().map(|(c, _)| u64::from(c.size)).sum()
+    }
+}
+
+/// Groups frames into runs in blob order: a frame joins the previous run if at most
+/// `limits.gap` bytes separate them and the run stays within every limit. A frame over a limit
+/// on its own gets a run of its own. `T` travels with each frame (a fetch's waiters, a
 /// prefetch's ranks).
-pub fn plan_runs<T>(mut chunks: Vec<(ChunkRef, T)>, max_request: u64, max_gap: u64) -> Vec<Run<T>> {
+pub fn plan_runs<T>(mut chunks: Vec<(ChunkRef, T)>, limits: RunLimits) -> Vec<Run<T>> {
     chunks.sort_by_key(|(chunk, _)| (chunk.offset, chunk.compressed_size));
     let mut runs: Vec<Run<T>> = Vec::new();
+    let mut decoded = 0u64;
     for (chunk, item) in chunks {
         if let Some(run) = runs.last_mut() {
             let end = run.offset + run.len;
             let new_end = end.max(chunk.end());
-            if chunk.offset.saturating_sub(end) <= max_gap && new_end - run.offset <= max_request {
+            if chunk.offset.saturating_sub(end) <= limits.gap
+                && new_end - run.offset <= limits.bytes
+                && decoded + u64::from(chunk.size) <= limits.decoded_bytes
+                && run.chunks.len() < limits.chunks
+            {
                 run.len = new_end - run.offset;
+                decoded += u64::from(chunk.size);
                 run.chunks.push((chunk, item));
                 continue;
             }
         }
+        decoded = u64::from(chunk.size);
         runs.push(Run {
             offset: chunk.offset,
             len: u64::from(chunk.compressed_size),
@@ -187,25 +214,34 @@ pub(crate) async fn read_range(
     }
 }
 
-/// Decompresses and verifies frames against their refs, on the blocking pool. A frame given as
-/// `Err` (not fully received) stays a failure with that reason.
-pub(crate) async fn verify(
-    frames: Vec<(ChunkRef, Result<Bytes, String>)>,
-) -> Vec<Result<Bytes, String>> {
-    let count = frames.len();
-    let decoded = tokio::task::spawn_blocking(move || {
-        frames
-            .into_iter()
-            .map(|(chunk, frame)| {
-                let frame = frame?;
-                decode_chunk(&chunk.to_toc(), &frame)
-                    .map(Bytes::from)
-                    .map_err(|e| error_chain(&e))
-            })
-            .collect::<Vec<_>>()
+/// Decompresses one frame and verifies it against its ref, on the blocking pool. A frame given
+/// as `Err` (not fully received) stays a failure with that reason. One frame at a time: what
+/// a run decodes is handed on chunk by chunk, never held all at once.
+pub(crate) async fn verify(chunk: ChunkRef, frame: Result<Bytes, String>) -> Result<Bytes, String> {
+    let frame = frame?;
+    tokio::task::spawn_blocking(move || {
+        decode_chunk(&chunk.to_toc(), &frame)
+            .map(Bytes::from)
+            .map_err(|e| error_chain(&e))
     })
-    .await;
-    decoded.unwrap_or_else(|e| vec![Err(format!("verification task failed: {e}")); count])
+    .await
+    .unwrap_or_else(|e| Err(format!("verification task failed: {e}")))
+}
+
+/// Why a ref cannot be a chunk of a valid TOC (its size would let a frame claim more memory
+/// than any chunk may take), if it cannot.
+pub(crate) fn implausible(chunk: &ChunkRef) -> Option<String> {
+    if chunk.size == 0 || chunk.size > MAX_CHUNK_SIZE {
+        return Some(format!("size {} is outside 1..={MAX_CHUNK_SIZE}", chunk.size));
+    }
+    if u64::from(chunk.size) > u64::from(chunk.compressed_size) * MAX_CHUNK_RATIO {
+        return Some(format!(
+            "{} bytes cannot compress to {} (more than {MAX_CHUNK_RATIO} bytes per compressed \
+             byte)",
+            chunk.size, chunk.compressed_size
+        ));
+    }
+    None
 }
 
 /// An error and its sources, `: `-separated.
@@ -225,13 +261,26 @@ mod tests {
     use super::*;
 
     fn frame(offset: u64, compressed_size: u32) -> (ChunkRef, u64) {
+        sized(offset, compressed_size, 1)
+    }
+
+    fn sized(offset: u64, compressed_size: u32, size: u32) -> (ChunkRef, u64) {
         let chunk = ChunkRef {
             digest: Digest::sha256(&offset.to_le_bytes()),
             offset,
             compressed_size,
-            size: 1,
+            size,
         };
         (chunk, offset)
+    }
+
+    fn limits(bytes: u64, gap: u64) -> RunLimits {
+        RunLimits {
+            bytes,
+            decoded_bytes: u64::MAX,
+            chunks: usize::MAX,
+            gap,
+        }
     }
 
     fn shape(runs: &[Run<u64>]) -> Vec<(u64, u64, Vec<u64>)> {
@@ -243,7 +292,7 @@ mod tests {
     #[test]
     fn adjacent_frames_merge_in_blob_order_and_gaps_split_them() {
         let frames = vec![frame(20, 10), frame(0, 10), frame(10, 10), frame(40, 10)];
-        let runs = plan_runs(frames, 1 << 20, 0);
+        let runs = plan_runs(frames, limits(1 << 20, 0));
         assert_eq!(
             shape(&runs),
             vec![(0, 30, vec![0, 10, 20]), (40, 10, vec![40])]
@@ -253,7 +302,7 @@ mod tests {
     #[test]
     fn gaps_up_to_max_gap_merge() {
         let frames = vec![frame(0, 10), frame(20, 10), frame(41, 10)];
-        let runs = plan_runs(frames, 1 << 20, 10);
+        let runs = plan_runs(frames, limits(1 << 20, 10));
         assert_eq!(shape(&runs), vec![(0, 30, vec![0, 20]), (41, 10, vec![41])]);
     }
 
@@ -266,7 +315,7 @@ mod tests {
             frame(30, 50),
             frame(80, 5),
         ];
-        let runs = plan_runs(frames, 25, 0);
+        let runs = plan_runs(frames, limits(25, 0));
         assert_eq!(
             shape(&runs),
             vec![
@@ -276,6 +325,48 @@ mod tests {
                 (80, 5, vec![80])
             ]
         );
+    }
+
+    #[test]
+    fn runs_stay_within_their_decoded_bytes_and_chunk_count() {
+        // Frames of 500 bytes that inflate to 16 MiB each: the compressed size would put all
+        // of them in one request.
+        let bombs: Vec<_> = (0..6).map(|i| sized(i * 500, 500, 16 << 20)).collect();
+        let runs = plan_runs(
+            bombs,
+            RunLimits {
+                decoded_bytes: 32 << 20,
+                ..limits(8 << 20, 0)
+            },
+        );
+        assert_eq!(
+            shape(&runs),
+            vec![
+                (0, 1000, vec![0, 500]),
+                (1000, 1000, vec![1000, 1500]),
+                (2000, 1000, vec![2000, 2500])
+            ]
+        );
+        assert!(runs.iter().all(|r| r.decoded_bytes() == 32 << 20));
+        let small: Vec<_> = (0..5).map(|i| frame(i * 10, 10)).collect();
+        let runs = plan_runs(
+            small,
+            RunLimits {
+                chunks: 2,
+                ..limits(1 << 20, 0)
+            },
+        );
+        assert_eq!(runs.iter().map(|r| r.chunks.len()).collect::<Vec<_>>(), vec![2, 2, 1]);
+    }
+
+    #[test]
+    fn refs_no_valid_toc_holds_are_implausible() {
+        let (ok, _) = sized(0, 520, 16 << 20);
+        assert_eq!(implausible(&ok), None);
+        let (bomb, _) = sized(0, 100, 16 << 20);
+        assert!(implausible(&bomb).unwrap().contains("cannot compress"));
+        let (huge, _) = sized(0, u32::MAX, u32::MAX);
+        assert!(implausible(&huge).is_some());
     }
 
     #[test]

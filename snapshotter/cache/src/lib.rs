@@ -31,7 +31,7 @@ use streamsnap_format::{Digest, api};
 pub use cache::{ChunkCache, Usage};
 pub use config::CacheConfig;
 pub use error::{Error, Result};
-pub use fetch::{Run, plan_runs};
+pub use fetch::{Run, RunLimits, plan_runs};
 pub use metrics::Metrics;
 pub use stats::Stats;
 

@@ -15,6 +15,12 @@ use crate::metrics::Metrics;
 const YIELD: Duration = Duration::from_millis(20);
 /// Give up on a layer after this many failed batches in a row.
 const MAX_FAILURES: u32 = 5;
+/// Most decoded bytes in one batch, whatever `batch_bytes` (compressed) allows: what a batch
+/// holds in memory while it is fetched, however much its chunks inflate. A single larger
+/// chunk is a batch of its own.
+const MAX_BATCH_DECODED: u64 = 16 << 20;
+/// Most chunks in one batch.
+const MAX_BATCH_CHUNKS: usize = 1024;
 
 #[derive(Clone, Debug)]
 pub struct BackgroundConfig {
@@ -112,17 +118,22 @@ impl Background {
     }
 }
 
-/// The layer's chunks in blob order, in groups of about `batch_bytes` compressed.
+/// The layer's chunks in blob order, in groups of about `batch_bytes` compressed, and at most
+/// [`MAX_BATCH_DECODED`] decoded bytes and [`MAX_BATCH_CHUNKS`] chunks.
 fn batches(toc: &Toc, batch_bytes: u64) -> Vec<Vec<ChunkRef>> {
     let mut batches = Vec::new();
     let mut current = Vec::new();
-    let mut size = 0u64;
+    let (mut size, mut decoded) = (0u64, 0u64);
     for chunk in toc.chunks() {
-        if size > 0 && size + u64::from(chunk.compressed_size) > batch_bytes {
+        let full = size + u64::from(chunk.compressed_size) > batch_bytes
+            || decoded + u64::from(chunk.size) > MAX_BATCH_DECODED
+            || current.len() >= MAX_BATCH_CHUNKS;
+        if !current.is_empty() && full {
             batches.push(std::mem::take(&mut current));
-            size = 0;
+            (size, decoded) = (0, 0);
         }
         size += u64::from(chunk.compressed_size);
+        decoded += u64::from(chunk.size);
         current.push(ChunkRef::from_toc(chunk));
     }
     if !current.is_empty() {
@@ -153,6 +164,21 @@ mod tests {
 
     use super::super::fake::layer;
     use super::*;
+
+    #[test]
+    fn batches_are_bounded_in_decoded_bytes_and_chunks_not_only_compressed_bytes() {
+        // 64 chunks of 1 MiB that compress to a few hundred bytes: all of them fit in 8 MiB
+        // compressed.
+        let (toc, _) = layer(64, 1 << 20, false);
+        let sizes: Vec<usize> = batches(&toc, 8 << 20).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![16, 16, 16, 16]);
+        let (toc, _) = layer(3000, 16, false);
+        let sizes: Vec<usize> = batches(&toc, 8 << 20).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![1024, 1024, 952]);
+        // Compressed bytes still split incompressible chunks.
+        let (toc, _) = layer(4, 4096, true);
+        assert_eq!(batches(&toc, 5000).len(), 4);
+    }
 
     #[tokio::test]
     async fn background_fetch_waits_for_on_demand_reads_then_fetches_everything() {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use streamsnap_cache::{BlobSource, ChunkCache, ChunkRef, plan_runs};
+use streamsnap_cache::{BlobSource, ChunkCache, ChunkRef, RunLimits, plan_runs};
 use streamsnap_format::{LayerProfile, Toc};
 
 use crate::metrics::Metrics;
@@ -22,6 +22,12 @@ const MAX_GAP: u64 = 256 << 10;
 /// Largest batch of chunks fetched in one go, in compressed bytes: a read waiting for a chunk
 /// of a batch waits for the whole batch.
 const MAX_BATCH: u64 = 2 << 20;
+/// Largest batch in decoded bytes: what fetching a batch holds in memory, whatever its chunks'
+/// compression ratio (a profile may list chunks of a few hundred bytes that inflate to
+/// 16 MiB each). A single larger chunk is a batch of its own.
+const MAX_BATCH_DECODED: u64 = 8 << 20;
+/// Most chunks in one batch.
+const MAX_BATCH_CHUNKS: usize = 1024;
 /// Batches in flight at once on the node: enough to hide the round trips and fill the link.
 const WORKERS: usize = 4;
 /// A layer's prefetch stops after this many failed batches (reads then fetch on demand).
@@ -127,7 +133,13 @@ pub fn plan(toc: &Toc, listed: &LayerProfile, max_bytes: u64) -> Vec<(u64, Vec<C
         }
         kept.push((ChunkRef::from_toc(&table[index as usize]), rank));
     }
-    let mut batches: Vec<(u64, Vec<ChunkRef>)> = plan_runs(kept, MAX_BATCH, MAX_GAP)
+    let limits = RunLimits {
+        bytes: MAX_BATCH,
+        decoded_bytes: MAX_BATCH_DECODED,
+        chunks: MAX_BATCH_CHUNKS,
+        gap: MAX_GAP,
+    };
+    let mut batches: Vec<(u64, Vec<ChunkRef>)> = plan_runs(kept, limits)
         .into_iter()
         .map(|run| {
             let rank = run.chunks.iter().map(|&(_, rank)| rank).min();
@@ -368,6 +380,22 @@ mod tests {
             .flat_map(|(_, b)| b.iter().map(|c| c.offset))
             .collect();
         assert_eq!(offsets, vec![offset(3), offset(40)]);
+    }
+
+    #[test]
+    fn plan_bounds_batches_in_decoded_bytes_and_chunks() {
+        // 1 MiB chunks of one repeated byte: a hostile profile can list thousands of frames of
+        // a few hundred bytes that fit in one 2 MiB request.
+        let (toc, _) = layer(64, 1 << 20, false);
+        let all: Vec<u32> = (0..64).collect();
+        let batches = plan(&toc, &listed(&all, &[]), u64::MAX);
+        let sizes: Vec<usize> = batches.iter().map(|(_, b)| b.len()).collect();
+        assert_eq!(sizes, vec![8; 8], "8 MiB decoded each");
+        let (toc, _) = layer(3000, 16, false);
+        let all: Vec<u32> = (0..3000).collect();
+        let batches = plan(&toc, &listed(&all, &[]), u64::MAX);
+        assert!(batches.iter().all(|(_, b)| b.len() <= MAX_BATCH_CHUNKS));
+        assert_eq!(batches.iter().map(|(_, b)| b.len()).sum::<usize>(), 3000);
     }
 
     #[test]

@@ -106,6 +106,11 @@ pub const OUTAGE_MEMORY: Duration = Duration::from_secs(30);
 
 /// The smallest read-ahead window, in compressed bytes.
 pub const FIRST_WINDOW: u64 = 256 << 10;
+/// Most decoded bytes one read-ahead brings in, whatever the window (compressed) allows: a
+/// window of frames that inflate thousands of times would otherwise stand for gigabytes.
+pub const MAX_READAHEAD_DECODED: u64 = 16 << 20;
+/// Most chunks one read-ahead brings in.
+pub const MAX_READAHEAD_CHUNKS: usize = 1024;
 
 /// What the last read of a layer looked like.
 #[derive(Debug, Default)]
@@ -195,21 +200,25 @@ impl CacheReader {
         self
     }
 
-    /// The chunks after `last` in blob order, up to `window` compressed bytes, that are not in
-    /// memory yet: those on disk are loaded (and verified) ahead too, in parallel.
+    /// The chunks after `last` in blob order, up to `window` compressed bytes,
+    /// [`MAX_READAHEAD_DECODED`] decoded bytes and [`MAX_READAHEAD_CHUNKS`] chunks, that are not
+    /// in memory yet: those on disk are loaded (and verified) ahead too, in parallel.
     fn ahead_of(&self, last: u32, window: u64) -> Vec<ChunkRef> {
         let mut ahead = Vec::new();
-        let mut bytes = 0u64;
+        let (mut bytes, mut decoded, mut count) = (0u64, 0u64, 0usize);
         for chunk in self.toc.chunks().iter().skip(last as usize + 1) {
             bytes += u64::from(chunk.compressed_size);
-            if bytes > window && !ahead.is_empty() {
+            decoded += u64::from(chunk.size);
+            count += 1;
+            let over = bytes > window || decoded > MAX_READAHEAD_DECODED;
+            if (over || count > MAX_READAHEAD_CHUNKS) && !ahead.is_empty() {
                 break;
             }
             let chunk = ChunkRef::from_toc(chunk);
             if !self.cache.in_memory(&chunk.digest) {
                 ahead.push(chunk);
             }
-            if bytes >= window {
+            if bytes >= window || decoded >= MAX_READAHEAD_DECODED {
                 break;
             }
         }
@@ -242,7 +251,7 @@ impl CacheReader {
             self.reading_ahead.clone(),
         );
         tokio::spawn(async move {
-            if let Err(error) = cache.get(&source, &ahead).await {
+            if let Err(error) = cache.warm(&source, &ahead).await {
                 tracing::debug!(blob = source.describe(), %error, "read-ahead failed");
             }
             flag.store(false, Ordering::Release);
@@ -350,6 +359,26 @@ mod tests {
             }
             panic!("the read-ahead never finished");
         }
+    }
+
+    #[tokio::test]
+    async fn the_window_ahead_is_bounded_in_decoded_bytes_and_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(CacheConfig::new(dir.path(), 1 << 30)).unwrap());
+        let reader = |toc: &Arc<Toc>, blob: &Arc<Blob>| {
+            let source: Arc<dyn BlobSource> = blob.clone();
+            CacheReader::new(cache.clone(), source, toc.clone(), Arc::default(), 4 << 20)
+        };
+        // 1 MiB chunks that compress to a few hundred bytes: a 4 MiB window holds all of them.
+        let (toc, blob) = layer(64, 1 << 20, false);
+        let ahead = reader(&toc, &blob).ahead_of(0, 4 << 20);
+        assert_eq!(ahead.len(), 16, "16 MiB decoded");
+        // One chunk over the decoded bound is still read ahead, alone.
+        let ahead = reader(&toc, &blob).ahead_of(0, 1);
+        assert_eq!(ahead.len(), 1);
+        let (toc, blob) = layer(3000, 16, false);
+        let ahead = reader(&toc, &blob).ahead_of(0, 4 << 20);
+        assert_eq!(ahead.len(), MAX_READAHEAD_CHUNKS);
     }
 
     #[tokio::test]
