@@ -152,12 +152,12 @@ impl Census {
     }
 }
 
+/// What [`walk`] calls for each field: `(number, wire type, payload)`.
+type FieldVisitor<'a> = dyn FnMut(u64, u8, &[u8]) -> Result<()> + 'a;
+
 /// Calls `field(number, wire type, payload)` for each field of an encoded message; `payload`
 /// is the content of a length-delimited field, empty for the other wire types.
-fn walk(
-    mut buf: &[u8],
-    field: &mut dyn FnMut(u64, u8, &[u8]) -> Result<()>,
-) -> Result<()> {
+fn walk(mut buf: &[u8], field: &mut FieldVisitor<'_>) -> Result<()> {
     let malformed = |reason: &str| Error::InvalidToc(format!("malformed protobuf: {reason}"));
     while !buf.is_empty() {
         let key = varint(&mut buf).ok_or_else(|| malformed("truncated tag"))?;
