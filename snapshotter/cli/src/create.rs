@@ -44,12 +44,23 @@ pub struct Args {
     /// the system temp dir].
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
+    /// Sign the artifact with this private key (PKCS#8 PEM, ECDSA P-256, mode 0600): a cosign
+    /// signature pushed as a referrer of the artifact, before it. Nodes with a [verify] policy
+    /// use only artifacts signed by a key they trust. On an image converted before, signs its
+    /// existing artifact. With --server, the service signs with its own --sign-key.
+    #[arg(long, value_name = "FILE")]
+    sign_key: Option<PathBuf>,
     #[command(flatten)]
     registry: RegistryArgs,
 }
 
 pub async fn run(args: Args, server: &ServerArgs) -> anyhow::Result<()> {
     if let Some(service) = server.client()? {
+        if args.sign_key.is_some() {
+            bail!(
+                "--sign-key signs a local conversion; with --server, start the service with --sign-key"
+            );
+        }
         return remote::create(
             &service,
             remote::Request {
@@ -77,6 +88,11 @@ pub async fn run(args: Args, server: &ServerArgs) -> anyhow::Result<()> {
         },
         force: args.force,
         work_dir: args.work_dir,
+        sign: args
+            .sign_key
+            .as_deref()
+            .map(crate::signing::load)
+            .transpose()?,
     };
     let progress = Arc::new(Progress::default());
     let bar = std::io::stderr()

@@ -13,6 +13,7 @@ mod registry_args;
 mod remote;
 mod serve;
 mod service_args;
+mod signing;
 mod streaming;
 
 use std::process::ExitCode;

@@ -28,6 +28,11 @@ pub struct Args {
     /// text: a summary; json: the pushed profile's descriptor and nothing else on stdout.
     #[arg(long, value_enum, default_value_t)]
     output: Format,
+    /// Sign the profile with this private key (PKCS#8 PEM, ECDSA P-256, mode 0600), as
+    /// `create --sign-key` signs artifacts: nodes with a [verify] policy ignore unsigned
+    /// profiles.
+    #[arg(long, value_name = "FILE")]
+    sign_key: Option<PathBuf>,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -36,6 +41,11 @@ pub async fn run(args: Args, server: &ServerArgs) -> anyhow::Result<()> {
     if server.client()?.is_some() {
         bail!("`profile` pushes to the registry itself; drop --server");
     }
+    let sign = args
+        .sign_key
+        .as_deref()
+        .map(crate::signing::load)
+        .transpose()?;
     let recorded = read_profile(&args.file)?;
     let reference = parse_reference(&args.image)?;
     let client = args.registry.client_for(&reference)?;
@@ -90,6 +100,12 @@ pub async fn run(args: Args, server: &ServerArgs) -> anyhow::Result<()> {
         )]
         .into(),
     };
+    if let Some(key) = &sign {
+        let descriptor = streamsnap_convert::referrer_descriptor(&manifest)?;
+        streamsnap_convert::push_signature(&client, repo, key, &descriptor)
+            .await
+            .context("pushing the profile's signature")?;
+    }
     let pushed = client
         .push_referrer(repo, &manifest)
         .await

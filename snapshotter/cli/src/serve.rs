@@ -43,6 +43,10 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     concurrency: u16,
+    /// Sign every artifact the service pushes with this private key (PKCS#8 PEM, ECDSA P-256,
+    /// mode 0600; see `artifact-streaming create --sign-key`).
+    #[arg(long, value_name = "FILE")]
+    sign_key: Option<PathBuf>,
     #[command(flatten)]
     registry_args: RegistryArgs,
 }
@@ -80,6 +84,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         webhook_secret,
     );
     config.concurrency = usize::from(args.concurrency);
+    config.sign = args
+        .sign_key
+        .as_deref()
+        .map(crate::signing::load)
+        .transpose()?;
     let server = Server::start(config, client).await.with_context(|| {
         format!(
             "starting the service with state in {}",

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use streamsnap_format::oci::{Annotations, Descriptor, ImageManifest};
 use streamsnap_format::{Digest, FORMAT_VERSION, encode_toc, media};
 use streamsnap_registry::{Client, Reference, Repository};
+use streamsnap_trust::SigningKey;
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
@@ -27,6 +28,9 @@ pub struct CreateOptions {
     pub force: bool,
     /// Where the data blobs are staged before upload (default: the system temp dir).
     pub work_dir: Option<PathBuf>,
+    /// Sign the artifact (pushed before it, see [`crate::push_signature`]); an image converted
+    /// before gets a signature on its existing artifact.
+    pub sign: Option<Arc<SigningKey>>,
 }
 
 /// Progress of a conversion, readable from any thread while it runs.
@@ -87,6 +91,9 @@ pub async fn create(
         && let Some(existing) = find_existing(client, repo, &image.manifest.digest).await?
     {
         tracing::info!(artifact = %existing.digest, "image already has a streaming artifact");
+        if let Some(key) = &options.sign {
+            crate::push_signature(client, repo, key, &existing).await?;
+        }
         return Ok(Created {
             artifact: existing,
             subject: image.subject(),
@@ -121,6 +128,10 @@ pub async fn create(
         )
         .await?;
     progress.check_cancel()?;
+    if let Some(key) = &options.sign {
+        let descriptor = crate::referrer_descriptor(&manifest)?;
+        crate::push_signature(client, repo, key, &descriptor).await?;
+    }
     let artifact = client.push_referrer(repo, &manifest).await?;
     tracing::info!(artifact = %artifact.digest, subject = %image.manifest.digest, "pushed streaming artifact");
     Ok(Created {

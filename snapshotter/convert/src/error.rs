@@ -99,4 +99,10 @@ pub enum Error {
 
     #[error("conversion canceled")]
     Canceled,
+
+    #[error("serializing a manifest")]
+    Serialize(#[source] serde_json::Error),
+
+    #[error("signing")]
+    Sign(#[source] streamsnap_trust::Error),
 }

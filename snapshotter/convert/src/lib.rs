@@ -11,10 +11,12 @@ mod create;
 mod entry;
 mod error;
 mod layer;
+mod sign;
 mod source;
 mod tarstream;
 
 pub use create::{CreateOptions, Created, LayerReport, Progress, create, find_existing};
 pub use error::{Error, Result};
 pub use layer::{ConvertOptions, ConvertedLayer, LayerSource, convert_layer};
+pub use sign::{push_signature, referrer_descriptor};
 pub use source::{PLATFORM_ARCHITECTURE, PLATFORM_OS, SourceImage, SourceLayer, resolve};

@@ -24,6 +24,7 @@ pub struct Config {
     pub fuse: FuseSection,
     pub background_fetch: BackgroundFetchSection,
     pub registry: RegistrySection,
+    pub verify: VerifySection,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -119,6 +120,35 @@ pub struct HostSection {
     pub credentials_file: Option<PathBuf>,
 }
 
+/// The signature policy (docs/trust.md): with public keys, only artifacts and profiles signed by
+/// one of them are used.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifySection {
+    /// PEM public keys (ECDSA P-256, `PUBLIC KEY`); a signature by any of them is accepted.
+    pub public_keys: Vec<PathBuf>,
+}
+
+impl VerifySection {
+    /// Reads the keys; a missing or unusable key file is an error at start, naming the file.
+    pub fn policy(&self) -> anyhow::Result<crate::remote::TrustPolicy> {
+        use anyhow::Context;
+        let mut keys = Vec::new();
+        for path in &self.public_keys {
+            let text = std::fs::read(path).with_context(|| {
+                format!(
+                    "verify.public_keys: {} not found or unreadable",
+                    path.display()
+                )
+            })?;
+            let key = streamsnap_trust::VerifyingKey::from_pem(&text)
+                .with_context(|| format!("verify.public_keys: {}", path.display()))?;
+            keys.push(key);
+        }
+        Ok(crate::remote::TrustPolicy::new(keys))
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -129,6 +159,7 @@ impl Default for Config {
             fuse: FuseSection::default(),
             background_fetch: BackgroundFetchSection::default(),
             registry: RegistrySection::default(),
+            verify: VerifySection::default(),
             metrics_address: None,
         }
     }

@@ -139,6 +139,15 @@ fn build_remote(
     handle: tokio::runtime::Handle,
     metrics: Metrics,
 ) -> anyhow::Result<Arc<RemoteLayers>> {
+    let trust = config.verify.policy()?;
+    if trust.is_enforced() {
+        tracing::info!(keys = ?trust, "[verify]: only artifacts and profiles signed by these keys are used");
+    } else {
+        tracing::warn!(
+            "no [verify] policy: this node streams any artifact bound to its image, so it trusts \
+             whoever can push referrers to the repositories it pulls from (docs/trust.md)"
+        );
+    }
     let registry = &config.registry;
     let credentials = load_credentials(registry)?;
     let mut plain_http = registry.plain_http.clone();
@@ -196,7 +205,8 @@ fn build_remote(
         metrics.clone(),
     )
     .with_readahead(config.fetch.readahead_bytes)
-    .with_prefetch(config.fetch.prefetch_profile);
+    .with_prefetch(config.fetch.prefetch_profile)
+    .with_trust(trust);
     if config.fuse.holder {
         let socket = config
             .fuse

@@ -7,13 +7,14 @@ use prometheus::{
 };
 
 /// The `reason` labels of `streamsnap_snapshotter_fallbacks_total`.
-pub const FALLBACK_REASONS: [&str; 11] = [
+pub const FALLBACK_REASONS: [&str; 12] = [
     "no_artifact",
     "no_platform",
     "layer_not_in_artifact",
     "invalid_artifact",
     "artifact_mismatch",
     "invalid_image",
+    "unsigned",
     "invalid_reference",
     "registry_unavailable",
     "registry_error",

@@ -44,6 +44,8 @@ pub struct ServiceConfig {
     pub shutdown_timeout: Duration,
     /// How long a cancel call waits for a running conversion to stop before answering.
     pub cancel_wait: Duration,
+    /// Signs every artifact it pushes (`serve --sign-key`).
+    pub sign: Option<Arc<streamsnap_trust::SigningKey>>,
 }
 
 impl ServiceConfig {
@@ -67,6 +69,7 @@ impl ServiceConfig {
             max_interruptions: 3,
             shutdown_timeout: Duration::from_secs(30),
             cancel_wait: Duration::from_secs(10),
+            sign: None,
         }
     }
 }

@@ -156,6 +156,7 @@ async fn run(service: &Arc<Service>, id: &str) {
         },
         force: op.options.force,
         work_dir: Some(service.work_dir.clone()),
+        sign: service.config.sign.clone(),
     };
     let create =
         streamsnap_convert::create(&service.client, &reference, &options, live.progress.clone());

@@ -17,7 +17,7 @@ use streamsnap_format::oci::{
 use streamsnap_format::{Digest, FORMAT_VERSION, MAX_PROFILE_BLOB, Profile, media};
 use streamsnap_registry::{Client, Reference, Repository};
 
-use super::{LayerRequest, RemoteError};
+use super::{LayerRequest, RemoteError, TrustPolicy};
 
 /// How long a found artifact is remembered.
 const FOUND_TTL: Duration = Duration::from_secs(600);
@@ -233,14 +233,50 @@ fn referrer_manifest(
 enum Entry {
     Found(Arc<Artifact>, Instant),
     Missing(Instant),
-    /// A layer's TOC did not match the image: no further layer of the image is mounted from
-    /// this artifact.
-    Rejected(Digest, String, Instant),
+    /// The artifact did not match the image (no further layer of the image is mounted from
+    /// it) or is not signed as the policy asks; remembered until the instant.
+    Rejected(Rejected, Instant),
+}
+
+/// Why an artifact is not used, as remembered (a [`RemoteError`] is not `Clone`).
+enum Rejected {
+    Mismatch { artifact: Digest, reason: String },
+    Unsigned { manifest: Digest, reason: String },
+}
+
+impl Rejected {
+    fn of(error: &RemoteError) -> Option<Self> {
+        match error {
+            RemoteError::ArtifactMismatch { artifact, reason } => Some(Self::Mismatch {
+                artifact: *artifact,
+                reason: reason.clone(),
+            }),
+            RemoteError::Unsigned { manifest, reason } => Some(Self::Unsigned {
+                manifest: *manifest,
+                reason: reason.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    fn error(&self) -> RemoteError {
+        match self {
+            Self::Mismatch { artifact, reason } => RemoteError::ArtifactMismatch {
+                artifact: *artifact,
+                reason: reason.clone(),
+            },
+            Self::Unsigned { manifest, reason } => RemoteError::Unsigned {
+                manifest: *manifest,
+                reason: reason.clone(),
+            },
+        }
+    }
 }
 
 /// Lookups by platform manifest digest, and image references resolved to manifest digests.
 pub struct ArtifactCache {
     client: Client,
+    trust: TrustPolicy,
     by_manifest: Mutex<HashMap<(String, Digest), Entry>>,
     resolved: Mutex<HashMap<String, (Digest, Instant)>>,
 }
@@ -255,9 +291,15 @@ impl ArtifactCache {
     pub fn new(client: Client) -> Self {
         Self {
             client,
+            trust: TrustPolicy::default(),
             by_manifest: Mutex::default(),
             resolved: Mutex::default(),
         }
+    }
+
+    pub fn with_trust(mut self, trust: TrustPolicy) -> Self {
+        self.trust = trust;
+        self
     }
 
     /// The artifact of the image the request names.
@@ -284,11 +326,8 @@ impl ArtifactCache {
                     image: request.image.clone(),
                 });
             }
-            Some(Entry::Rejected(artifact, reason, at)) if now.duration_since(*at) < FOUND_TTL => {
-                return Err(RemoteError::ArtifactMismatch {
-                    artifact: *artifact,
-                    reason: reason.clone(),
-                });
+            Some(Entry::Rejected(rejected, until)) if now < *until => {
+                return Err(rejected.error());
             }
             _ => {}
         }
@@ -296,6 +335,10 @@ impl ArtifactCache {
         let entry = match &found {
             Ok(artifact) => Entry::Found(artifact.clone(), now),
             Err(RemoteError::NoArtifact { .. }) => Entry::Missing(now),
+            // A signature may be pushed soon after: looked up again as soon as for no artifact.
+            Err(e) if Rejected::of(e).is_some() => {
+                Entry::Rejected(Rejected::of(e).expect("checked"), now + MISSING_TTL)
+            }
             Err(_) => return found, // transient or malformed: do not remember
         };
         self.by_manifest
@@ -309,13 +352,14 @@ impl ArtifactCache {
     /// is remembered): one of its layers did not match the image.
     pub fn reject(&self, artifact: &Artifact, reason: String) {
         let key = (artifact.repository.to_string(), artifact.subject);
+        let rejected = Rejected::Mismatch {
+            artifact: artifact.digest,
+            reason,
+        };
         self.by_manifest
             .lock()
             .expect("artifact cache lock")
-            .insert(
-                key,
-                Entry::Rejected(artifact.digest, reason, Instant::now()),
-            );
+            .insert(key, Entry::Rejected(rejected, Instant::now() + FOUND_TTL));
     }
 
     async fn lookup(
@@ -340,6 +384,9 @@ impl ArtifactCache {
             .ok_or_else(|| RemoteError::NoArtifact {
                 image: image.to_owned(),
             })?;
+        self.trust
+            .check(&self.client, repo, &descriptor.digest)
+            .await?;
         let fetched = self
             .client
             .get_manifest(repo, &descriptor.digest.to_string())
@@ -381,6 +428,7 @@ impl ArtifactCache {
             artifact: *digest,
             reason,
         };
+        self.trust.check(&self.client, repo, digest).await?;
         let fetched = self.client.get_manifest(repo, &digest.to_string()).await?;
         let manifest = referrer_manifest(&fetched.bytes, media::PROFILE_ARTIFACT_TYPE, subject)?;
         let [layer] = manifest.layers.as_slice() else {

@@ -11,6 +11,7 @@ mod fake;
 mod labels;
 mod profile;
 mod source;
+mod trust;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -30,6 +31,7 @@ pub use self::background::BackgroundConfig;
 pub use self::labels::{LayerRequest, TARGET_LABEL};
 use self::profile::{AccessLog, LayerJob, Prefetcher};
 use self::source::{CacheReader, RegistryBlob};
+pub use self::trust::TrustPolicy;
 use crate::metrics::Metrics;
 use crate::mounter::{MountedFs, Mounter};
 use crate::store::RemoteSource;
@@ -58,6 +60,9 @@ pub enum RemoteError {
     ArtifactMismatch { artifact: Digest, reason: String },
     #[error("image manifest {manifest} cannot be used: {reason}")]
     InvalidImage { manifest: Digest, reason: String },
+    /// A `[verify]` policy is set and the manifest has no signature by a trusted key.
+    #[error("{manifest} is not signed by a trusted key: {reason}")]
+    Unsigned { manifest: Digest, reason: String },
     #[error(transparent)]
     Registry(#[from] streamsnap_registry::Error),
     #[error("TOC of layer {layer} is invalid")]
@@ -145,6 +150,12 @@ impl RemoteLayers {
             prefetch: false,
             reads: Arc::default(),
         }
+    }
+
+    /// Use only artifacts (and follow only profiles) signed by a key of `policy`.
+    pub fn with_trust(mut self, policy: TrustPolicy) -> Self {
+        self.artifacts = self.artifacts.with_trust(policy);
+        self
     }
 
     /// When an image has a start-up profile, fetch the chunks it lists as soon as each layer
@@ -527,6 +538,7 @@ fn fallback_reason(error: &crate::error::Error) -> &'static str {
             RemoteError::InvalidArtifact { .. } | RemoteError::Toc { .. } => "invalid_artifact",
             RemoteError::ArtifactMismatch { .. } => "artifact_mismatch",
             RemoteError::InvalidImage { .. } => "invalid_image",
+            RemoteError::Unsigned { .. } => "unsigned",
             RemoteError::Reference(_) => "invalid_reference",
             RemoteError::Registry(e) if e.is_transient() => "registry_unavailable",
             RemoteError::Registry(_) => "registry_error",
