@@ -4,7 +4,10 @@
 //! Each case runs in a fresh process (this test binary run again with `STREAMSNAP_HOSTILE_CASE`
 //! naming the case; the blob and its chunk table in files), whose peak resident size (`VmHWM`
 //! in /proc/self/status) before and after the calls gives what they cost: a high-water mark in
-//! a process shared with other tests would measure them too.
+//! a process shared with other tests would measure them too. The child runs with glibc's mmap
+//! threshold fixed at 4 MiB, as the daemon sets it at start, so a freed chunk goes back to the
+//! kernel rather than staying in a malloc arena (which would count what the process no longer
+//! holds, differently from run to run).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -140,6 +143,7 @@ fn in_child(case: &str) -> Option<(u64, String)> {
         .args([case, "--exact", "--nocapture", "--test-threads=1"])
         .env(CASE_ENV, case)
         .env(DIR_ENV, &dir)
+        .env("MALLOC_MMAP_THRESHOLD_", (4 << 20).to_string())
         .output()
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
