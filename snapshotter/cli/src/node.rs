@@ -63,8 +63,14 @@ pub struct NodeArgs {
     #[arg(long, value_name = "UNIT", default_value = "containerd")]
     containerd_unit: String,
     /// Change the config file only; print how to restart containerd.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "restart_command")]
     no_restart: bool,
+    /// Restart containerd with this shell command instead of `systemctl restart UNIT`, on a
+    /// node without systemd (e.g. "service containerd restart", "rc-service containerd
+    /// restart", "sv restart containerd"). It must return once containerd runs on the new
+    /// config.
+    #[arg(long, value_name = "COMMAND")]
+    restart_command: Option<String>,
     /// The systemd drop-in `install --boot-guard` writes (and `uninstall` removes).
     #[arg(long, value_name = "PATH", default_value = guard::DEFAULT_DROPIN)]
     boot_guard_path: PathBuf,
@@ -117,7 +123,9 @@ pub struct RunArgs {
     /// Give the config back when the daemon has not served for this long.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     disarm_after: u64,
-    /// How long the daemon may take to exit after SIGTERM before it gets SIGKILL.
+    /// How long the daemon may take to exit after SIGTERM or SIGINT before it gets SIGKILL.
+    /// SIGTERM to `node run` is passed on as SIGTERM (the daemon hands its mounts to the FUSE
+    /// holder for the next daemon), SIGINT as SIGINT (stopping for good: the holder exits too).
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     stop_timeout: u64,
     /// The daemon's command line, e.g. -- streamsnap-snapshotterd --address SOCK ...
@@ -149,12 +157,23 @@ impl SettingsArgs {
     }
 }
 
+/// How containerd is restarted after its config changed.
+#[derive(Debug)]
+enum Restart {
+    /// `systemctl restart UNIT` (the default).
+    Systemd,
+    /// `sh -c COMMAND` (`--restart-command`).
+    Command(String),
+    /// Not at all: print how (`--no-restart`).
+    No,
+}
+
 /// One node's containerd and what to do to it.
 struct Node {
     installer: Installer,
     host: Host,
     unit: String,
-    restart: bool,
+    restart: Restart,
     guard_path: PathBuf,
     socket: PathBuf,
     containerd: Option<ContainerdVersion>,
@@ -172,7 +191,11 @@ impl Node {
             installer: Installer::new(&args.containerd_config, settings, containerd),
             host,
             unit: args.containerd_unit.clone(),
-            restart: !args.no_restart,
+            restart: match (&args.restart_command, args.no_restart) {
+                (Some(command), _) => Restart::Command(command.clone()),
+                (None, true) => Restart::No,
+                (None, false) => Restart::Systemd,
+            },
             guard_path: args.boot_guard_path.clone(),
             containerd,
         }
@@ -251,31 +274,48 @@ impl Node {
         if !config_changed && !units_changed {
             return Ok(());
         }
-        if !self.restart {
-            if config_changed {
-                eprintln!(
-                    "not restarting containerd (--no-restart): run `systemctl restart {}` to \
-                     apply the change",
-                    self.unit
-                );
-            }
-            return Ok(());
-        }
-        if config_changed {
-            self.host
-                .restart_service(&self.unit, units_changed)
-                .with_context(|| {
-                    format!(
-                        "the config changed but containerd could not be restarted: restart it \
-                         yourself (systemctl restart {})",
+        match &self.restart {
+            Restart::No => {
+                if config_changed {
+                    eprintln!(
+                        "not restarting containerd (--no-restart): restart it to apply the \
+                         change (systemctl restart {}, or however this node runs it)",
                         self.unit
-                    )
-                })?;
-            eprintln!("restarted {}", self.unit);
-        } else {
-            self.host.run("systemctl", &["daemon-reload"])?;
+                    );
+                }
+                Ok(())
+            }
+            Restart::Command(command) => {
+                if config_changed {
+                    self.host.run("sh", &["-c", command]).with_context(|| {
+                        format!(
+                            "the config changed but the restart command failed: restart \
+                             containerd yourself ({command})"
+                        )
+                    })?;
+                    eprintln!("restarted containerd ({command})");
+                }
+                Ok(())
+            }
+            Restart::Systemd if config_changed => {
+                self.host
+                    .restart_service(&self.unit, units_changed)
+                    .with_context(|| {
+                        format!(
+                            "the config changed but containerd could not be restarted: restart \
+                             it yourself (systemctl restart {}), or pass --restart-command on a \
+                             node without systemd",
+                            self.unit
+                        )
+                    })?;
+                eprintln!("restarted {}", self.unit);
+                Ok(())
+            }
+            Restart::Systemd => {
+                self.host.run("systemctl", &["daemon-reload"])?;
+                Ok(())
+            }
         }
-        Ok(())
     }
 }
 
@@ -325,7 +365,7 @@ async fn supervise(args: RunArgs) -> anyhow::Result<()> {
             down_since = None;
             if !armed {
                 if let Err(error) = node.install(args.boot_guard) {
-                    stop(child.take(), args.stop_timeout).await;
+                    stop(child.take(), Signal::SIGTERM, args.stop_timeout).await;
                     return Err(error.context("installing the snapshotter into containerd"));
                 }
                 armed = true;
@@ -344,8 +384,15 @@ async fn supervise(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
+    // SIGTERM: the daemon hands its FUSE connections to the holder (a restart may follow);
+    // SIGINT: stopping for good, the daemon tells the holder to exit too.
+    let signal = if stopped == "SIGINT" {
+        Signal::SIGINT
+    } else {
+        Signal::SIGTERM
+    };
     eprintln!("{stopped}: stopping the daemon");
-    stop(child.take(), args.stop_timeout).await;
+    stop(child.take(), signal, args.stop_timeout).await;
     if armed || node.installer.is_installed() {
         node.uninstall(true)?;
     } else {
@@ -365,20 +412,20 @@ fn spawn(command: &[String]) -> anyhow::Result<Child> {
         .with_context(|| format!("starting the daemon {program}"))
 }
 
-/// SIGTERM, SIGKILL after `timeout_s`, reaped.
-async fn stop(child: Option<(Child, Instant)>, timeout_s: u64) {
+/// `signal` (SIGTERM or SIGINT), SIGKILL after `timeout_s`, reaped.
+async fn stop(child: Option<(Child, Instant)>, signal: Signal, timeout_s: u64) {
     let Some((mut child, _)) = child else {
         return;
     };
     if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        let _ = kill(Pid::from_raw(pid), signal);
     }
     let timeout = Duration::from_secs(timeout_s);
     match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) => eprintln!("the daemon exited ({})", describe(status)),
         Ok(Err(error)) => eprintln!("waiting for the daemon: {error}"),
         Err(_) => {
-            eprintln!("the daemon did not exit within {timeout_s} s of SIGTERM: SIGKILL");
+            eprintln!("the daemon did not exit within {timeout_s} s of {signal}: SIGKILL");
             let _ = child.kill().await;
         }
     }

@@ -312,3 +312,76 @@ mod tests {
         assert!(error.contains("deadline_seconds"), "{error}");
     }
 }
+
+/// The sample config (deploy/image/config.toml) must stay true: every `# key = value` line,
+/// uncommented, is a valid key with its default value; the examples parse too.
+#[cfg(test)]
+mod sample {
+    use super::*;
+
+    const SAMPLE: &str = include_str!("../../../deploy/image/config.toml");
+    const EXAMPLE: &str = "# unset by default";
+
+    /// `# key = value` lines uncommented; with `examples`, also the ones marked [`EXAMPLE`] and
+    /// the commented `# [section]` blocks.
+    fn uncommented(examples: bool) -> String {
+        let mut out = String::new();
+        let mut in_example_section = false;
+        for line in SAMPLE.lines() {
+            let body = line.strip_prefix("# ");
+            let is_setting = body.is_some_and(|b| {
+                b.split_once(" = ").is_some_and(|(k, _)| {
+                    !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                })
+            });
+            if line.starts_with('[') {
+                in_example_section = false;
+            }
+            if body.is_some_and(|b| b.starts_with('[')) {
+                in_example_section = true;
+                if examples {
+                    out.push_str(body.unwrap());
+                    out.push('\n');
+                }
+                continue;
+            }
+            let is_example = in_example_section || line.ends_with(EXAMPLE);
+            if is_setting && (examples || !is_example) {
+                out.push_str(body.unwrap());
+            } else {
+                out.push_str(line);
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    #[test]
+    fn the_sample_shows_every_default_truly() {
+        let text = uncommented(false);
+        let parsed = Config::parse(&text).unwrap_or_else(|e| panic!("{e:#}\n{text}"));
+        assert_eq!(format!("{parsed:?}"), format!("{:?}", Config::default()));
+        // And it names every key and section the daemon reads (but the unused fuse.threads).
+        let debug = format!("{:?}", Config::default());
+        for part in debug.split(['{', ',', '(']) {
+            let Some((name, _)) = part.trim().split_once(": ") else {
+                continue;
+            };
+            if name == "threads" || name == "hosts" {
+                continue;
+            }
+            assert!(
+                SAMPLE.contains(&format!("# {name} = ")) || SAMPLE.contains(&format!("[{name}]")),
+                "{name} is missing from the sample"
+            );
+        }
+    }
+
+    #[test]
+    fn the_samples_examples_parse() {
+        let text = uncommented(true);
+        let parsed = Config::parse(&text).unwrap_or_else(|e| panic!("{e:#}\n{text}"));
+        assert!(parsed.registry.hosts.contains_key("registry.example.com"));
+        assert_eq!(parsed.verify.public_keys.len(), 1);
+    }
+}
