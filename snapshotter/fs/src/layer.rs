@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
-use streamsnap_format::Toc;
 use streamsnap_format::api;
+use streamsnap_format::{Piece, Toc};
 
 use crate::ChunkReader;
 use crate::error::Error;
@@ -26,21 +26,38 @@ const OVERFLOW_ID: u32 = 65534;
 const BLOCK_SIZE: u32 = 4096;
 const NAME_MAX: u32 = 255;
 
-/// How to present parts of the layer the TOC says nothing about.
+/// How to present parts of the layer the TOC says nothing about, and how much a read may hold.
 #[derive(Clone, Debug)]
 pub struct FsOptions {
     /// Permission bits of implied directories (parents that have no entry of their own, and the
     /// root when the layer has no root entry). Their owner is root and their mtime the epoch.
     pub default_dir_mode: u32,
+    /// Most decoded bytes of chunks one read asks the reader for at once. A read touching more
+    /// (a file of many tiny extents can touch a different chunk with every byte) asks in
+    /// groups, one after the other; a chunk larger than this is asked for alone.
+    pub read_group_bytes: u64,
+    /// Most chunks one read asks the reader for at once.
+    pub read_group_chunks: usize,
+}
+
+impl FsOptions {
+    pub const DEFAULT_READ_GROUP_BYTES: u64 = 16 << 20;
+    pub const DEFAULT_READ_GROUP_CHUNKS: usize = 1024;
 }
 
 impl Default for FsOptions {
     fn default() -> Self {
         Self {
             default_dir_mode: 0o755,
+            read_group_bytes: Self::DEFAULT_READ_GROUP_BYTES,
+            read_group_chunks: Self::DEFAULT_READ_GROUP_CHUNKS,
         }
     }
 }
+
+/// Pieces of a read handled at once: a read of 1 MiB over a file of 1-byte extents has a
+/// million, each needing a slot while its chunk is found.
+const MAX_PIECES_AT_ONCE: usize = 64 << 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileKind {
@@ -304,7 +321,9 @@ impl LayerFs {
     }
 
     /// `size` bytes at `offset` of regular file `ino`; shorter only at the end of the file. Asks
-    /// the reader for just the chunks the range touches, and answers EIO when it fails.
+    /// the reader for just the chunks the range touches, each once however many pieces of the
+    /// range it holds, in groups of at most `read_group_bytes` decoded bytes and
+    /// `read_group_chunks` chunks, one group at a time; answers EIO when the reader fails.
     pub async fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
         let node = self.node(ino)?;
         let entry = match (node.kind, node.entry(self.toc.entries())) {
@@ -312,47 +331,111 @@ impl LayerFs {
             (NodeKind::Dir, _) => return Err(Errno::EISDIR),
             _ => return Err(Errno::EINVAL),
         };
-        let mut pieces = self.toc.pieces(entry, offset, u64::from(size));
-        // `Toc::pieces` gives an empty piece for an empty range inside the file
-        pieces.retain(|piece| piece.len > 0);
-        if pieces.is_empty() {
+        let end = offset.saturating_add(u64::from(size)).min(entry.size);
+        if end <= offset {
             return Ok(Vec::new());
         }
-        let mut wanted: Vec<u32> = pieces.iter().map(|piece| piece.chunk).collect();
-        wanted.sort_unstable();
-        wanted.dedup();
-        let chunks = self.reader.read_chunks(&wanted).await.map_err(|error| {
-            tracing::debug!(ino, offset, size, %error, "chunk read failed");
-            Errno::EIO
-        })?;
-        if chunks.len() != wanted.len() {
-            tracing::debug!(
-                ino,
-                asked = wanted.len(),
-                got = chunks.len(),
-                "chunk reader miscounted"
-            );
+        let mut out = vec![0u8; (end - offset) as usize];
+        let mut pieces = self
+            .toc
+            .pieces_iter(entry, offset, u64::from(size))
+            .filter(|piece| piece.len > 0);
+        let mut at = 0usize;
+        loop {
+            // The next pieces with where each goes in `out`.
+            let window: Vec<(Piece, usize)> = pieces
+                .by_ref()
+                .take(MAX_PIECES_AT_ONCE)
+                .map(|piece| {
+                    let placed = (piece, at);
+                    at += piece.len as usize;
+                    placed
+                })
+                .collect();
+            if window.is_empty() {
+                break;
+            }
+            self.fill(ino, offset, size, &window, &mut out).await?;
+        }
+        if at != out.len() {
+            tracing::debug!(ino, offset, size, got = at, "extents do not cover the range");
             return Err(Errno::EIO);
         }
-        for (&index, data) in wanted.iter().zip(&chunks) {
-            let expected = self.toc.chunks()[index as usize].size as usize;
-            if data.len() != expected {
+        Ok(out)
+    }
+
+    /// Copies `window`'s pieces into `out`, asking the reader for their chunks in bounded
+    /// groups of distinct chunks (in chunk order: every piece of a chunk is served by one ask).
+    async fn fill(
+        &self,
+        ino: u64,
+        offset: u64,
+        size: u32,
+        window: &[(Piece, usize)],
+        out: &mut [u8],
+    ) -> Result<(), Errno> {
+        let mut order: Vec<usize> = (0..window.len()).collect();
+        order.sort_by_key(|&i| window[i].0.chunk);
+        let table = self.toc.chunks();
+        let mut start = 0;
+        while start < order.len() {
+            // The group: distinct chunks from `start` while they fit.
+            let mut group: Vec<u32> = Vec::new();
+            let mut bytes = 0u64;
+            let mut stop = start;
+            while stop < order.len() {
+                let chunk = window[order[stop]].0.chunk;
+                if group.last() != Some(&chunk) {
+                    let chunk_size = u64::from(table[chunk as usize].size);
+                    let full = bytes + chunk_size > self.options.read_group_bytes
+                        || group.len() >= self.options.read_group_chunks;
+                    if !group.is_empty() && full {
+                        break;
+                    }
+                    group.push(chunk);
+                    bytes += chunk_size;
+                }
+                stop += 1;
+            }
+            let chunks = self.reader.read_chunks(&group).await.map_err(|error| {
+                tracing::debug!(ino, offset, size, %error, "chunk read failed");
+                Errno::EIO
+            })?;
+            if chunks.len() != group.len() {
                 tracing::debug!(
-                    chunk = index,
-                    expected,
-                    got = data.len(),
-                    "chunk of wrong size"
+                    ino,
+                    asked = group.len(),
+                    got = chunks.len(),
+                    "chunk reader miscounted"
                 );
                 return Err(Errno::EIO);
             }
+            for (&index, data) in group.iter().zip(&chunks) {
+                let expected = table[index as usize].size as usize;
+                if data.len() != expected {
+                    tracing::debug!(
+                        chunk = index,
+                        expected,
+                        got = data.len(),
+                        "chunk of wrong size"
+                    );
+                    return Err(Errno::EIO);
+                }
+            }
+            let mut data = group.iter().zip(&chunks).peekable();
+            for &i in &order[start..stop] {
+                let (piece, to) = window[i];
+                while data.peek().is_some_and(|(chunk, _)| **chunk != piece.chunk) {
+                    data.next();
+                }
+                let (_, chunk) = data.peek().ok_or(Errno::EIO)?;
+                let from = piece.offset as usize;
+                let len = piece.len as usize;
+                out[to..to + len].copy_from_slice(&chunk[from..from + len]);
+            }
+            start = stop;
         }
-        let mut out = Vec::with_capacity(pieces.iter().map(|p| p.len as usize).sum());
-        for piece in &pieces {
-            let at = wanted.binary_search(&piece.chunk).map_err(|_| Errno::EIO)?;
-            let start = piece.offset as usize;
-            out.extend_from_slice(&chunks[at][start..start + piece.len as usize]);
-        }
-        Ok(out)
+        Ok(())
     }
 
     pub fn statfs(&self) -> StatFs {

@@ -146,6 +146,7 @@ fn implied_parents_are_root_owned_0755_directories() {
 
     let options = FsOptions {
         default_dir_mode: 0o711,
+        ..FsOptions::default()
     };
     let mut b = LayerBuilder::new(MAX_CHUNK);
     b.file("a/b", 0o644, b"x");
