@@ -855,3 +855,50 @@ fn notes_give_a_health_check_that_needs_nothing_in_the_image() -> anyhow::Result
     );
     Ok(())
 }
+
+/// `verify.publicKeys`: the keys land in the ConfigMap, `[verify]` names them where the pod
+/// mounts it, and the real daemon starts on that config with those keys (it refuses a key it
+/// cannot read or parse).
+#[test]
+fn verify_public_keys_reach_the_daemon() -> anyhow::Result<()> {
+    streamsnap_e2e::require_root()?;
+    let key =
+        fs::read_to_string(workspace_root().join("snapshotter/trust/tests/data/test-key.pub"))?;
+    let indented: String = key.lines().map(|l| format!("      {l}\n")).collect();
+    let chart = ChartUnderTest::new()?;
+    let rendered = chart.render_file(&format!("verify:\n  publicKeys:\n    - |\n{indented}"))?;
+    let config = rendered.object("ConfigMap", "streamsnap-config")?;
+    let toml = config
+        .pointer("/data/config.toml")
+        .and_then(Value::as_str)
+        .context("no daemon config")?;
+    ensure!(
+        toml.contains("[verify]\npublic_keys = [\"/etc/streamsnap/verify-key-0.pub\"]"),
+        "{toml}"
+    );
+    let shipped = config
+        .pointer("/data/verify-key-0.pub")
+        .and_then(Value::as_str)
+        .context("the key is not in the ConfigMap")?;
+    ensure!(
+        shipped.trim() == key.trim(),
+        "the key changed on the way: {shipped}"
+    );
+    let dir = tempfile::tempdir()?;
+    let key_path = dir.path().join("verify-key-0.pub");
+    fs::write(&key_path, shipped)?;
+    let toml = toml.replace(
+        "/etc/streamsnap/verify-key-0.pub",
+        &key_path.to_string_lossy(),
+    );
+    daemon_serves_config(&toml, dir.path(), None)?;
+    // Without keys, no [verify] section at all.
+    let plain = chart.render_file("verify:\n  publicKeys: []\n")?;
+    let toml = plain
+        .object("ConfigMap", "streamsnap-config")?
+        .pointer("/data/config.toml")
+        .and_then(Value::as_str)
+        .context("no daemon config")?;
+    ensure!(!toml.contains("[verify]"), "{toml}");
+    Ok(())
+}
