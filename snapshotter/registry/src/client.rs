@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::Scheme;
 use http::{HeaderValue, Uri};
 use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
@@ -193,8 +194,17 @@ fn is_loopback(registry: &str) -> bool {
         || host.parse::<Ipv6Addr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Resolves a `Location` header against the URL of the request it answered: absolute,
-/// scheme-relative, absolute-path or relative-path forms.
+/// Going from `from` to `to` leaves TLS: `from` is HTTPS and `to` is not. A request to a
+/// registry reached over HTTPS is never sent on in clear (its credentials, its token, a signed
+/// URL's query, an upload's state), whoever asks for it: the registry, or someone rewriting its
+/// answers.
+pub(crate) fn leaves_tls(from: &Uri, to: &Uri) -> bool {
+    from.scheme() == Some(&Scheme::HTTPS) && to.scheme() != Some(&Scheme::HTTPS)
+}
+
+/// Resolves a `Location` (or `Link`) target against the URL of the request it answered:
+/// absolute, scheme-relative, absolute-path or relative-path forms. A target that would take a
+/// request made over HTTPS to plain HTTP is refused ([`leaves_tls`]).
 pub(crate) fn resolve_location(base: &Uri, location: &str) -> Result<Uri> {
     let invalid = |reason| Error::InvalidUrl {
         url: redact_str(location),
@@ -217,6 +227,12 @@ pub(crate) fn resolve_location(base: &Uri, location: &str) -> Result<Uri> {
     let uri: Uri = absolute.parse().map_err(|_| invalid("not a valid URL"))?;
     if uri.authority().is_none() {
         return Err(invalid("no host"));
+    }
+    if leaves_tls(base, &uri) {
+        return Err(Error::InsecureRedirect {
+            url: display_url(base),
+            location: display_url(&uri),
+        });
     }
     Ok(uri)
 }
@@ -326,6 +342,49 @@ mod tests {
         assert_eq!(r("//cdn.example/b"), "http://cdn.example/b");
         assert_eq!(r("z?q=1"), "http://r:5000/v2/a/blobs/uploads/z?q=1");
         assert!(resolve_location(&base, "ftp://x/y").is_err());
+    }
+
+    #[test]
+    fn locations_never_take_https_to_plain_http() {
+        let base: Uri = "https://r.example/v2/a/blobs/uploads/x?_state=1"
+            .parse()
+            .unwrap();
+        let r = |l: &str| resolve_location(&base, l);
+        assert_eq!(
+            r("//cdn.example/b").unwrap().to_string(),
+            "https://cdn.example/b"
+        );
+        assert_eq!(
+            r("/v2/a/blobs/uploads/y").unwrap().to_string(),
+            "https://r.example/v2/a/blobs/uploads/y"
+        );
+        let e = r("http://r.example/v2/a/blobs/uploads/y?_state=secret").unwrap_err();
+        assert!(matches!(e, Error::InsecureRedirect { .. }), "{e:?}");
+        let shown = e.to_string();
+        assert!(
+            shown.contains("https://r.example/v2/a/blobs/uploads/x")
+                && shown.contains("http://r.example/v2/a/blobs/uploads/y")
+                && shown.contains("https://")
+                && !shown.contains("secret")
+                && !shown.contains("_state"),
+            "{shown}"
+        );
+        let upper: Uri = "HTTPS://r.example/v2/".parse().unwrap();
+        assert!(resolve_location(&upper, "http://r.example/v2/").is_err());
+        let plain: Uri = "http://127.0.0.1:5000/v2/a".parse().unwrap();
+        assert!(resolve_location(&plain, "http://127.0.0.1:5001/b").is_ok());
+        assert!(leaves_tls(
+            &base,
+            &"http://auth.example/token".parse().unwrap()
+        ));
+        assert!(!leaves_tls(
+            &plain,
+            &"http://auth.example/token".parse().unwrap()
+        ));
+        assert!(!leaves_tls(
+            &plain,
+            &"https://auth.example/token".parse().unwrap()
+        ));
     }
 
     #[test]

@@ -121,6 +121,19 @@ pub enum Error {
         reason: String,
     },
 
+    #[error(
+        "{registry}: the registry is reached over HTTPS but its bearer challenge names the \
+         plain-HTTP token realm {realm}; refusing to send credentials or fetch a token in clear: \
+         configure the registry's token service with an https:// realm"
+    )]
+    InsecureRealm { registry: String, realm: String },
+
+    #[error(
+        "{url}: answered over HTTPS with a plain-HTTP location {location}; refusing to follow it \
+         in clear: make the registry (or its storage) redirect to an https:// URL"
+    )]
+    InsecureRedirect { url: String, location: String },
+
     #[error("{method} {url}: more than {limit} redirects")]
     TooManyRedirects {
         method: Method,

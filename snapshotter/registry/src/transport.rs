@@ -13,7 +13,7 @@ use tracing::Instrument as _;
 
 use crate::auth::{Cached, Challenge, Scope, TokenResponse, parse_challenges};
 use crate::blob::BlobStream;
-use crate::client::{Client, display_url, encode_query, redact_str, resolve_location};
+use crate::client::{Client, display_url, encode_query, leaves_tls, redact_str, resolve_location};
 use crate::error::{Error, Result, registry_message};
 use crate::metrics::{Kind, Outcome, RetryReason};
 
@@ -295,12 +295,18 @@ impl Client {
                 .flat_map(parse_challenges)
                 .collect();
             drop(response);
-            authorization = Some(self.authenticate(&scope, &challenges).await?);
+            authorization = Some(self.authenticate(&call.uri, &scope, &challenges).await?);
         }
     }
 
-    /// Answers a 401's challenges with an `Authorization` value.
-    async fn authenticate(&self, scope: &Scope<'_>, challenges: &[Challenge]) -> Result<String> {
+    /// Answers a 401's challenges with an `Authorization` value. `origin` is the URL that
+    /// answered 401: a registry reached over HTTPS gets no token from a plain-HTTP realm.
+    async fn authenticate(
+        &self,
+        origin: &Uri,
+        scope: &Scope<'_>,
+        challenges: &[Challenge],
+    ) -> Result<String> {
         let unauthorized = |reason: String| Error::Unauthorized {
             registry: scope.registry.to_owned(),
             reason,
@@ -311,6 +317,14 @@ impl Client {
                 .param("realm")
                 .filter(|r| !r.is_empty())
                 .ok_or_else(|| unauthorized("bearer challenge without a realm".into()))?;
+            if let Ok(realm_uri) = realm.parse::<Uri>()
+                && leaves_tls(origin, &realm_uri)
+            {
+                return Err(Error::InsecureRealm {
+                    registry: scope.registry.to_owned(),
+                    realm: display_url(&realm_uri),
+                });
+            }
             let scopes: Vec<String> = match bearer.param("scope").filter(|s| !s.is_empty()) {
                 Some(s) => s
                     .split(' ')
@@ -484,7 +498,8 @@ impl Client {
     }
 
     /// One attempt, following redirects when the call allows. `Authorization` is sent only to
-    /// the registry's own scheme and host; a redirect elsewhere drops it.
+    /// the registry's own scheme and host; a redirect elsewhere drops it. A redirect from HTTPS
+    /// to plain HTTP is refused, not followed.
     async fn send_following(
         &self,
         call: &Call<'_>,
