@@ -33,13 +33,33 @@ struct Inner {
     memory: Mutex<Memory>,
     flights: Flights,
     metrics: Arc<Metrics>,
-    /// The decoded bytes `get` calls may hold at once, in units of [`BUDGET_UNIT`] bytes.
-    budget: tokio::sync::Semaphore,
-    budget_units: u64,
+    /// The decoded bytes reads may hold at once.
+    reads: Budget,
+    /// The decoded bytes `warm` calls may hold at once.
+    warming: Budget,
 }
 
-/// Granularity of the decoded-bytes budget (`CacheConfig::max_decoded_in_flight`).
+/// A budget of decoded bytes, in units of [`BUDGET_UNIT`] bytes.
+#[derive(Debug)]
+struct Budget {
+    semaphore: tokio::sync::Semaphore,
+    units: u64,
+}
+
+/// Granularity of the decoded-bytes budgets.
 const BUDGET_UNIT: u64 = 4096;
+
+impl Budget {
+    fn new(bytes: u64) -> Self {
+        let units = (bytes / BUDGET_UNIT)
+            .min(tokio::sync::Semaphore::MAX_PERMITS as u64)
+            .min(u64::from(u32::MAX));
+        Self {
+            semaphore: tokio::sync::Semaphore::new(units as usize),
+            units,
+        }
+    }
+}
 
 /// How much the cache holds now.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -81,9 +101,10 @@ impl ChunkCache {
             evicted = victims.len(),
             "opened chunk cache"
         );
-        let budget_units = (config.max_decoded_in_flight / BUDGET_UNIT)
-            .min(tokio::sync::Semaphore::MAX_PERMITS as u64)
-            .min(u64::from(u32::MAX));
+        let (reads, warming) = (
+            Budget::new(config.max_decoded_in_flight),
+            Budget::new(config.max_warm_in_flight),
+        );
         Ok(Self {
             inner: Arc::new(Inner {
                 memory: Mutex::new(
@@ -94,8 +115,8 @@ impl ChunkCache {
                 config,
                 flights: Flights::default(),
                 metrics,
-                budget: tokio::sync::Semaphore::new(budget_units as usize),
-                budget_units,
+                reads,
+                warming,
             }),
         })
     }
@@ -128,6 +149,18 @@ impl ChunkCache {
         chunks: &[ChunkRef],
         deadline: std::time::Duration,
     ) -> Result<Vec<Bytes>> {
+        self.get_from(source, chunks, deadline, &self.inner.reads)
+            .await
+    }
+
+    /// [`get_within`](Self::get_within), counting the decoded bytes against `budget`.
+    async fn get_from(
+        &self,
+        source: &Arc<dyn BlobSource>,
+        chunks: &[ChunkRef],
+        deadline: std::time::Duration,
+        budget: &Budget,
+    ) -> Result<Vec<Bytes>> {
         let source: &dyn BlobSource = source.as_ref();
         let deadline = Deadline::after(deadline);
         let metrics = &self.inner.metrics;
@@ -138,7 +171,7 @@ impl ChunkCache {
             .copied()
             .collect();
         let decoded = self.check_ask(&wanted)?;
-        let _budget = self.reserve(decoded, source, &deadline).await?;
+        let _budget = self.reserve(budget, decoded, source, &deadline).await?;
         let mut found: HashMap<Digest, Bytes> = HashMap::with_capacity(wanted.len());
 
         while !wanted.is_empty() {
@@ -203,7 +236,8 @@ impl ChunkCache {
     /// size. Distinct chunks go in blob order, in groups of at most `max_request_decoded_bytes`
     /// decoded bytes and `max_get_chunks` chunks, one group at a time, so what is decoded at
     /// once stays bounded however many chunks are asked for and however much they inflate.
-    /// Stops at the first group that fails.
+    /// The groups of all `warm` calls share `max_warm_in_flight`, apart from the reads' budget,
+    /// so work ahead of the reads never takes their room. Stops at the first group that fails.
     pub async fn warm(&self, source: &Arc<dyn BlobSource>, chunks: &[ChunkRef]) -> Result<()> {
         let config = &self.inner.config;
         let mut seen = HashSet::with_capacity(chunks.len());
@@ -216,7 +250,9 @@ impl ChunkCache {
         distinct.sort_by_key(|chunk| chunk.offset);
         let max_bytes = config.max_request_decoded_bytes.min(config.max_get_bytes);
         for group in groups(&distinct, max_bytes, config.max_get_chunks) {
-            self.get(source, group).await?;
+            let deadline = config.fetch_deadline;
+            self.get_from(source, group, deadline, &self.inner.warming)
+                .await?;
         }
         Ok(())
     }
@@ -288,16 +324,17 @@ impl ChunkCache {
         Ok(bytes)
     }
 
-    /// Waits until `bytes` of decoded data fit in the budget (all of it for an ask larger than
+    /// Waits until `bytes` of decoded data fit in `budget` (all of it for an ask larger than
     /// the whole budget), within the deadline.
-    async fn reserve(
+    async fn reserve<'b>(
         &self,
+        budget: &'b Budget,
         bytes: u64,
         source: &dyn BlobSource,
         deadline: &Deadline,
-    ) -> Result<tokio::sync::SemaphorePermit<'_>> {
-        let units = bytes.div_ceil(BUDGET_UNIT).min(self.inner.budget_units) as u32;
-        match tokio::time::timeout_at(deadline.at, self.inner.budget.acquire_many(units)).await {
+    ) -> Result<tokio::sync::SemaphorePermit<'b>> {
+        let units = bytes.div_ceil(BUDGET_UNIT).min(budget.units) as u32;
+        match tokio::time::timeout_at(deadline.at, budget.semaphore.acquire_many(units)).await {
             Ok(Ok(permit)) => Ok(permit),
             // The semaphore is never closed.
             Ok(Err(_)) | Err(_) => {

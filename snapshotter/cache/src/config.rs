@@ -36,6 +36,10 @@ pub struct CacheConfig {
     /// deadline) until the bytes it asks for fit. Bounds the cache's memory however many reads
     /// run at once, whatever the chunks' compression ratio.
     pub max_decoded_in_flight: u64,
+    /// Decoded bytes all [`warm`](crate::ChunkCache::warm) calls together (read-ahead,
+    /// background fetch, prefetch) may hold at once, apart from `max_decoded_in_flight`: work
+    /// ahead of the reads never takes their room.
+    pub max_warm_in_flight: u64,
     /// Two missing frames are fetched in one request if at most this many bytes lie between them
     /// (those bytes are fetched and discarded). 0 merges only adjacent frames.
     pub max_gap_bytes: u64,
@@ -56,6 +60,7 @@ impl CacheConfig {
     pub const DEFAULT_MAX_GET_BYTES: u64 = 32 << 20;
     pub const DEFAULT_MAX_GET_CHUNKS: usize = 4096;
     pub const DEFAULT_MAX_DECODED_IN_FLIGHT: u64 = 128 << 20;
+    pub const DEFAULT_MAX_WARM_IN_FLIGHT: u64 = 32 << 20;
     pub const DEFAULT_MAX_GAP_BYTES: u64 = 0;
     pub const DEFAULT_FETCH_DEADLINE: Duration = Duration::from_secs(60);
     pub const DEFAULT_VERIFY_ATTEMPTS: u32 = 3;
@@ -72,6 +77,7 @@ impl CacheConfig {
             max_get_bytes: Self::DEFAULT_MAX_GET_BYTES,
             max_get_chunks: Self::DEFAULT_MAX_GET_CHUNKS,
             max_decoded_in_flight: Self::DEFAULT_MAX_DECODED_IN_FLIGHT,
+            max_warm_in_flight: Self::DEFAULT_MAX_WARM_IN_FLIGHT,
             max_gap_bytes: Self::DEFAULT_MAX_GAP_BYTES,
             fetch_deadline: Self::DEFAULT_FETCH_DEADLINE,
             verify_attempts: Self::DEFAULT_VERIFY_ATTEMPTS,
@@ -96,6 +102,12 @@ impl CacheConfig {
         if self.max_decoded_in_flight < u64::from(MAX_CHUNK_SIZE) {
             return invalid(
                 "max_decoded_in_flight",
+                "must hold at least one chunk of the largest size (16 MiB)",
+            );
+        }
+        if self.max_warm_in_flight < u64::from(MAX_CHUNK_SIZE) {
+            return invalid(
+                "max_warm_in_flight",
                 "must hold at least one chunk of the largest size (16 MiB)",
             );
         }

@@ -187,3 +187,32 @@ async fn waiting_for_the_budget_counts_against_the_deadline() {
     gate.add_permits(1);
     let _ = holder.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_ahead_of_the_reads_has_a_budget_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = inflating(3, 12 << 20);
+    let gate = Arc::new(Semaphore::new(0));
+    let source = FakeSource::gated(&blob, gate.clone());
+    let mut cfg = config(dir.path(), 1 << 30);
+    cfg.max_decoded_in_flight = 16 << 20;
+    cfg.max_warm_in_flight = 16 << 20;
+    let cache = Arc::new(open(cfg));
+    let warm = |i: usize| {
+        let (cache, source, chunk) = (cache.clone(), source.dyn_source(), blob.chunks[i]);
+        tokio::spawn(async move { cache.warm(&source, &[chunk]).await })
+    };
+    let (first, second) = (warm(0), warm(1));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(source.calls(), 1, "the second warm waits for the first one's bytes");
+    // A read is not held up by them.
+    let (c, s, chunk) = (cache.clone(), source.dyn_source(), blob.chunks[2]);
+    let read = tokio::spawn(async move { c.get(&s, &[chunk]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(source.calls(), 2);
+    gate.add_permits(3);
+    assert_eq!(read.await.unwrap().unwrap(), vec![blob.contents[2].clone()]);
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    assert!(blob.chunks.iter().all(|c| cache.contains(&c.digest)));
+}

@@ -96,7 +96,7 @@ impl Background {
                     continue;
                 }
                 let bytes: u64 = missing.iter().map(|c| u64::from(c.compressed_size)).sum();
-                match cache.get(&source, &missing).await {
+                match cache.warm(&source, &missing).await {
                     Ok(_) => {
                         failures = 0;
                         metrics.background_bytes.inc_by(bytes);

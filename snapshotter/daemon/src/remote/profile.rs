@@ -305,7 +305,7 @@ impl Prefetcher {
             return;
         }
         let bytes: u64 = missing.iter().map(|c| u64::from(c.compressed_size)).sum();
-        match job.cache.get(&job.source, &missing).await {
+        match job.cache.warm(&job.source, &missing).await {
             Ok(_) => self.metrics.prefetch_bytes.inc_by(bytes),
             Err(error) => {
                 let failures = job.failures.fetch_add(1, Ordering::Relaxed) + 1;
