@@ -55,9 +55,12 @@ pub struct FetchSection {
     /// (imports, sequential reads) then find their next chunks cached.
     pub readahead_bytes: u64,
     /// When an image has a start-up profile (`streamsnap artifact-streaming profile`), fetch
-    /// the chunks it lists as soon as each layer is mounted, in a few large requests, up to half
-    /// the cache's capacity.
+    /// the chunks it lists as soon as each layer is mounted, in a few large requests.
     pub prefetch_profile: bool,
+    /// Most bytes (decoded) one image's profile prefetches over all its layers; never more
+    /// than a quarter of the cache's capacity. Only chunks of the image's own layers are
+    /// fetched, whatever the profile lists.
+    pub prefetch_max_bytes: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -194,6 +197,7 @@ impl Default for FetchSection {
             verify_attempts: 5,
             readahead_bytes: 4 << 20,
             prefetch_profile: true,
+            prefetch_max_bytes: crate::remote::DEFAULT_PREFETCH_MAX_BYTES,
         }
     }
 }

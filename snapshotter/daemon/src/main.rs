@@ -216,7 +216,10 @@ fn build_remote(
         metrics.clone(),
     )
     .with_readahead(config.fetch.readahead_bytes)
-    .with_prefetch(config.fetch.prefetch_profile)
+    .with_prefetch(
+        config.fetch.prefetch_profile,
+        config.fetch.prefetch_max_bytes,
+    )
     .with_trust(trust);
     if config.fuse.holder {
         let socket = config

@@ -43,9 +43,15 @@ pub struct Artifact {
     diff_ids: HashMap<Digest, Digest>,
     /// The image's newest start-up profile, if it has one that could be read.
     profile: Option<Profile>,
+    /// Decoded bytes of the profile's chunks planned for prefetch so far (a budget per image).
+    prefetch_planned: std::sync::atomic::AtomicU64,
 }
 
 impl Artifact {
+    pub fn prefetch_planned(&self) -> &std::sync::atomic::AtomicU64 {
+        &self.prefetch_planned
+    }
+
     /// Checks a layer's TOC claims against the image: the layer is one of the image's and the
     /// TOC names its digest and the diff ID the image config lists for it.
     pub fn expect_claims(
@@ -157,6 +163,7 @@ impl Artifact {
             layers,
             diff_ids: image.diff_ids.clone(),
             profile: None,
+            prefetch_planned: Default::default(),
         })
     }
 }

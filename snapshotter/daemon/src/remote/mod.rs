@@ -38,6 +38,9 @@ use crate::store::RemoteSource;
 
 /// Largest TOC blob fetched (compressed).
 const MAX_TOC_BLOB: u64 = 256 << 20;
+/// Most decoded bytes one image's start-up profile prefetches by default (`[fetch]
+/// prefetch_max_bytes`).
+pub const DEFAULT_PREFETCH_MAX_BYTES: u64 = 1 << 30;
 /// A fallback is logged once per image per this period.
 const FALLBACK_LOG_PERIOD: Duration = Duration::from_secs(600);
 
@@ -112,6 +115,8 @@ pub struct RemoteLayers {
     readahead_bytes: u64,
     /// Fetch the chunks an image's start-up profile lists as soon as its layers mount.
     prefetch: bool,
+    /// Most decoded bytes one image's profile may prefetch, over all its layers.
+    prefetch_max_bytes: u64,
     prefetcher: Arc<Prefetcher>,
     /// Orders first reads across every layer (the ranks of a recorded profile).
     reads: Arc<AtomicU64>,
@@ -148,6 +153,7 @@ impl RemoteLayers {
             holder: None,
             readahead_bytes: 0,
             prefetch: false,
+            prefetch_max_bytes: DEFAULT_PREFETCH_MAX_BYTES,
             reads: Arc::default(),
         }
     }
@@ -159,10 +165,17 @@ impl RemoteLayers {
     }
 
     /// When an image has a start-up profile, fetch the chunks it lists as soon as each layer
-    /// is mounted (up to half the cache's capacity), instead of one read at a time.
-    pub fn with_prefetch(mut self, enabled: bool) -> Self {
+    /// is mounted, instead of one read at a time: at most `max_bytes` (decoded) per image, and
+    /// never more than a quarter of the cache's capacity.
+    pub fn with_prefetch(mut self, enabled: bool, max_bytes: u64) -> Self {
         self.prefetch = enabled;
+        self.prefetch_max_bytes = max_bytes;
         self
+    }
+
+    /// What one image's profile may prefetch in all, in decoded bytes.
+    fn prefetch_budget(&self) -> u64 {
+        self.prefetch_max_bytes.min(self.cache.capacity_bytes() / 4)
     }
 
     /// What the reads of every mounted layer touched within [`profile::RECORD_WINDOW`] of its
@@ -268,7 +281,9 @@ impl RemoteLayers {
         };
         write_atomically(&dir.join("toc"), &blob)?;
         let prefetch = match artifact.profile() {
-            Some(profile) if self.prefetch => profile.layer(&request.layer_digest),
+            Some(profile) if self.prefetch => profile
+                .layer(&request.layer_digest)
+                .map(|listed| (listed, artifact.prefetch_planned())),
             _ => None,
         };
         self.mount_toc(id, dir, toc, &source, None, prefetch)?;
@@ -334,7 +349,7 @@ impl RemoteLayers {
         toc: Toc,
         source: &RemoteSource,
         held: Option<FuseConnection>,
-        prefetch: Option<&LayerProfile>,
+        prefetch: Option<(&LayerProfile, &AtomicU64)>,
     ) -> Result<(), RemoteError> {
         let _span = tracing::info_span!("layer", id, digest = %source.layer_digest).entered();
         let fs_dir = dir.join("fs");
@@ -415,8 +430,8 @@ impl RemoteLayers {
             },
         );
         self.metrics.remote_mounts.inc();
-        if let Some(listed) = prefetch {
-            let batches = profile::plan(&toc, listed, self.cache.capacity_bytes() / 2);
+        if let Some((listed, planned)) = prefetch {
+            let batches = plan_within_budget(&toc, listed, self.prefetch_budget(), planned);
             tracing::debug!(
                 chunks = listed.chunks.len(),
                 batches = batches.len(),
@@ -527,6 +542,31 @@ impl RemoteLayers {
     }
 }
 
+/// The batches of `listed` a layer may prefetch: what is left of its image's `budget`, reserved
+/// in `planned` (the image's layers share it and may mount concurrently).
+fn plan_within_budget(
+    toc: &Toc,
+    listed: &LayerProfile,
+    budget: u64,
+    planned: &AtomicU64,
+) -> Vec<(u64, Vec<streamsnap_cache::ChunkRef>)> {
+    loop {
+        let used = planned.load(Ordering::SeqCst);
+        let batches = profile::plan(toc, listed, budget.saturating_sub(used));
+        let bytes: u64 = batches
+            .iter()
+            .flat_map(|(_, chunks)| chunks)
+            .map(|c| u64::from(c.size))
+            .sum();
+        if planned
+            .compare_exchange(used, used + bytes, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return batches;
+        }
+    }
+}
+
 /// The `reason` label of a fallback: a small fixed set.
 fn fallback_reason(error: &crate::error::Error) -> &'static str {
     use crate::error::Error;
@@ -564,4 +604,39 @@ fn write_atomically(path: &Path, data: &[u8]) -> Result<(), RemoteError> {
     std::fs::write(&tmp, data).map_err(io("writing", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io("renaming", &tmp))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(batches: &[(u64, Vec<streamsnap_cache::ChunkRef>)]) -> usize {
+        batches.iter().map(|(_, c)| c.len()).sum()
+    }
+
+    #[test]
+    fn an_images_layers_share_one_prefetch_budget() {
+        // Two layers of 10 chunks of 1 MiB, a profile listing all of them, a 15 MiB budget.
+        let (toc, _) = fake::layer(10, 1 << 20, false);
+        let listed = LayerProfile {
+            layer: toc.layer_digest(),
+            chunks: (0..10).collect(),
+            ranks: (0..10).collect(),
+        };
+        let planned = AtomicU64::new(0);
+        let first = plan_within_budget(&toc, &listed, 15 << 20, &planned);
+        assert_eq!(chunks(&first), 10);
+        let second = plan_within_budget(&toc, &listed, 15 << 20, &planned);
+        assert_eq!(chunks(&second), 5, "the second layer gets what is left");
+        assert_eq!(planned.load(Ordering::SeqCst), 15 << 20);
+        assert!(plan_within_budget(&toc, &listed, 15 << 20, &planned).is_empty());
+        // Chunks a hostile profile lists beyond the layer's TOC are never planned.
+        let hostile = LayerProfile {
+            layer: toc.layer_digest(),
+            chunks: vec![3, 1_000_000, u32::MAX],
+            ranks: vec![0, 1, 2],
+        };
+        let batches = plan_within_budget(&toc, &hostile, 1 << 30, &AtomicU64::new(0));
+        assert_eq!(chunks(&batches), 1);
+    }
 }
