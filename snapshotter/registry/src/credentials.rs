@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, JsonFault, Result};
 use crate::reference::DOCKER_HUB;
 
 /// A username and password (or token used as a password) for one registry.
@@ -133,9 +133,9 @@ impl CredentialStore {
 
     fn from_docker_config_json(text: &[u8], path: &Path) -> Result<Self> {
         let config: DockerConfig =
-            serde_json::from_slice(text).map_err(|source| Error::DockerConfigParse {
+            serde_json::from_slice(text).map_err(|e| Error::DockerConfigParse {
                 path: path.to_path_buf(),
-                source,
+                fault: JsonFault::from(&e),
             })?;
         for (host, helper) in &config.cred_helpers {
             tracing::warn!(
@@ -316,6 +316,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("user:password") && !e.contains("nocolon"), "{e}");
+    }
+
+    #[test]
+    fn malformed_config_errors_never_show_a_value_of_the_file() {
+        let secret = b64("alice:hunter2-secret");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        for text in [
+            // serde_json would quote the string it did not expect: the secret itself.
+            format!(r#"{{"auths": {{"r.example": "{secret}"}}}}"#),
+            format!(r#"{{"auths": {{"r.example": {{"auth": "{secret}", "username": 7}}}}}}"#),
+            format!(r#"{{"auths": {{"r.example": {{"auth": "{secret}"}}}}"#),
+            format!("{{\"auths\": {{\"r.example\": {{\"auth\": {secret}}}}}}}"),
+            format!(
+                "{{\n  \"auths\": {{\n    \"r.example\": {{\"auth\": \"{secret}\"}}\n  }},\n  x\n}}"
+            ),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            let e = CredentialStore::from_docker_config_file(&path).unwrap_err();
+            let shown = format!("{e} {e:?} {:?}", std::error::Error::source(&e));
+            assert!(
+                shown.contains(&*path.to_string_lossy())
+                    && shown.contains("malformed JSON")
+                    && shown.contains("line ")
+                    && shown.contains("column "),
+                "{shown}"
+            );
+            for secret_part in [secret.as_str(), "hunter2", "alice"] {
+                assert!(!shown.contains(secret_part), "{shown}");
+            }
+        }
+        std::fs::write(&path, "{\n  \"auths\": {\n  x\n}").unwrap();
+        let e = CredentialStore::from_docker_config_file(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 3 column 3"), "{e}");
     }
 
     #[test]

@@ -27,12 +27,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    #[error("docker config {}: malformed JSON", path.display())]
-    DockerConfigParse {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error(
+        "docker config {}: malformed JSON: {fault}; fix the file or write it again (`docker login`)",
+        path.display()
+    )]
+    DockerConfigParse { path: PathBuf, fault: JsonFault },
 
     #[error("docker config {}: entry for {registry}: {reason}", path.display())]
     DockerConfigEntry {
@@ -151,6 +150,9 @@ pub enum Error {
         actual: Digest,
     },
 
+    #[error("{url}: malformed token response: {fault}")]
+    InvalidTokenResponse { url: String, fault: JsonFault },
+
     #[error("{url}: malformed {what}")]
     InvalidJson {
         url: String,
@@ -216,6 +218,42 @@ impl Error {
     }
 }
 
+/// Where a JSON document is malformed and what kind of fault it is, without the text
+/// `serde_json` quotes from the input: for documents that hold secrets (a docker config's auths,
+/// a token response), whose values must not reach an error message or a log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JsonFault {
+    pub line: usize,
+    pub column: usize,
+    pub kind: &'static str,
+}
+
+impl From<&serde_json::Error> for JsonFault {
+    fn from(e: &serde_json::Error) -> Self {
+        let kind = match e.classify() {
+            serde_json::error::Category::Io => "cannot be read",
+            serde_json::error::Category::Syntax => "not valid JSON",
+            serde_json::error::Category::Data => "a value of the wrong type or shape",
+            serde_json::error::Category::Eof => "ends early",
+        };
+        Self {
+            line: e.line(),
+            column: e.column(),
+            kind,
+        }
+    }
+}
+
+impl std::fmt::Display for JsonFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} at line {} column {} (values not shown: they may hold credentials)",
+            self.kind, self.line, self.column
+        )
+    }
+}
+
 /// ` (CODE: message)` for a registry's error body, or nothing.
 pub(crate) fn registry_message(code: &Option<String>, message: &Option<String>) -> String {
     match (code, message) {
@@ -253,5 +291,31 @@ mod tests {
         };
         assert!(nf.is_not_found());
         assert_eq!(nf.to_string(), "GET u: not found");
+    }
+
+    #[test]
+    fn json_positions_keep_no_input_text() {
+        for (input, kind) in [
+            (r#"{"auths": {"r": "c2VjcmV0LXZhbHVl"}}"#, "wrong type"),
+            (
+                "{\"auths\": {\"r\": {\"auth\": \"c2VjcmV0LXZhbHVl\"}}",
+                "ends early",
+            ),
+            (r#"{"auths": c2VjcmV0LXZhbHVl}"#, "not valid JSON"),
+        ] {
+            #[derive(Debug, serde::Deserialize)]
+            struct Auths {
+                #[allow(dead_code)]
+                auths:
+                    std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+            }
+            let e = serde_json::from_str::<Auths>(input).unwrap_err();
+            let shown = JsonFault::from(&e).to_string();
+            assert!(
+                shown.contains(kind) && shown.contains("line 1 column"),
+                "{shown}"
+            );
+            assert!(!shown.contains("c2VjcmV0LXZhbHVl"), "{shown}");
+        }
     }
 }

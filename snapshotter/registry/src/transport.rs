@@ -14,7 +14,7 @@ use tracing::Instrument as _;
 use crate::auth::{Cached, Challenge, Scope, TokenResponse, parse_challenges};
 use crate::blob::BlobStream;
 use crate::client::{Client, display_url, encode_query, leaves_tls, redact_str, resolve_location};
-use crate::error::{Error, Result, registry_message};
+use crate::error::{Error, JsonFault, Result, registry_message};
 use crate::metrics::{Kind, Outcome, RetryReason};
 
 const MAX_REDIRECTS: usize = 5;
@@ -434,11 +434,11 @@ impl Client {
         }
         let url = response.url();
         let body = response.into_stream().read_all(TOKEN_BODY_LIMIT).await?;
+        // The body holds a token: a parse error says where, never what (serde_json quotes).
         let parsed: TokenResponse =
-            serde_json::from_slice(&body).map_err(|source| Error::InvalidJson {
+            serde_json::from_slice(&body).map_err(|e| Error::InvalidTokenResponse {
                 url,
-                what: "token response",
-                source,
+                fault: JsonFault::from(&e),
             })?;
         let (token, lifetime) = parsed
             .into_token()
