@@ -12,6 +12,7 @@
 pub mod api;
 mod commit;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod filter;
 pub mod http;
