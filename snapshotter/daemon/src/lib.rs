@@ -13,6 +13,7 @@ pub mod api;
 mod commit;
 pub mod config;
 pub mod credentials;
+pub mod cri_proxy;
 pub mod error;
 pub mod filter;
 pub mod http;
