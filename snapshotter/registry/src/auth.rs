@@ -207,11 +207,15 @@ impl TokenResponse {
 }
 
 const DEFAULT_TOKEN_SECONDS: u64 = 60;
+/// Longest a token is kept, whatever its `expires_in` says (a huge one would overflow the
+/// cache's clock arithmetic).
+const MAX_TOKEN_SECONDS: u64 = 24 * 3600;
 
-/// How long to use a token: its `expires_in` (default 60 s) minus a slack of a quarter of it,
-/// at most 10 s, so a token is not sent in its last moments.
+/// How long to use a token: its `expires_in` (default 60 s, at most a day) minus a slack of a
+/// quarter of it, at most 10 s, so a token is not sent in its last moments.
 fn token_lifetime(expires_in: Option<u64>) -> Duration {
-    let total = Duration::from_secs(expires_in.unwrap_or(DEFAULT_TOKEN_SECONDS));
+    let seconds = expires_in.unwrap_or(DEFAULT_TOKEN_SECONDS);
+    let total = Duration::from_secs(seconds.min(MAX_TOKEN_SECONDS));
     total - (total / 4).min(Duration::from_secs(10))
 }
 
@@ -286,6 +290,10 @@ impl AuthCache {
         self.lock().basic.insert(normalize_registry(registry));
     }
 }
+
+#[cfg(test)]
+#[path = "auth_props.rs"]
+mod props;
 
 #[cfg(test)]
 mod tests {

@@ -19,6 +19,8 @@ use crate::transport::{Call, Response, Retry, is_transient};
 
 /// The `phase` of a [`Error::Timeout`] waiting for body bytes (a stall, not a slow answer).
 pub(crate) const BODY_PHASE: &str = "next chunk of the body";
+/// Most bytes a body read reserves before they arrive.
+const MAX_RESERVE: u64 = 64 << 20;
 
 /// A response body read chunk by chunk. Waiting longer than the request timeout for the next
 /// chunk is an error, and so is a body that ends before its `Content-Length`.
@@ -143,11 +145,14 @@ impl BlobStream {
     /// Bytes `skip..skip+take` of the body, then drops the connection without reading the
     /// rest. Fewer than `skip + take` bytes is an error.
     pub(crate) async fn read_slice(mut self, skip: u64, take: u64) -> Result<Bytes> {
-        let mut out = BytesMut::with_capacity(usize::try_from(take).unwrap_or(0));
+        // Reserved up front only as far as the body can hold it: `take` is what was asked for,
+        // not what the server sends.
+        let reserve = take.min(self.content_length.unwrap_or(0)).min(MAX_RESERVE);
+        let mut out = BytesMut::with_capacity(reserve as usize);
         let mut to_skip = skip;
         while (out.len() as u64) < take {
             let Some(mut chunk) = self.next_chunk().await? else {
-                return Err(self.short(skip + take));
+                return Err(self.short(skip.saturating_add(take)));
             };
             if to_skip > 0 {
                 let n = to_skip.min(chunk.len() as u64);
@@ -287,7 +292,7 @@ impl Client {
                         "asked for bytes from {offset}, got Content-Range {content_range:?}"
                     )));
                 }
-                if end - start + 1 < len {
+                if end - start < len - 1 {
                     return Err(response.unexpected(format!(
                         "asked for {len} bytes at {offset}, got Content-Range {content_range:?} \
                          (range past the end of the blob?)"
@@ -306,7 +311,7 @@ impl Client {
                     .into_stream()
                     .counting(self.metrics().range_bytes());
                 if let Some(total) = stream.content_length
-                    && total < offset + len
+                    && total <= offset + (len - 1)
                 {
                     return Err(Error::UnexpectedResponse {
                         method: Method::GET,
@@ -341,14 +346,31 @@ pub(crate) fn pull_scope(repo: &Repository) -> Scope<'_> {
     }
 }
 
-/// `bytes start-end/total` (total may be `*`) -> (start, end).
+/// `bytes first-last/length` or `bytes first-last/*` (RFC 9110, 14.4) with
+/// `first <= last < length` -> (first, last). Anything else (signs, spaces inside, a range past
+/// the length it states) is not a range to take bytes by.
 fn parse_content_range(value: &str) -> Option<(u64, u64)> {
-    let range = value.trim().strip_prefix("bytes")?.trim_start();
-    let (span, _total) = range.split_once('/')?;
-    let (start, end) = span.split_once('-')?;
-    let (start, end) = (start.trim().parse().ok()?, end.trim().parse().ok()?);
-    (start <= end).then_some((start, end))
+    let (unit, range) = value.trim_matches([' ', '\t']).split_at_checked(6)?;
+    if !unit.eq_ignore_ascii_case("bytes ") {
+        return None;
+    }
+    let number = |s: &str| {
+        if s.bytes().all(|b| b.is_ascii_digit()) {
+            s.parse::<u64>().ok()
+        } else {
+            None
+        }
+    };
+    let (span, length) = range.split_once('/')?;
+    let (first, last) = span.split_once('-')?;
+    let (first, last) = (number(first)?, number(last)?);
+    let within = length == "*" || last < number(length)?;
+    (first <= last && within).then_some((first, last))
 }
+
+#[cfg(test)]
+#[path = "blob_props.rs"]
+mod props;
 
 #[cfg(test)]
 mod tests {
