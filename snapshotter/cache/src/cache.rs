@@ -312,7 +312,8 @@ impl ChunkCache {
         }
         let bytes: u64 = wanted.iter().map(|chunk| u64::from(chunk.size)).sum();
         let config = &self.inner.config;
-        if wanted.len() > config.max_get_chunks || (wanted.len() > 1 && bytes > config.max_get_bytes)
+        if wanted.len() > config.max_get_chunks
+            || (wanted.len() > 1 && bytes > config.max_get_bytes)
         {
             return Err(Error::TooLarge {
                 chunks: wanted.len(),

@@ -94,10 +94,16 @@ impl CacheConfig {
             return invalid("max_request_bytes", "must be at least 1");
         }
         if self.max_request_decoded_bytes == 0 || self.max_request_chunks == 0 {
-            return invalid("max_request_decoded_bytes", "must be at least 1, and so must max_request_chunks");
+            return invalid(
+                "max_request_decoded_bytes",
+                "must be at least 1, and so must max_request_chunks",
+            );
         }
         if self.max_get_bytes == 0 || self.max_get_chunks == 0 {
-            return invalid("max_get_bytes", "must be at least 1, and so must max_get_chunks");
+            return invalid(
+                "max_get_bytes",
+                "must be at least 1, and so must max_get_chunks",
+            );
         }
         if self.max_decoded_in_flight < u64::from(MAX_CHUNK_SIZE) {
             return invalid(

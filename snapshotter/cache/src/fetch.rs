@@ -232,7 +232,10 @@ pub(crate) async fn verify(chunk: ChunkRef, frame: Result<Bytes, String>) -> Res
 /// than any chunk may take), if it cannot.
 pub(crate) fn implausible(chunk: &ChunkRef) -> Option<String> {
     if chunk.size == 0 || chunk.size > MAX_CHUNK_SIZE {
-        return Some(format!("size {} is outside 1..={MAX_CHUNK_SIZE}", chunk.size));
+        return Some(format!(
+            "size {} is outside 1..={MAX_CHUNK_SIZE}",
+            chunk.size
+        ));
     }
     if u64::from(chunk.size) > u64::from(chunk.compressed_size) * MAX_CHUNK_RATIO {
         return Some(format!(
@@ -356,7 +359,10 @@ mod tests {
                 ..limits(1 << 20, 0)
             },
         );
-        assert_eq!(runs.iter().map(|r| r.chunks.len()).collect::<Vec<_>>(), vec![2, 2, 1]);
+        assert_eq!(
+            runs.iter().map(|r| r.chunks.len()).collect::<Vec<_>>(),
+            vec![2, 2, 1]
+        );
     }
 
     #[test]

@@ -33,10 +33,21 @@ async fn an_ask_over_the_limits_is_refused_but_one_large_chunk_is_not() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::TooLarge { chunks: 3, bytes: 12_000, max_bytes: 10_000, .. }),
+        matches!(
+            err,
+            Error::TooLarge {
+                chunks: 3,
+                bytes: 12_000,
+                max_bytes: 10_000,
+                ..
+            }
+        ),
         "{err}"
     );
-    assert!(err.to_string().contains("ask for fewer chunks at a time"), "{err}");
+    assert!(
+        err.to_string().contains("ask for fewer chunks at a time"),
+        "{err}"
+    );
     let err = cache
         .get(&source.dyn_source(), &blob.chunks)
         .await
@@ -131,10 +142,7 @@ async fn a_run_is_bounded_in_decoded_bytes_however_small_its_frames() {
     let mut cfg = config(dir.path(), 1 << 30);
     cfg.max_request_decoded_bytes = 2 << 20;
     let cache = open(cfg);
-    cache
-        .get(&source.dyn_source(), &blob.chunks)
-        .await
-        .unwrap();
+    cache.get(&source.dyn_source(), &blob.chunks).await.unwrap();
     assert_eq!(source.calls(), 4, "{:?}", source.requests());
 }
 
@@ -155,10 +163,20 @@ async fn calls_wait_until_their_decoded_bytes_fit_in_the_budget() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let second = get(1);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(source.calls(), 1, "the second call waits for the first one's bytes");
+    assert_eq!(
+        source.calls(),
+        1,
+        "the second call waits for the first one's bytes"
+    );
     gate.add_permits(2);
-    assert_eq!(first.await.unwrap().unwrap(), vec![blob.contents[0].clone()]);
-    assert_eq!(second.await.unwrap().unwrap(), vec![blob.contents[1].clone()]);
+    assert_eq!(
+        first.await.unwrap().unwrap(),
+        vec![blob.contents[0].clone()]
+    );
+    assert_eq!(
+        second.await.unwrap().unwrap(),
+        vec![blob.contents[1].clone()]
+    );
     assert_eq!(source.calls(), 2);
 }
 
@@ -204,7 +222,11 @@ async fn work_ahead_of_the_reads_has_a_budget_of_its_own() {
     };
     let (first, second) = (warm(0), warm(1));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(source.calls(), 1, "the second warm waits for the first one's bytes");
+    assert_eq!(
+        source.calls(),
+        1,
+        "the second warm waits for the first one's bytes"
+    );
     // A read is not held up by them.
     let (c, s, chunk) = (cache.clone(), source.dyn_source(), blob.chunks[2]);
     let read = tokio::spawn(async move { c.get(&s, &[chunk]).await });

@@ -15,9 +15,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use streamsnap_cache::{
-    BlobSource, BoxFuture, CacheConfig, ChunkCache, ChunkRef, SourceError,
-};
+use streamsnap_cache::{BlobSource, BoxFuture, CacheConfig, ChunkCache, ChunkRef, SourceError};
 use streamsnap_format::{Digest, compress_chunk};
 
 const CASE_ENV: &str = "STREAMSNAP_HOSTILE_CASE";
@@ -181,7 +179,8 @@ fn one_get_of_every_frame() {
         return;
     };
     assert!(
-        outcome.contains("refused: a read of 48 chunks (805306368 bytes decoded) is over the limit"),
+        outcome
+            .contains("refused: a read of 48 chunks (805306368 bytes decoded) is over the limit"),
         "{outcome}"
     );
     assert_within_bound(case, growth);

@@ -133,7 +133,14 @@ mod tests {
 
     #[test]
     fn the_ratio_bound_admits_the_most_compressible_real_frames() {
-        for size in [1usize, 4096, 128 << 10, (128 << 10) + 1, 1 << 20, MAX_CHUNK_SIZE as usize] {
+        for size in [
+            1usize,
+            4096,
+            128 << 10,
+            (128 << 10) + 1,
+            1 << 20,
+            MAX_CHUNK_SIZE as usize,
+        ] {
             for level in [1, 3, 19] {
                 let frame = compress_chunk(&vec![7u8; size], level).unwrap();
                 assert!(

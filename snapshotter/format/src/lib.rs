@@ -21,10 +21,10 @@ pub use chunk::{
 };
 pub use digest::{Digest, DigestHasher};
 pub use error::{Error, Result};
-pub use path::{normalize_tar_path, validate_path};
-pub use profile::{LayerProfile, MAX_PROFILE_BLOB, PROFILE_VERSION, Profile};
 pub use limits::{
     MAX_TOC_CHUNKS, MAX_TOC_DECODED_RATIO, MAX_TOC_DECODED_SIZE, MAX_TOC_ENTRIES, MAX_TOC_EXTENTS,
     MAX_TOC_MEMORY, MAX_TOC_MEMORY_RATIO, MAX_TOC_XATTRS, TOC_DECODED_FREE, TOC_MEMORY_FREE,
 };
+pub use path::{normalize_tar_path, validate_path};
+pub use profile::{LayerProfile, MAX_PROFILE_BLOB, PROFILE_VERSION, Profile};
 pub use toc::{FORMAT_VERSION, Piece, Toc, encode_toc, tar_name};

@@ -56,14 +56,18 @@ pub(crate) fn check(what: &'static str, value: u64, limit: u64) -> Result<()> {
 
 /// Decompresses a TOC blob within the decompression limits.
 pub(crate) fn decompress(blob: &[u8]) -> Result<Vec<u8>> {
-    let limit = MAX_TOC_DECODED_SIZE.min(
-        TOC_DECODED_FREE.max(blob.len().saturating_mul(MAX_TOC_DECODED_RATIO)),
-    ) as u64;
+    let limit = MAX_TOC_DECODED_SIZE
+        .min(TOC_DECODED_FREE.max(blob.len().saturating_mul(MAX_TOC_DECODED_RATIO)))
+        as u64;
     // The frame header may declare the content size: refuse a lie too big before any work,
     // and reserve exactly what a truthful one needs.
     let declared = zstd::zstd_safe::get_frame_content_size(blob).ok().flatten();
     if let Some(declared) = declared {
-        check("decompressed size (declared by the zstd frame)", declared, limit)?;
+        check(
+            "decompressed size (declared by the zstd frame)",
+            declared,
+            limit,
+        )?;
     }
     let decoder = zstd::stream::read::Decoder::with_buffer(blob).map_err(Error::TocDecompress)?;
     let mut raw = Vec::with_capacity(declared.unwrap_or(0) as usize);
@@ -247,7 +251,13 @@ mod tests {
             assert!(Census::of(&raw[..cut]).is_err(), "cut at {cut}");
         }
         // A group (wire type 3), an overlong varint, field 0.
-        for bad in [&[0x0b][..], &[0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], &[0x02, 0x00]] {
+        for bad in [
+            &[0x0b][..],
+            &[
+                0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            ],
+            &[0x02, 0x00],
+        ] {
             assert!(Census::of(bad).is_err(), "{bad:?}");
         }
     }
@@ -281,7 +291,10 @@ mod tests {
         let mut encoder = zstd::stream::write::Encoder::new(&mut streamed, 3).unwrap();
         std::io::Write::write_all(&mut encoder, &vec![0u8; 32 << 20]).unwrap();
         encoder.finish().unwrap();
-        assert_eq!(zstd::zstd_safe::get_frame_content_size(&streamed).unwrap(), None);
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&streamed).unwrap(),
+            None
+        );
         let e = decompress(&streamed).unwrap_err().to_string();
         assert!(e.contains("toc: decompressed size"), "{e}");
         // Under the free allowance, anything goes.

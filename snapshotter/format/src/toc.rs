@@ -4,7 +4,7 @@
 use prost::Message;
 
 use crate::api::{self, EntryType};
-use crate::chunk::{MAX_CHUNK_SIZE, MAX_CHUNK_RATIO, max_compressed_size};
+use crate::chunk::{MAX_CHUNK_RATIO, MAX_CHUNK_SIZE, max_compressed_size};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::limits::{
@@ -91,10 +91,21 @@ impl Toc {
 
     /// Validates a TOC message, the counts of docs/format.md ("Limits") included.
     pub fn from_raw(raw: api::Toc) -> Result<Self> {
-        limits::check("entry count", raw.entries.len() as u64, MAX_TOC_ENTRIES as u64)?;
-        limits::check("chunk count", raw.chunks.len() as u64, MAX_TOC_CHUNKS as u64)?;
+        limits::check(
+            "entry count",
+            raw.entries.len() as u64,
+            MAX_TOC_ENTRIES as u64,
+        )?;
+        limits::check(
+            "chunk count",
+            raw.chunks.len() as u64,
+            MAX_TOC_CHUNKS as u64,
+        )?;
         let (extents, xattrs) = raw.entries.iter().fold((0u64, 0u64), |(e, x), entry| {
-            (e + entry.extents.len() as u64, x + entry.xattrs.len() as u64)
+            (
+                e + entry.extents.len() as u64,
+                x + entry.xattrs.len() as u64,
+            )
         });
         limits::check("extent count", extents, MAX_TOC_EXTENTS as u64)?;
         limits::check("xattr count", xattrs, MAX_TOC_XATTRS as u64)?;
@@ -180,25 +191,28 @@ impl Toc {
         let end = offset.saturating_add(len).min(entry.size);
         let mut extent_start = 0u64;
         let mut done = end <= offset;
-        entry.extents.iter().map_while(move |extent| {
-            if done {
-                return None;
-            }
-            let extent_end = extent_start + u64::from(extent.length);
-            let piece = (extent_end > offset && extent_start < end).then(|| {
-                let from = offset.max(extent_start) - extent_start;
-                let to = end.min(extent_end) - extent_start;
-                Piece {
-                    chunk: extent.chunk,
-                    offset: extent.offset + from as u32,
-                    len: (to - from) as u32,
+        entry
+            .extents
+            .iter()
+            .map_while(move |extent| {
+                if done {
+                    return None;
                 }
-            });
-            done = extent_end >= end;
-            extent_start = extent_end;
-            Some(piece)
-        })
-        .flatten()
+                let extent_end = extent_start + u64::from(extent.length);
+                let piece = (extent_end > offset && extent_start < end).then(|| {
+                    let from = offset.max(extent_start) - extent_start;
+                    let to = end.min(extent_end) - extent_start;
+                    Piece {
+                        chunk: extent.chunk,
+                        offset: extent.offset + from as u32,
+                        len: (to - from) as u32,
+                    }
+                });
+                done = extent_end >= end;
+                extent_start = extent_end;
+                Some(piece)
+            })
+            .flatten()
     }
 }
 

@@ -70,7 +70,11 @@ fn decode_in_child(case: &str, build: impl FnOnce() -> Vec<u8>) -> Option<(u64, 
         });
     let (growth, outcome) = line.split_once(" outcome=").unwrap();
     let growth = growth.strip_prefix("growth=").unwrap().parse().unwrap();
-    eprintln!("{case}: {blob_len} byte blob, VmHWM +{} KiB, {outcome}", growth >> 10, blob_len = blob.len());
+    eprintln!(
+        "{case}: {blob_len} byte blob, VmHWM +{} KiB, {outcome}",
+        growth >> 10,
+        blob_len = blob.len()
+    );
     Some((growth, outcome.to_string()))
 }
 

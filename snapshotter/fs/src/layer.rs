@@ -358,7 +358,13 @@ impl LayerFs {
             self.fill(ino, offset, size, &window, &mut out).await?;
         }
         if at != out.len() {
-            tracing::debug!(ino, offset, size, got = at, "extents do not cover the range");
+            tracing::debug!(
+                ino,
+                offset,
+                size,
+                got = at,
+                "extents do not cover the range"
+            );
             return Err(Errno::EIO);
         }
         Ok(out)

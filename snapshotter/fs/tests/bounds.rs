@@ -71,7 +71,10 @@ fn hostile_toc() -> Arc<Toc> {
                 mode: 0o755,
                 ..Default::default()
             },
-            file("spread", (0..CHUNKS).map(|c| extent((c, c * 1000))).collect()),
+            file(
+                "spread",
+                (0..CHUNKS).map(|c| extent((c, c * 1000))).collect(),
+            ),
             file("many", (0..MANY).map(|i| extent(many_extent(i))).collect()),
         ],
     };
@@ -112,8 +115,8 @@ impl ChunkReader for Decoding {
             .iter()
             .map(|&c| {
                 let data: Vec<u8> = (0..CHUNK_SIZE).map(|o| byte(c, o)).collect();
-                let now = self.live.fetch_add(data.len() as u64, Ordering::SeqCst)
-                    + data.len() as u64;
+                let now =
+                    self.live.fetch_add(data.len() as u64, Ordering::SeqCst) + data.len() as u64;
                 self.peak.fetch_max(now, Ordering::SeqCst);
                 Bytes::from_owner(Counted {
                     data,
@@ -160,7 +163,10 @@ fn a_read_over_a_million_tiny_extents_asks_for_each_chunk_once_per_window() {
             .enumerate()
             .all(|(i, &b)| { b == byte(many_extent(i as u32).0, many_extent(i as u32).1) })
     );
-    assert_eq!(reader.peak.load(Ordering::SeqCst), 2 * u64::from(CHUNK_SIZE));
+    assert_eq!(
+        reader.peak.load(Ordering::SeqCst),
+        2 * u64::from(CHUNK_SIZE)
+    );
     // 64 Ki pieces at a time: 16 windows, each asking for the 48 chunks two at a time.
     let calls = reader.calls.lock().unwrap().clone();
     assert!(calls.iter().all(|&n| n <= 2), "{calls:?}");
@@ -176,7 +182,10 @@ fn fuse_reads_of_hostile_files_hold_a_bounded_number_of_chunks() {
     let reader = Arc::new(Decoding::default());
     let mounted = Mounted::new(hostile_toc(), reader.clone(), runtime.handle().clone());
     let spread = std::fs::read(mounted.join("spread")).unwrap();
-    assert_eq!(spread, (0..CHUNKS).map(|c| byte(c, c * 1000)).collect::<Vec<_>>());
+    assert_eq!(
+        spread,
+        (0..CHUNKS).map(|c| byte(c, c * 1000)).collect::<Vec<_>>()
+    );
     assert_eq!(reader.peak.load(Ordering::SeqCst), u64::from(CHUNK_SIZE));
     // Read by the kernel in requests of up to 1 MiB, some of them at once (readahead).
     let file = std::fs::File::open(mounted.join("many")).unwrap();
@@ -192,7 +201,10 @@ fn fuse_reads_of_hostile_files_hold_a_bounded_number_of_chunks() {
         at += n as u64;
     }
     let calls = reader.calls.lock().unwrap().clone();
-    assert!(calls.iter().all(|&n| n == 1), "one 16 MiB chunk per ask: {calls:?}");
+    assert!(
+        calls.iter().all(|&n| n == 1),
+        "one 16 MiB chunk per ask: {calls:?}"
+    );
     // Each request holds one chunk; the kernel may have a few requests in flight at once.
     let peak = reader.peak.load(Ordering::SeqCst);
     eprintln!("peak decoded bytes alive through FUSE: {} MiB", peak >> 20);
