@@ -113,6 +113,11 @@ impl SnapshotterdOptions {
             self.fetch_deadline_seconds,
             self.prefetch_profile
         );
+        // With metrics on, tests and the bench read /debug/profile too; a node keeps it off
+        // unless its config turns it on.
+        if self.metrics {
+            toml.push_str("\n[debug]\nprofile = true\n");
+        }
         if !self.extra_config.is_empty() {
             toml.push('\n');
             toml.push_str(&self.extra_config);

@@ -25,6 +25,7 @@ pub struct Config {
     pub background_fetch: BackgroundFetchSection,
     pub registry: RegistrySection,
     pub verify: VerifySection,
+    pub debug: DebugSection,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -123,6 +124,17 @@ pub struct HostSection {
     pub credentials_file: Option<PathBuf>,
 }
 
+/// Diagnostic endpoints on the metrics address, off by default: the address is often reachable
+/// from the whole cluster (the DaemonSet binds 0.0.0.0), and what they show is the node's own
+/// business.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DebugSection {
+    /// Serve `/debug/profile`: the start-up profile of the layers mounted now (the layer digests
+    /// and chunks the node read), for `streamsnap artifact-streaming profile`.
+    pub profile: bool,
+}
+
 /// The signature policy (docs/trust.md): with public keys, only artifacts and profiles signed by
 /// one of them are used.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -163,6 +175,7 @@ impl Default for Config {
             background_fetch: BackgroundFetchSection::default(),
             registry: RegistrySection::default(),
             verify: VerifySection::default(),
+            debug: DebugSection::default(),
             metrics_address: None,
         }
     }
@@ -287,6 +300,23 @@ mod tests {
             Config::parse("[registry.hosts.x]\nmirror = []\n").unwrap_err()
         );
         assert!(error.contains("mirror"), "{error}");
+    }
+
+    #[test]
+    fn the_debug_profile_is_off_unless_the_config_turns_it_on() {
+        assert!(!Config::default().debug.profile);
+        assert!(!Config::parse("").unwrap().debug.profile);
+        assert!(
+            Config::parse("[debug]\nprofile = true\n")
+                .unwrap()
+                .debug
+                .profile
+        );
+        let error = format!(
+            "{:#}",
+            Config::parse("[debug]\nprofiles = true\n").unwrap_err()
+        );
+        assert!(error.contains("profiles"), "{error}");
     }
 
     #[test]

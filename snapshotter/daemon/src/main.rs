@@ -38,8 +38,8 @@ struct Args {
     /// TOML config file (see docs/snapshotter.md); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Serve Prometheus /metrics, /healthz and /debug/profile on HOST:PORT [default: the
-    /// config's metrics_address; off when unset].
+    /// Serve Prometheus /metrics and /healthz (and /debug/profile with `[debug] profile`) on
+    /// HOST:PORT [default: the config's metrics_address; off when unset].
     #[arg(long, value_name = "HOST:PORT")]
     metrics_address: Option<std::net::SocketAddr>,
     /// Log filter: a level (error, warn, info, debug, trace) or target=level pairs separated
@@ -337,6 +337,7 @@ async fn serve(
                 metrics: metrics.clone(),
                 snapshotter: snapshotter.clone(),
                 serving: serving.clone(),
+                profile: config.debug.profile,
             });
             Some(
                 streamsnap_snapshotter::http::serve(metrics_address, endpoints)
@@ -346,8 +347,7 @@ async fn serve(
         }
         None => None,
     };
-    let listener = tokio::net::UnixListener::bind(address)
-        .with_context(|| format!("binding {}", address.display()))?;
+    let listener = bind_api_socket(address)?;
     tracing::info!(address = %address.display(), root = %config.root.display(), "serving the containerd snapshots API");
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let server = tonic::transport::Server::builder()
@@ -366,6 +366,36 @@ async fn serve(
     }
     let _ = std::fs::remove_file(address);
     Ok(Stop::Unmount)
+}
+
+/// The mode of the snapshots API socket: the daemon's user and group (root and root's group on a
+/// node), like containerd's own socket; the umask plays no part.
+const API_SOCKET_MODE: u32 = 0o660;
+
+/// Binds the snapshots API socket at `address` with [`API_SOCKET_MODE`]: bound under a
+/// temporary name beside it, given its mode, then renamed into place, so no client ever finds
+/// it with the umask's mode.
+fn bind_api_socket(address: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut name = address.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.tmp", std::process::id()));
+    let temporary = address.with_file_name(name);
+    let _ = std::fs::remove_file(&temporary);
+    let listener = tokio::net::UnixListener::bind(&temporary)
+        .with_context(|| format!("binding {}", temporary.display()))?;
+    let placed =
+        std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(API_SOCKET_MODE))
+            .with_context(|| format!("setting the mode of {}", temporary.display()))
+            .and_then(|()| {
+                std::fs::rename(&temporary, address).with_context(|| {
+                    format!("moving the socket into place at {}", address.display())
+                })
+            });
+    if let Err(error) = placed {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(error);
+    }
+    Ok(listener)
 }
 
 /// How the daemon was asked to stop.
@@ -449,6 +479,26 @@ mod tests {
         assert!(parse_filter("streamsnap_snapshotter=debug").is_some());
         assert!(parse_filter("inf").is_none(), "a misspelt level is refused");
         assert!(parse_filter("info,verbose").is_none());
+    }
+
+    #[tokio::test]
+    async fn the_api_socket_has_its_mode_whatever_the_umask() {
+        use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let address = dir.path().join("s.sock");
+        let listener = bind_api_socket(&address).unwrap();
+        let meta = std::fs::symlink_metadata(&address).unwrap();
+        assert!(meta.file_type().is_socket());
+        // The umask alone would give 0755 (022) or 0775 (002): the mode is set, not inherited.
+        assert_eq!(meta.permissions().mode() & 0o7777, API_SOCKET_MODE);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["s.sock"], "no temporary name is left behind");
+        let (_client, accepted) =
+            tokio::join!(tokio::net::UnixStream::connect(&address), listener.accept());
+        accepted.unwrap();
     }
 
     #[test]

@@ -26,6 +26,10 @@ use crate::{
 /// anyway when none answers.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// The mode of the holder's socket: its owner only (root on a node). Whoever connects can take
+/// and drop the FUSE connections of every layer on the node.
+pub const SOCKET_MODE: u32 = 0o600;
+
 /// How the server runs.
 #[derive(Clone, Copy, Debug)]
 pub struct ServeOptions {
@@ -115,7 +119,9 @@ pub fn serve(path: &Path, options: &ServeOptions) -> io::Result<Exit> {
     )?;
     bind(listener.as_raw_fd(), &UnixAddr::new(path)?)?;
     let bound = std::fs::symlink_metadata(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    // The mode is set before listen(): until then a connect is refused, so no client ever
+    // reaches the socket with the umask's mode.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))?;
     listen(&listener, Backlog::new(8)?)?;
     let (wake_read, wake_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
     let shared = Arc::new(Shared {
@@ -295,5 +301,41 @@ fn serve_client(client: &OwnedFd, shared: &Shared) -> io::Result<()> {
             }
             _ => send(client.as_fd(), b"Eunknown request", None)?,
         }
+    }
+}
+
+#[cfg(test)]
+mod socket_mode {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    use std::time::Duration;
+
+    use super::{Exit, SOCKET_MODE, ServeOptions, serve};
+
+    #[test]
+    fn the_socket_has_its_mode_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("holder.sock");
+        let server_path = path.clone();
+        let server = std::thread::spawn(move || {
+            serve(
+                &server_path,
+                &ServeOptions {
+                    idle_timeout: Some(Duration::from_millis(500)),
+                },
+            )
+        });
+        // Once a client gets in, the holder listens: its socket has its final mode.
+        let client = (0..200)
+            .find_map(|_| {
+                std::thread::sleep(Duration::from_millis(5));
+                crate::HolderClient::connect(&path).ok()
+            })
+            .expect("the holder serves");
+        drop(client);
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        // The umask alone would give 0755 (022) or 0775 (002).
+        assert_eq!(meta.permissions().mode() & 0o7777, SOCKET_MODE);
+        assert_eq!(server.join().unwrap().unwrap(), Exit::Idle);
     }
 }
