@@ -27,7 +27,8 @@ fn content() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         prop::collection::vec(any::<u8>(), 1..4096),
         (any::<u8>(), 1usize..200_000).prop_map(|(byte, len)| vec![byte; len]),
-        (prop::collection::vec(any::<u8>(), 1..16), 1usize..4096).prop_map(|(unit, n)| unit.repeat(n)),
+        (prop::collection::vec(any::<u8>(), 1..16), 1usize..4096)
+            .prop_map(|(unit, n)| unit.repeat(n)),
     ]
 }
 

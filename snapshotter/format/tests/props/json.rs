@@ -6,7 +6,10 @@ use serde_json::{Map, Value};
 
 /// A JSON value whose object keys come from `keys` (or are arbitrary) and whose strings come
 /// from `strings` (or are arbitrary), nested a few levels.
-pub fn value(keys: &'static [&'static str], strings: &'static [&'static str]) -> BoxedStrategy<Value> {
+pub fn value(
+    keys: &'static [&'static str],
+    strings: &'static [&'static str],
+) -> BoxedStrategy<Value> {
     let key = prop_oneof![
         4 => prop::sample::select(keys).prop_map(str::to_owned),
         1 => ".{0,8}",
@@ -37,8 +40,16 @@ pub fn value(keys: &'static [&'static str], strings: &'static [&'static str]) ->
 }
 
 /// `value` as bytes, sometimes cut short or with a byte changed.
-pub fn bytes(keys: &'static [&'static str], strings: &'static [&'static str]) -> BoxedStrategy<Vec<u8>> {
-    (value(keys, strings), any::<prop::sample::Index>(), any::<u8>(), 0u8..4)
+pub fn bytes(
+    keys: &'static [&'static str],
+    strings: &'static [&'static str],
+) -> BoxedStrategy<Vec<u8>> {
+    (
+        value(keys, strings),
+        any::<prop::sample::Index>(),
+        any::<u8>(),
+        0u8..4,
+    )
         .prop_map(|(value, at, byte, damage)| {
             let mut bytes = serde_json::to_vec(&value).expect("a Value serializes");
             if !bytes.is_empty() {

@@ -47,14 +47,18 @@ fn text() -> impl Strategy<Value = String> {
 }
 
 fn platform() -> impl Strategy<Value = Platform> {
-    (text(), text(), prop::option::of(text()), prop::option::of(text())).prop_map(
-        |(architecture, os, variant, os_version)| Platform {
+    (
+        text(),
+        text(),
+        prop::option::of(text()),
+        prop::option::of(text()),
+    )
+        .prop_map(|(architecture, os, variant, os_version)| Platform {
             architecture,
             os,
             variant,
             os_version,
-        },
-    )
+        })
 }
 
 fn annotations() -> impl Strategy<Value = Annotations> {
@@ -71,8 +75,8 @@ fn descriptor() -> impl Strategy<Value = Descriptor> {
         prop::option::of(platform()),
         annotations(),
     )
-        .prop_map(|(media_type, digest, size, artifact_type, urls, platform, annotations)| {
-            Descriptor {
+        .prop_map(
+            |(media_type, digest, size, artifact_type, urls, platform, annotations)| Descriptor {
                 media_type,
                 digest: Digest::from_bytes(digest),
                 size,
@@ -80,8 +84,8 @@ fn descriptor() -> impl Strategy<Value = Descriptor> {
                 urls,
                 platform,
                 annotations,
-            }
-        })
+            },
+        )
 }
 
 fn manifest() -> impl Strategy<Value = ImageManifest> {

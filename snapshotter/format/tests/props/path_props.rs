@@ -14,16 +14,19 @@ fn name() -> impl Strategy<Value = Vec<u8>> {
         1 => prop::collection::vec(any::<u8>(), 0..4),
         1 => (1usize..300).prop_map(|n| vec![b'n'; n]),
     ];
-    (any::<bool>(), prop::collection::vec(component, 0..8), any::<bool>()).prop_map(
-        |(absolute, components, trailing)| {
+    (
+        any::<bool>(),
+        prop::collection::vec(component, 0..8),
+        any::<bool>(),
+    )
+        .prop_map(|(absolute, components, trailing)| {
             let mut name = if absolute { b"/".to_vec() } else { Vec::new() };
             name.extend(components.join(&b'/'));
             if trailing {
                 name.push(b'/');
             }
             name
-        },
-    )
+        })
 }
 
 fn components(path: &[u8]) -> Vec<&[u8]> {

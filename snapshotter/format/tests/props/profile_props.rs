@@ -16,12 +16,20 @@ const STRINGS: &[&str] = &[
 ];
 
 fn valid() -> impl Strategy<Value = Profile> {
-    let layer = (any::<[u8; 32]>(), prop::collection::hash_set(any::<u32>(), 0..40), any::<bool>())
+    let layer = (
+        any::<[u8; 32]>(),
+        prop::collection::hash_set(any::<u32>(), 0..40),
+        any::<bool>(),
+    )
         .prop_map(|(digest, chunks, ranked)| {
             let chunks: Vec<u32> = chunks.into_iter().collect();
             LayerProfile {
                 layer: Digest::from_bytes(digest),
-                ranks: if ranked { (0..chunks.len() as u64).map(|r| r * 3).collect() } else { Vec::new() },
+                ranks: if ranked {
+                    (0..chunks.len() as u64).map(|r| r * 3).collect()
+                } else {
+                    Vec::new()
+                },
                 chunks,
             }
         });

@@ -57,9 +57,20 @@ fn entry_spec() -> impl Strategy<Value = EntrySpec> {
         path(),
         0u8..10,
         0u32..=0o7777,
-        (any::<u32>(), any::<u32>(), any::<i64>(), 0u32..1_000_000_000),
-        prop::collection::vec(("[a-z.]{1,12}", prop::collection::vec(any::<u8>(), 0..8)), 0..3),
-        prop::collection::vec((any::<prop::sample::Index>(), any::<u32>(), any::<u32>()), 0..4),
+        (
+            any::<u32>(),
+            any::<u32>(),
+            any::<i64>(),
+            0u32..1_000_000_000,
+        ),
+        prop::collection::vec(
+            ("[a-z.]{1,12}", prop::collection::vec(any::<u8>(), 0..8)),
+            0..3,
+        ),
+        prop::collection::vec(
+            (any::<prop::sample::Index>(), any::<u32>(), any::<u32>()),
+            0..4,
+        ),
         path(),
     )
 }
@@ -109,7 +120,11 @@ fn entry(spec: EntrySpec, chunks: &[api::Chunk]) -> api::Entry {
         }
         EntryType::Symlink => entry.link_target = [b"../".as_slice(), &target].concat(),
         EntryType::Hardlink => {
-            entry.link_target = if target.is_empty() { b"a".to_vec() } else { target }
+            entry.link_target = if target.is_empty() {
+                b"a".to_vec()
+            } else {
+                target
+            }
         }
         EntryType::CharDevice => (entry.dev_major, entry.dev_minor) = (uid, gid),
         _ => {}
@@ -210,9 +225,18 @@ pub fn assert_pieces(toc: &Toc, entry: &api::Entry, offset: u64, len: u64) {
         assert!(u64::from(piece.offset) + u64::from(piece.len) <= u64::from(chunk.size));
         got.extend((piece.offset..piece.offset + piece.len).map(|o| (piece.chunk, o)));
     }
-    assert!(pieces.len() as u64 <= len.max(1), "{} pieces for {len} bytes", pieces.len());
+    assert!(
+        pieces.len() as u64 <= len.max(1),
+        "{} pieces for {len} bytes",
+        pieces.len()
+    );
     let map = byte_map(entry);
     let start = offset.min(entry.size) as usize;
     let end = offset.saturating_add(len).min(entry.size) as usize;
-    assert_eq!(got, map[start..end.max(start)], "range {offset}+{len} of {}", entry.size);
+    assert_eq!(
+        got,
+        map[start..end.max(start)],
+        "range {offset}+{len} of {}",
+        entry.size
+    );
 }

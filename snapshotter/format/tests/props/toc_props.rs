@@ -1,14 +1,12 @@
 //! The TOC decoder: round trips, invariants of whatever it accepts, no panic on anything, and
 //! the hostile blobs of the "Trust on the node" issue as regression seeds.
 
-use std::mem::size_of;
+use std::mem::size_of_val;
 
-use prost::Message;
 use proptest::prelude::*;
+use prost::Message;
 use streamsnap_format::api::{self, EntryType};
-use streamsnap_format::{
-    Error, MAX_TOC_MEMORY_RATIO, TOC_MEMORY_FREE, Toc, encode_toc, tar_name,
-};
+use streamsnap_format::{Error, MAX_TOC_MEMORY_RATIO, TOC_MEMORY_FREE, Toc, encode_toc, tar_name};
 
 use crate::config;
 use crate::toc::{assert_invariants, assert_pieces, valid};
@@ -35,11 +33,18 @@ fn damage(mut raw: Vec<u8>, edits: &[(prop::sample::Index, u8, u8)]) -> Vec<u8> 
 /// What a decoded TOC may cost in memory, by the bound of docs/format.md: the structs alone,
 /// which is less than the decoder's estimate.
 fn assert_memory_bounded(toc: &Toc, blob_len: usize) {
-    let structs = toc.entries().len() * size_of::<api::Entry>()
-        + toc.chunks().len() * size_of::<api::Chunk>()
-        + toc.entries().iter().map(|e| e.extents.len() * size_of::<api::Extent>()).sum::<usize>();
+    let structs = size_of_val(toc.entries())
+        + size_of_val(toc.chunks())
+        + toc
+            .entries()
+            .iter()
+            .map(|e| size_of_val(e.extents.as_slice()))
+            .sum::<usize>();
     let bound = TOC_MEMORY_FREE.max(blob_len as u64 * MAX_TOC_MEMORY_RATIO);
-    assert!(structs as u64 <= bound, "{structs} bytes of structs from a {blob_len} byte blob");
+    assert!(
+        structs as u64 <= bound,
+        "{structs} bytes of structs from a {blob_len} byte blob"
+    );
 }
 
 proptest! {

@@ -52,7 +52,13 @@ fn xattr() -> impl Strategy<Value = (usize, &'static str, Vec<u8>)> {
     (
         0usize..16,
         prop::sample::select(
-            &["user.a", "user.b", "trusted.overlay.opaque", "user.overlay.redirect", "security.capability"][..],
+            &[
+                "user.a",
+                "user.b",
+                "trusted.overlay.opaque",
+                "user.overlay.redirect",
+                "security.capability",
+            ][..],
         ),
         prop::collection::vec(any::<u8>(), 0..4),
     )
@@ -118,7 +124,10 @@ fn check_tree(fs: &LayerFs, ops: &[Op]) -> Result<(), TestCaseError> {
         let listing = fs.readdir(dir, 0).unwrap();
         prop_assert!(listing.len() >= 2);
         prop_assert_eq!((listing[0].name, listing[0].ino), (OsStr::new("."), dir));
-        prop_assert_eq!((listing[1].name, listing[1].ino), (OsStr::new(".."), parent));
+        prop_assert_eq!(
+            (listing[1].name, listing[1].ino),
+            (OsStr::new(".."), parent)
+        );
         for (i, entry) in listing.iter().enumerate() {
             prop_assert_eq!(entry.offset, i as u64 + 1);
         }
@@ -126,7 +135,10 @@ fn check_tree(fs: &LayerFs, ops: &[Op]) -> Result<(), TestCaseError> {
             prop_assert!(window[0].name.as_bytes() < window[1].name.as_bytes());
         }
         for from in 0..listing.len() + 2 {
-            prop_assert_eq!(fs.readdir(dir, from as u64).unwrap(), listing[from.min(listing.len())..].to_vec());
+            prop_assert_eq!(
+                fs.readdir(dir, from as u64).unwrap(),
+                listing[from.min(listing.len())..].to_vec()
+            );
         }
         prop_assert!(fs.readdir(dir, u64::MAX).unwrap().is_empty());
         let mut subdirs = 0;
@@ -160,7 +172,11 @@ fn check_tree(fs: &LayerFs, ops: &[Op]) -> Result<(), TestCaseError> {
                 prop_assert_eq!(attr.blocks, attr.size.div_ceil(512));
                 let data = rt.block_on(fs.read(ino, 0, attr.size as u32 + 1)).unwrap();
                 prop_assert_eq!(data.len() as u64, attr.size);
-                prop_assert!(files.contains(&data), "inode {} reads bytes no file of the layer has", ino);
+                prop_assert!(
+                    files.contains(&data),
+                    "inode {} reads bytes no file of the layer has",
+                    ino
+                );
                 prop_assert!(rt.block_on(fs.read(ino, attr.size, 10)).unwrap().is_empty());
                 prop_assert_eq!(fs.readlink(ino), Err(Errno::EINVAL));
             }
@@ -192,10 +208,16 @@ fn check_xattrs(fs: &LayerFs, ino: u64) -> Result<(), TestCaseError> {
         let overlay = name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.");
         prop_assert!(!overlay || name == b"trusted.overlay.opaque");
         if name == b"trusted.overlay.opaque" {
-            prop_assert_eq!(fs.getxattr(ino, OsStr::from_bytes(name)).unwrap(), b"y".to_vec());
+            prop_assert_eq!(
+                fs.getxattr(ino, OsStr::from_bytes(name)).unwrap(),
+                b"y".to_vec()
+            );
         }
     }
-    prop_assert_eq!(fs.getxattr(ino, OsStr::new("user.overlay.redirect")), Err(Errno::ENODATA));
+    prop_assert_eq!(
+        fs.getxattr(ino, OsStr::new("user.overlay.redirect")),
+        Err(Errno::ENODATA)
+    );
     Ok(())
 }
 
@@ -222,7 +244,10 @@ proptest! {
 }
 
 /// Shared by the read targets: a layer of files only, as a `LayerFs`.
-pub fn files_layer(lens: &[usize], max_chunk: u32) -> (LayerFs, Arc<crate::testutil::MemoryChunks>) {
+pub fn files_layer(
+    lens: &[usize],
+    max_chunk: u32,
+) -> (LayerFs, Arc<crate::testutil::MemoryChunks>) {
     let ops: Vec<Op> = lens
         .iter()
         .enumerate()

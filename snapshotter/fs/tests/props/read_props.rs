@@ -8,7 +8,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use streamsnap_format::api::{self, EntryType};
 use streamsnap_format::{Digest, FORMAT_VERSION, Toc};
-use streamsnap_fs::{BoxFuture, ChunkReader, Errno, FsOptions, LayerFs, ReadError, ROOT_INO};
+use streamsnap_fs::{BoxFuture, ChunkReader, Errno, FsOptions, LayerFs, ROOT_INO, ReadError};
 
 use crate::layer_props::{content, files_layer};
 use crate::{config, runtime};
@@ -16,8 +16,14 @@ use crate::{config, runtime};
 /// File sizes and a chunk size: small chunks (one byte each, the worst case) with small files.
 fn layer_shape() -> impl Strategy<Value = (Vec<usize>, u32)> {
     prop_oneof![
-        (prop::collection::vec(0usize..300, 1..4), prop::sample::select(&[1u32, 3][..])),
-        (prop::collection::vec(0usize..6000, 1..4), prop::sample::select(&[64u32, 1000, 4096][..])),
+        (
+            prop::collection::vec(0usize..300, 1..4),
+            prop::sample::select(&[1u32, 3][..])
+        ),
+        (
+            prop::collection::vec(0usize..6000, 1..4),
+            prop::sample::select(&[64u32, 1000, 4096][..])
+        ),
     ]
 }
 
@@ -30,7 +36,9 @@ fn range() -> impl Strategy<Value = (u64, u32)> {
 
 fn clamped(data: &[u8], offset: u64, size: u32) -> &[u8] {
     let start = offset.min(data.len() as u64) as usize;
-    let end = offset.saturating_add(u64::from(size)).min(data.len() as u64) as usize;
+    let end = offset
+        .saturating_add(u64::from(size))
+        .min(data.len() as u64) as usize;
     &data[start..end.max(start)]
 }
 
@@ -182,7 +190,10 @@ impl ChunkReader for OneByteChunks {
         Box::pin(async move {
             self.calls.lock().unwrap().push(asked.len());
             if asked.len() > CACHE_MAX_CHUNKS {
-                return Err(ReadError::new(format!("{} chunks in one read", asked.len())));
+                return Err(ReadError::new(format!(
+                    "{} chunks in one read",
+                    asked.len()
+                )));
             }
             Ok(asked
                 .iter()
@@ -251,6 +262,9 @@ fn seed_read_over_one_byte_extents_is_bounded() {
             Err(errno) => assert_eq!(errno, Errno::EIO),
         }
         let asked: usize = reader.calls.lock().unwrap().iter().sum();
-        assert!(asked as u64 <= u64::from(size), "{asked} chunks for {size} bytes");
+        assert!(
+            asked as u64 <= u64::from(size),
+            "{asked} chunks for {size} bytes"
+        );
     }
 }
