@@ -168,6 +168,10 @@ fn parse_pax_time(value: &[u8]) -> Option<(i64, u32)> {
 }
 
 #[cfg(test)]
+#[path = "entry_props.rs"]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

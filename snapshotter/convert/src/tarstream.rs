@@ -190,6 +190,10 @@ pub(crate) fn corrupt(layer: streamsnap_format::Digest) -> impl Fn(io::Error) ->
 }
 
 #[cfg(test)]
+#[path = "tarstream_props.rs"]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
