@@ -9,9 +9,12 @@ use std::time::Duration;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
 
 use crate::{
-    DONE, ENTRY, FAILED, HELLO, Held, LIST, OK, PUT, REMOVE, STOP, header, parse_header,
-    protocol_error, receive, reply_u32, send,
+    DONE, ENTRY, FAILED, HELLO, Held, LIST, MAX_MESSAGE, OK, PUT, REMOVE, STOP, header,
+    parse_header, protocol_error, receive, reply_u32, send,
 };
+
+/// Longest INIT request a PUT carries: a message less its op and id.
+const MAX_INIT: usize = MAX_MESSAGE - 9;
 
 /// The daemon's side: a connection to the holder. While it is open the holder does not exit on
 /// its idle timeout.
@@ -69,6 +72,16 @@ impl HolderClient {
 
     /// Keeps a copy of `fd` (and the connection's INIT request) under `id`, replacing any.
     pub fn put(&self, id: u64, fd: BorrowedFd<'_>, init: &[u8]) -> io::Result<()> {
+        if init.len() > MAX_INIT {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "fuse holder: an INIT request of {} bytes is longer than the protocol \
+                     carries ({MAX_INIT})",
+                    init.len()
+                ),
+            ));
+        }
         let mut message = header(PUT, id);
         message.extend_from_slice(init);
         self.call(&message, Some(fd.as_raw_fd())).map(drop)

@@ -77,6 +77,11 @@ fn receive(sock: BorrowedFd<'_>) -> io::Result<(Vec<u8>, Option<OwnedFd>)> {
             Some(&mut space),
             MsgFlags::MSG_CMSG_CLOEXEC,
         )?;
+        // A message longer than the buffer arrives cut short: refuse it rather than act on
+        // part of it (a PUT would keep a truncated INIT request).
+        if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+            return Err(protocol_error("message longer than the protocol allows"));
+        }
         let mut fd = None;
         for cmsg in msg.cmsgs()? {
             if let ControlMessageOwned::ScmRights(fds) = cmsg {
