@@ -18,6 +18,7 @@ pub mod containerd;
 pub mod demo_image;
 pub mod host_python;
 pub mod http;
+pub mod https;
 pub mod image;
 pub mod k8s_tools;
 pub mod layer_view;
@@ -25,6 +26,8 @@ pub mod layers;
 pub mod node_containerd;
 pub mod proxy;
 pub mod registry;
+pub mod secure_registry;
+pub mod secure_skopeo;
 pub mod service;
 pub mod shaper;
 pub mod skopeo;
@@ -32,6 +35,8 @@ pub mod snapshotterd;
 pub mod streaming_node;
 pub mod sys;
 pub mod targen;
+pub mod test_ca;
+pub mod token_server;
 pub mod tree;
 
 use std::path::{Path, PathBuf};
@@ -47,6 +52,7 @@ pub use layer_view::{EntryView, diff_views, tar_views, toc_views};
 pub use layers::{every_entry_type_layer, upper_layers, upper_layers_view};
 pub use proxy::{CountingProxy, Fault};
 pub use registry::Registry;
+pub use secure_registry::{RegistryAuth, SecureRegistry};
 pub use shaper::{LinkShape, RequestRecord, ShapingProxy};
 pub use skopeo::{manifest_digest, skopeo_inspect_raw, skopeo_pull_dir, skopeo_push};
 pub use snapshotterd::{
@@ -67,6 +73,8 @@ pub fn debian_package(program: &str) -> Option<&'static str> {
         "busybox" => "busybox-static",
         "tar" => "tar",
         "curl" => "curl",
+        "openssl" => "openssl",
+        "htpasswd" => "apache2-utils",
         "ip" | "tc" => "iproute2",
         "unshare" | "nsenter" | "mount" | "umount" => "util-linux",
         "protoc" => "protobuf-compiler",

@@ -1,0 +1,474 @@
+//! A private registry as a node meets it on a real cluster: HTTPS with a certificate from a test
+//! CA, and no auth, HTTP Basic auth (htpasswd) or bearer tokens from a token server. It is the
+//! real distribution registry (`docker-registry serve`, Debian package `docker-registry`, 2.8) on
+//! a free `127.0.0.1` port, with its storage, config, log and certificates in temp dirs; killed
+//! and removed on drop (set `STREAMSNAP_E2E_KEEP=1` to keep the dir; the log is printed when a
+//! test panics). Any number can run at once.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use streamsnap_e2e::secure_registry::{RegistryAuth, SecureRegistry};
+//! # fn main() -> anyhow::Result<()> {
+//! # let layout = std::path::Path::new("/tmp/layout");
+//! let registry = SecureRegistry::start(RegistryAuth::token("alice", "s3cret", Duration::from_secs(5)))?;
+//! registry.push(layout, "v1", "app:v1")?; // skopeo, trusting the test CA, with alice's password
+//! let image = registry.image_ref("app:v1"); // 127.0.0.1:PORT/app:v1
+//! // Point the node at `registry.ca_cert_path()` (containerd hosts.toml `ca = ...`, a docker
+//! // certs.d dir from `registry.cert_dir()`) and at the credentials under test, pull `image`,
+//! // then look at what the registry and the token server saw:
+//! let blob_bytes = registry.served_blob_bytes()?;
+//! let tokens = registry.tokens_issued();
+//! let refused = registry.token_requests_refused();
+//! # Ok(()) }
+//! ```
+//!
+//! - [`RegistryAuth::None`]: HTTPS only. `GET /v2/` answers 200.
+//! - [`RegistryAuth::Basic`]: `auth.htpasswd` with a bcrypt entry made by `htpasswd -Bbn`
+//!   (Debian package `apache2-utils`); the registry answers 401 with
+//!   `WWW-Authenticate: Basic realm="streamsnap-e2e"` without the right password. The registry
+//!   rereads the file when it changes, so [`SecureRegistry::set_password`] rotates the password
+//!   of a running registry.
+//! - [`RegistryAuth::Token`]: `auth.token` with an in-process HTTPS [`TokenServer`] as the realm
+//!   (see its module doc for the protocol, the JWTs and how `lifetime` is made exact). The
+//!   registry answers 401 with `WWW-Authenticate: Bearer realm="https://127.0.0.1:T/token",
+//!   service="streamsnap-e2e-registry",scope="repository:NAME:pull"`.
+//!
+//! [`SecureRegistry::access_log`] and [`SecureRegistry::served_blob_bytes`] read the registry's
+//! Apache combined access log, like [`crate::registry::Registry`] does, after a barrier request
+//! (`GET /v2/?streamsnap-e2e-barrier=N` over HTTPS, which needs no credentials to be logged).
+//! [`crate::https::https_get`] peeks at the registry from a test with the test CA trusted.
+
+use std::fs::{self, File};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tempfile::TempDir;
+
+use crate::bins::run;
+use crate::registry::{AccessLogEntry, KEEP_ENV, parse_access_log};
+use crate::test_ca::TestCa;
+use crate::token_server::{TOKEN_ISSUER, TOKEN_SERVICE, TokenServer};
+use crate::{http, https};
+
+/// How long the registry may take to answer `GET /v2/` after it is spawned.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a SIGTERM'd registry may take to exit before it gets SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Spawn attempts when another process takes the chosen port before the registry binds it.
+const PORT_ATTEMPTS: usize = 5;
+/// How long to wait for a barrier request to show up in the log.
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
+const POLL: Duration = Duration::from_millis(20);
+/// The realm of the registry's Basic auth challenge.
+pub const BASIC_REALM: &str = "streamsnap-e2e";
+
+/// How clients must authenticate to a [`SecureRegistry`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RegistryAuth {
+    /// Anyone may pull and push (over HTTPS).
+    None,
+    /// HTTP Basic auth of one user (htpasswd, bcrypt).
+    Basic { user: String, password: String },
+    /// Bearer tokens from a token server that knows one user; the registry accepts a token for
+    /// `lifetime` (whole seconds, rounded up) after it was issued.
+    Token {
+        user: String,
+        password: String,
+        lifetime: Duration,
+    },
+}
+
+impl RegistryAuth {
+    /// [`RegistryAuth::Basic`].
+    pub fn basic(user: &str, password: &str) -> Self {
+        Self::Basic {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    /// [`RegistryAuth::Token`].
+    pub fn token(user: &str, password: &str, lifetime: Duration) -> Self {
+        Self::Token {
+            user: user.into(),
+            password: password.into(),
+            lifetime,
+        }
+    }
+
+    /// The user and password, `None` for [`RegistryAuth::None`].
+    pub fn credentials(&self) -> Option<(&str, &str)> {
+        match self {
+            Self::None => None,
+            Self::Basic { user, password } | Self::Token { user, password, .. } => {
+                Some((user, password))
+            }
+        }
+    }
+}
+
+/// A running HTTPS `docker-registry` with auth. See the module doc.
+#[derive(Debug)]
+pub struct SecureRegistry {
+    child: Child,
+    addr: String,
+    auth: RegistryAuth,
+    // Dropped in this order: the registry (in Drop), the token server, the temp dir, the CA.
+    token_server: Option<TokenServer>,
+    dir: Option<TempDir>,
+    ca: TestCa,
+    log_path: PathBuf,
+    barriers: AtomicU64,
+}
+
+enum StartError {
+    PortTaken,
+    Failed(anyhow::Error),
+}
+
+impl SecureRegistry {
+    /// Generates a test CA, starts the token server for [`RegistryAuth::Token`], and starts the
+    /// registry with TLS and `auth`.
+    pub fn start(auth: RegistryAuth) -> anyhow::Result<Self> {
+        let ca = TestCa::generate()?;
+        let dir = tempfile::Builder::new()
+            .prefix("streamsnap-e2e-secure-registry.")
+            .tempdir()
+            .context("creating a temp dir for the registry")?;
+        let token_server = match &auth {
+            RegistryAuth::Token {
+                user,
+                password,
+                lifetime,
+            } => Some(TokenServer::start(&ca, user, password, *lifetime)?),
+            _ => None,
+        };
+        let auth_yaml = match &auth {
+            RegistryAuth::None => String::new(),
+            RegistryAuth::Basic { user, password } => {
+                let path = dir.path().join("htpasswd");
+                write_htpasswd(&path, user, password)?;
+                format!(
+                    "auth:\n  htpasswd:\n    realm: {BASIC_REALM}\n    path: {}\n",
+                    path.display()
+                )
+            }
+            RegistryAuth::Token { .. } => {
+                let server = token_server.as_ref().expect("started above");
+                format!(
+                    "auth:\n  token:\n    realm: {}\n    service: {TOKEN_SERVICE}\n    \
+                     issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                    server.realm(),
+                    ca.token_signer().cert.display()
+                )
+            }
+        };
+        let log_path = dir.path().join("registry.log");
+        let config_path = dir.path().join("config.yml");
+        for _ in 0..PORT_ATTEMPTS {
+            let addr = format!("127.0.0.1:{}", free_port()?);
+            let config = format!(
+                "version: 0.1\n\
+                 log:\n  level: info\n  accesslog:\n    disabled: false\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+                 http:\n  addr: {addr}\n  tls:\n    certificate: {}\n    key: {}\n\
+                 {auth_yaml}",
+                dir.path().join("storage").display(),
+                ca.server().cert.display(),
+                ca.server().key.display(),
+            );
+            fs::write(&config_path, config)
+                .with_context(|| format!("writing {}", config_path.display()))?;
+            let mut child = spawn(&config_path, &log_path)?;
+            match wait_ready(&mut child, &ca, &addr, &log_path) {
+                Ok(()) => {
+                    return Ok(Self {
+                        child,
+                        addr,
+                        auth,
+                        token_server,
+                        dir: Some(dir),
+                        ca,
+                        log_path,
+                        barriers: AtomicU64::new(0),
+                    });
+                }
+                Err(e) => {
+                    stop(&mut child);
+                    match e {
+                        StartError::PortTaken => continue,
+                        StartError::Failed(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        bail!("docker-registry could not bind a free port in {PORT_ATTEMPTS} attempts")
+    }
+
+    /// `127.0.0.1:PORT`, for image references.
+    pub fn addr(&self) -> String {
+        self.addr.clone()
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// `127.0.0.1:PORT/{name}` for `name` = `repo:tag` or `repo@sha256:...`.
+    pub fn image_ref(&self, name: &str) -> String {
+        format!("{}/{name}", self.addr)
+    }
+
+    /// The auth the registry was started with (the password as last set).
+    pub fn auth(&self) -> &RegistryAuth {
+        &self.auth
+    }
+
+    /// The user and password, `None` without auth.
+    pub fn credentials(&self) -> Option<(&str, &str)> {
+        self.auth.credentials()
+    }
+
+    /// The test CA whose certificates the registry and the token server use.
+    pub fn ca(&self) -> &TestCa {
+        &self.ca
+    }
+
+    /// The CA certificate (PEM) a client must trust.
+    pub fn ca_cert_path(&self) -> &Path {
+        self.ca.ca_cert_path()
+    }
+
+    /// A directory holding only `ca.crt`, for skopeo's `--*-cert-dir` and docker `certs.d`.
+    pub fn cert_dir(&self) -> PathBuf {
+        self.ca.cert_dir()
+    }
+
+    /// The token server, for [`RegistryAuth::Token`].
+    pub fn token_server(&self) -> Option<&TokenServer> {
+        self.token_server.as_ref()
+    }
+
+    /// Tokens issued by the token server so far (0 without one).
+    pub fn tokens_issued(&self) -> u64 {
+        self.token_server.as_ref().map_or(0, |t| t.tokens_issued())
+    }
+
+    /// Token requests the token server refused so far (0 without one).
+    pub fn token_requests_refused(&self) -> u64 {
+        self.token_server
+            .as_ref()
+            .map_or(0, |t| t.requests_refused())
+    }
+
+    /// Changes the password the registry (Basic: the htpasswd file, reread by the registry on
+    /// its next request) or the token server (Token) accepts from now on.
+    pub fn set_password(&mut self, password: &str) -> anyhow::Result<()> {
+        let htpasswd = self.dir().join("htpasswd");
+        match &mut self.auth {
+            RegistryAuth::None => bail!("the registry was started without auth"),
+            RegistryAuth::Basic { user, password: p } => {
+                let path = htpasswd;
+                write_htpasswd(&path, user, password)?;
+                *p = password.to_owned();
+            }
+            RegistryAuth::Token { password: p, .. } => {
+                self.token_server
+                    .as_ref()
+                    .expect("a token registry has a token server")
+                    .set_password(password);
+                *p = password.to_owned();
+            }
+        }
+        Ok(())
+    }
+
+    /// The registry's stdout and stderr (logrus lines and the access log).
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The temp dir holding config.yml, htpasswd, the log and the storage (`storage/`).
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("dir is only taken on drop").path()
+    }
+
+    /// The registry's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `GET https://{addr}{path}` trusting the test CA, with extra headers (e.g.
+    /// `Authorization`).
+    pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<http::Response> {
+        https::https_get(&self.ca, &self.addr, path, headers)
+    }
+
+    /// Every access log line so far, including requests that completed before this call.
+    pub fn access_log(&self) -> anyhow::Result<Vec<AccessLogEntry>> {
+        Ok(parse_access_log(&self.barrier()?))
+    }
+
+    /// Total bytes the registry wrote answering blob GETs (200 and 206) since it started.
+    pub fn served_blob_bytes(&self) -> anyhow::Result<u64> {
+        Ok(self
+            .access_log()?
+            .iter()
+            .filter(|e| e.is_served_blob())
+            .map(|e| e.bytes)
+            .sum())
+    }
+
+    /// Sends a uniquely numbered `GET /v2/?…` and waits until the registry logged it; returns
+    /// the whole log then. Without credentials it is answered 401, and logged all the same.
+    fn barrier(&self) -> anyhow::Result<String> {
+        let n = self.barriers.fetch_add(1, Ordering::Relaxed);
+        let marker = format!("/v2/?streamsnap-e2e-barrier={n} ");
+        let response = self.get(marker.trim_end(), &[])?;
+        if !matches!(response.status, 200 | 401) {
+            bail!("registry barrier request answered {}", response.status);
+        }
+        let deadline = Instant::now() + BARRIER_TIMEOUT;
+        loop {
+            let log = fs::read(&self.log_path)
+                .with_context(|| format!("reading {}", self.log_path.display()))?;
+            let log = String::from_utf8_lossy(&log).into_owned();
+            if log.contains(&marker) {
+                return Ok(log);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the registry did not log request {marker:?} within {BARRIER_TIMEOUT:?}; see {}",
+                    self.log_path.display()
+                );
+            }
+            thread::sleep(POLL);
+        }
+    }
+}
+
+impl Drop for SecureRegistry {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+        if thread::panicking() {
+            eprintln!(
+                "--- last lines of the registry log {} ---\n{}",
+                self.log_path.display(),
+                log_tail(&self.log_path, 40)
+            );
+        }
+        if let Some(dir) = self.dir.take() {
+            if std::env::var_os(KEEP_ENV).is_some() {
+                eprintln!("keeping registry dir {}", dir.keep().display());
+            } else if let Err(e) = dir.close() {
+                eprintln!("warning: removing the registry's temp dir: {e}");
+            }
+        }
+    }
+}
+
+/// Writes `user:BCRYPT` with `htpasswd -Bbn` to a new file renamed over `path`, so the registry
+/// never reads half a file.
+fn write_htpasswd(path: &Path, user: &str, password: &str) -> anyhow::Result<()> {
+    let output = run(Command::new("htpasswd").args(["-Bbn", user, password]))
+        .context("making a bcrypt htpasswd entry")?;
+    let tmp = path.with_extension("new");
+    fs::write(&tmp, &output.stdout).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn spawn(config: &Path, log_path: &Path) -> anyhow::Result<Child> {
+    let log = File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    Command::new("docker-registry")
+        .arg("serve")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context(
+            "spawning docker-registry (install the Debian package docker-registry if it is \
+             missing)",
+        )
+}
+
+/// Ready when the log says it listens on `addr` (the listener is ours) and `GET /v2/` over HTTPS
+/// answers (200 without auth, 401 with).
+fn wait_ready(
+    child: &mut Child,
+    ca: &TestCa,
+    addr: &str,
+    log_path: &Path,
+) -> Result<(), StartError> {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let listening = format!("listening on {addr}");
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) if log_tail(log_path, 40).contains("address already in use") => {
+                return Err(StartError::PortTaken);
+            }
+            Ok(Some(status)) => {
+                return Err(StartError::Failed(anyhow::anyhow!(
+                    "docker-registry exited at start with {status}; its log:\n{}",
+                    log_tail(log_path, 40)
+                )));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(StartError::Failed(
+                    anyhow::Error::new(e).context("waiting for docker-registry"),
+                ));
+            }
+        }
+        let log = fs::read_to_string(log_path).unwrap_or_default();
+        if log.contains(&listening)
+            && https::https_get(ca, addr, "/v2/", &[]).is_ok_and(|r| matches!(r.status, 200 | 401))
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(StartError::Failed(anyhow::anyhow!(
+                "docker-registry did not answer GET https://{addr}/v2/ within \
+                 {STARTUP_TIMEOUT:?}; its log:\n{}",
+                log_tail(log_path, 40)
+            )));
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]; always reaps the child.
+fn stop(child: &mut Child) {
+    if matches!(child.try_wait(), Ok(None)) {
+        let pid = libc::pid_t::try_from(child.id()).expect("pids fit in pid_t");
+        // SAFETY: kill(2) takes no pointers. The child has not been reaped yet (try_wait just
+        // returned None), so its pid cannot have been reused by another process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            thread::sleep(POLL);
+        }
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = child.kill();
+        }
+    }
+    let _ = child.wait();
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
