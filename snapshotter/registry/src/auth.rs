@@ -224,7 +224,13 @@ fn token_lifetime(expires_in: Option<u64>) -> Duration {
 #[derive(Default)]
 pub(crate) struct AuthCache {
     inner: Mutex<CacheInner>,
+    /// One token fetch at a time per (registry, scope): requests that hit an expired token
+    /// together share one refresh.
+    refreshing: Mutex<HashMap<(String, String), RefreshLock>>,
 }
+
+/// Held while a token for one (registry, scope) is fetched.
+type RefreshLock = std::sync::Arc<tokio::sync::Mutex<()>>;
 
 #[derive(Default)]
 struct CacheInner {
@@ -284,6 +290,16 @@ impl AuthCache {
         let mut inner = self.lock();
         inner.tokens.remove(&key);
         inner.basic.remove(&key.0);
+    }
+
+    /// The lock a token fetch for `scope` holds.
+    pub fn refresh_lock(&self, scope: &Scope<'_>) -> RefreshLock {
+        let mut locks = self.refreshing.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget locks nobody holds once there are many (one per repository used).
+        if locks.len() > 1024 {
+            locks.retain(|_, lock| std::sync::Arc::strong_count(lock) > 1);
+        }
+        locks.entry(Self::key(scope)).or_default().clone()
     }
 
     pub fn remember_basic(&self, registry: &str) {

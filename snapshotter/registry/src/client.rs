@@ -14,7 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::auth::AuthCache;
-use crate::credentials::{CredentialStore, normalize_registry};
+use crate::credentials::{CredentialSource, CredentialStore, normalize_registry};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::reference::{DOCKER_HUB, Repository};
@@ -23,9 +23,18 @@ use crate::reference::{DOCKER_HUB, Repository};
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
     pub credentials: CredentialStore,
+    /// Asked before `credentials`, in order, for each repository (kubelet credential provider
+    /// plugins, pull secrets a CRI proxy saw).
+    pub sources: Vec<Arc<dyn CredentialSource>>,
     /// Registries (`host[:port]`) reached over plain HTTP. `localhost`, `127.0.0.0/8` and `[::1]`
-    /// always are; every other registry is reached over HTTPS, verified with the system roots.
+    /// are too, unless listed in `https`; every other registry is reached over HTTPS, verified
+    /// with the system roots (`SSL_CERT_FILE`, `SSL_CERT_DIR` honoured) and its `ca_files`.
     pub plain_http: Vec<String>,
+    /// Loopback registries reached over HTTPS all the same.
+    pub https: Vec<String>,
+    /// CA certificates (PEM files) trusted for one registry each, beside the system roots:
+    /// `(host[:port], file)`; the port is ignored (TLS verifies the host name).
+    pub ca_files: Vec<(String, std::path::PathBuf)>,
     pub connect_timeout: Duration,
     /// Bound on waiting for response headers, and on any stall between body chunks. Requests
     /// with a body get one more second per 256 KiB of it, for sending it.
@@ -46,7 +55,10 @@ impl Default for ClientConfig {
     fn default() -> Self {
         Self {
             credentials: CredentialStore::default(),
+            sources: Vec::new(),
             plain_http: Vec::new(),
+            https: Vec::new(),
+            ca_files: Vec::new(),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             retries: 3,
@@ -95,25 +107,14 @@ impl Client {
                 reason: "must be at least 1 byte",
             });
         }
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for error in &native.errors {
-            tracing::debug!(%error, "skipping unreadable system certificate");
-        }
-        let (added, _) = roots.add_parsable_certificates(native.certs);
-        if added == 0 {
-            tracing::warn!(
-                "no system root certificates found: HTTPS registries will fail certificate \
-                 verification (install the ca-certificates package)"
-            );
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(Error::Tls)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = crate::tls::verifier(provider.clone(), &config.ca_files)?;
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(Error::Tls)?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
         let mut connector = HttpConnector::new();
         connector.enforce_http(false);
         connector.set_nodelay(true);
@@ -164,13 +165,9 @@ impl Client {
 
     fn is_plain_http(&self, registry: &str) -> bool {
         let wanted = normalize_registry(registry);
-        is_loopback(registry)
-            || self
-                .inner
-                .config
-                .plain_http
-                .iter()
-                .any(|r| normalize_registry(r) == wanted)
+        let listed = |list: &[String]| list.iter().any(|r| normalize_registry(r) == wanted);
+        (is_loopback(registry) && !listed(&self.inner.config.https))
+            || listed(&self.inner.config.plain_http)
     }
 }
 

@@ -1,9 +1,15 @@
-//! Registry credentials: given explicitly or read from a Docker `config.json`. Secrets never
-//! appear in `Debug` output or log lines.
+//! Registry credentials: given explicitly, read from a Docker `config.json` (its `auths`, and
+//! its credential helpers, run as the docker CLI runs them), or looked up at request time from a
+//! [`CredentialSource`]. Secrets never appear in `Debug` output or log lines.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde::Deserialize;
@@ -49,12 +55,45 @@ impl fmt::Debug for Credentials {
     }
 }
 
-/// Credentials by registry host. Keys are normalised: scheme and path dropped, lowercase, and the
-/// Docker Hub aliases (`index.docker.io`, `registry-1.docker.io`) folded into `docker.io`.
+/// A future a [`CredentialSource`] answers with.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Credentials looked up when a request needs them, per repository: a kubelet credential
+/// provider plugin, the pull secrets a CRI proxy saw. Sources are asked in order before the
+/// client's [`CredentialStore`].
+pub trait CredentialSource: Send + Sync + fmt::Debug {
+    /// Credentials for `repository` of `registry` (normalised `host[:port]`), if this source has
+    /// some for it.
+    fn credentials<'a>(
+        &'a self,
+        registry: &'a str,
+        repository: &'a str,
+    ) -> BoxFuture<'a, Option<Credentials>>;
+}
+
+/// How long an answer of a credential helper is reused.
+const HELPER_CACHE: Duration = Duration::from_secs(60);
+/// How long a credential helper may take.
+const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest answer read from a credential helper.
+const HELPER_MAX_OUTPUT: u64 = 64 << 10;
+
+/// Credentials by registry host, and the docker credential helpers that hold others. Keys are
+/// normalised: scheme and path dropped, lowercase, and the Docker Hub aliases
+/// (`index.docker.io`, `registry-1.docker.io`) folded into `docker.io`.
 #[derive(Clone, Default)]
 pub struct CredentialStore {
     entries: HashMap<String, Credentials>,
+    /// `credHelpers`: registry -> helper name (`docker-credential-NAME`).
+    helpers: HashMap<String, String>,
+    /// `credsStore`: the helper for registries without an entry or a helper of their own.
+    default_helper: Option<String>,
+    /// Answers of helpers, by registry, reused for [`HELPER_CACHE`].
+    helper_answers: Arc<Mutex<HashMap<String, HelperAnswerAt>>>,
 }
+
+/// A helper's answer and when it was given.
+type HelperAnswerAt = (Option<Credentials>, Instant);
 
 impl fmt::Debug for CredentialStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -62,6 +101,8 @@ impl fmt::Debug for CredentialStore {
         hosts.sort_unstable();
         f.debug_struct("CredentialStore")
             .field("registries", &hosts)
+            .field("helpers", &self.helpers)
+            .field("default_helper", &self.default_helper)
             .finish()
     }
 }
@@ -137,16 +178,14 @@ impl CredentialStore {
                 path: path.to_path_buf(),
                 fault: JsonFault::from(&e),
             })?;
-        for (host, helper) in &config.cred_helpers {
-            tracing::warn!(
-                registry = %host,
-                helper = %helper,
-                config = %path.display(),
-                "credentials for this registry come from a docker credential helper, which \
-                 streamsnap does not run; put them in \"auths\" or pass them explicitly"
-            );
-        }
         let mut store = Self::default();
+        for (host, helper) in &config.cred_helpers {
+            store.set_helper(host, helper, path)?;
+        }
+        if let Some(helper) = config.creds_store.as_deref().filter(|h| !h.is_empty()) {
+            check_helper_name(helper, path)?;
+            store.default_helper = Some(helper.to_owned());
+        }
         for (key, entry) in config.auths {
             let entry_error = |reason| Error::DockerConfigEntry {
                 path: path.to_path_buf(),
@@ -179,17 +218,9 @@ impl CredentialStore {
                     "docker config holds an identity token for this registry, which streamsnap \
                      does not support; requests to it go without credentials"
                 ),
-                None => {
-                    if let Some(creds_store) = &config.creds_store {
-                        tracing::warn!(
-                            registry = %key,
-                            store = %creds_store,
-                            config = %path.display(),
-                            "credentials for this registry are in a docker credential store, \
-                             which streamsnap does not read; pass them explicitly"
-                        );
-                    }
-                }
+                // An empty entry: `docker login` with a credential store leaves one; the store
+                // (credsStore) holds the credentials.
+                None => {}
             }
         }
         Ok(store)
@@ -200,13 +231,142 @@ impl CredentialStore {
             .insert(normalize_registry(registry), credentials);
     }
 
+    /// The credentials stored for `registry` (not those of its credential helper: see
+    /// [`Self::lookup`]).
     pub fn get(&self, registry: &str) -> Option<&Credentials> {
         self.entries.get(&normalize_registry(registry))
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries.is_empty() && self.helpers.is_empty() && self.default_helper.is_none()
     }
+
+    fn set_helper(&mut self, registry: &str, helper: &str, path: &Path) -> Result<()> {
+        check_helper_name(helper, path)?;
+        self.helpers
+            .insert(normalize_registry(registry), helper.to_owned());
+        Ok(())
+    }
+
+    /// The credentials for `registry` the way the docker CLI finds them: its own credential
+    /// helper (`credHelpers`), else its `auths` entry, else the default store (`credsStore`).
+    /// A helper that fails or knows nothing of the registry gives none (logged, without its
+    /// output, which may hold a secret).
+    pub async fn lookup(&self, registry: &str) -> Option<Credentials> {
+        let key = normalize_registry(registry);
+        let helper = match self.helpers.get(&key) {
+            Some(helper) => helper,
+            None => match self.entries.get(&key) {
+                Some(credentials) => return Some(credentials.clone()),
+                None => self.default_helper.as_ref()?,
+            },
+        };
+        let now = Instant::now();
+        if let Some((answer, at)) = self
+            .helper_answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            && now.duration_since(*at) < HELPER_CACHE
+        {
+            return answer.clone();
+        }
+        let answer = match run_helper(helper, &key).await {
+            Ok(answer) => answer,
+            Err(reason) => {
+                tracing::warn!(registry = %key, helper, %reason, "docker credential helper failed; requests go without credentials");
+                None
+            }
+        };
+        self.helper_answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, (answer.clone(), now));
+        answer
+    }
+}
+
+/// A helper name is a plain name: `docker-credential-NAME` is looked up on `PATH`.
+fn check_helper_name(helper: &str, path: &Path) -> Result<()> {
+    if helper.is_empty()
+        || !helper
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(Error::DockerConfigEntry {
+            path: path.to_path_buf(),
+            registry: "credHelpers/credsStore".into(),
+            reason: "a credential helper name must be a plain name (docker-credential-NAME on PATH)",
+        });
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct HelperAnswer {
+    #[serde(rename = "Username", default)]
+    username: String,
+    #[serde(rename = "Secret", default)]
+    secret: String,
+}
+
+/// Runs `docker-credential-HELPER get` with the registry on stdin, as the docker CLI does.
+/// `Ok(None)`: the helper has no credentials for it.
+async fn run_helper(
+    helper: &str,
+    registry: &str,
+) -> std::result::Result<Option<Credentials>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let program = format!("docker-credential-{helper}");
+    // Docker Hub's entry is keyed by its v1 index URL in every store.
+    let server = if registry == DOCKER_HUB {
+        "https://index.docker.io/v1/"
+    } else {
+        registry
+    };
+    let mut child = tokio::process::Command::new(&program)
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {program} (is it on PATH?): {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    let mut stdout = child.stdout.take().ok_or("no stdout")?;
+    let run = async {
+        stdin.write_all(server.as_bytes()).await?;
+        drop(stdin);
+        let mut out = Vec::new();
+        (&mut stdout)
+            .take(HELPER_MAX_OUTPUT)
+            .read_to_end(&mut out)
+            .await?;
+        let status = child.wait().await?;
+        std::io::Result::Ok((status, out))
+    };
+    let (status, out) = tokio::time::timeout(HELPER_TIMEOUT, run)
+        .await
+        .map_err(|_| format!("{program} did not answer within {HELPER_TIMEOUT:?}"))?
+        .map_err(|e| format!("running {program}: {e}"))?;
+    if !status.success() {
+        // "credentials not found in native keychain" is how every helper says it has none.
+        if String::from_utf8_lossy(&out).contains("credentials not found") {
+            return Ok(None);
+        }
+        return Err(format!("{program} exited with {status}"));
+    }
+    let answer: HelperAnswer = serde_json::from_slice(&out).map_err(|e| {
+        format!(
+            "{program} answered no credentials JSON (error at line {} column {})",
+            e.line(),
+            e.column()
+        )
+    })?;
+    if answer.secret.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Credentials::new(answer.username, answer.secret)))
 }
 
 fn default_config_path() -> Option<PathBuf> {

@@ -52,6 +52,12 @@ pub enum Error {
     #[error("cannot set up TLS")]
     Tls(#[source] rustls::Error),
 
+    #[error("cannot set up TLS: {0}")]
+    TlsConfig(String),
+
+    #[error("CA file {}: {reason}", path.display())]
+    CaFile { path: PathBuf, reason: String },
+
     #[error("invalid URL {url:?}: {reason}")]
     InvalidUrl { url: String, reason: &'static str },
 

@@ -19,12 +19,13 @@ mod manifest;
 mod metrics;
 mod reference;
 mod referrers;
+mod tls;
 mod transport;
 mod upload;
 
 pub use blob::BlobStream;
 pub use client::{Client, ClientConfig};
-pub use credentials::{CredentialStore, Credentials};
+pub use credentials::{BoxFuture, CredentialSource, CredentialStore, Credentials};
 pub use error::{Error, Result};
 pub use manifest::{MAX_MANIFEST_SIZE, Manifest, PutManifest};
 pub use metrics::Metrics;

@@ -14,6 +14,7 @@ use tracing::Instrument as _;
 use crate::auth::{Cached, Challenge, Scope, TokenResponse, parse_challenges};
 use crate::blob::BlobStream;
 use crate::client::{Client, display_url, encode_query, leaves_tls, redact_str, resolve_location};
+use crate::credentials::{Credentials, normalize_registry};
 use crate::error::{Error, JsonFault, Result, registry_message};
 use crate::metrics::{Kind, Outcome, RetryReason};
 
@@ -252,7 +253,8 @@ impl Client {
         let Some(scope) = call.scope else {
             return self.send_retrying(call, None, retry).await;
         };
-        let credentials = self.config().credentials.get(scope.registry);
+        let credentials = self.credentials_for(&scope).await;
+        let credentials = credentials.as_ref();
         let mut authorization = match self.inner.auth.lookup(&scope) {
             Cached::Bearer(token) => Some(format!("Bearer {token}")),
             Cached::Basic => credentials.map(|c| c.basic_header()),
@@ -286,6 +288,18 @@ impl Client {
                 });
             }
             flow_ran = true;
+            // One refresh per scope at a time: a request that waited finds the token another
+            // one fetched and retries with it.
+            let lock = self.inner.auth.refresh_lock(&scope);
+            let _refreshing = lock.lock().await;
+            if let Cached::Bearer(token) = self.inner.auth.lookup(&scope) {
+                let fresh = format!("Bearer {token}");
+                if authorization.as_deref() != Some(fresh.as_str()) {
+                    drop(response);
+                    authorization = Some(fresh);
+                    continue;
+                }
+            }
             self.inner.auth.forget(&scope);
             let challenges: Vec<Challenge> = response
                 .headers
@@ -295,8 +309,23 @@ impl Client {
                 .flat_map(parse_challenges)
                 .collect();
             drop(response);
-            authorization = Some(self.authenticate(&call.uri, &scope, &challenges).await?);
+            authorization = Some(
+                self.authenticate(&call.uri, &scope, credentials, &challenges)
+                    .await?,
+            );
         }
+    }
+
+    /// The credentials for `scope`: the first [`CredentialSource`] that has some for its
+    /// repository, else the credential store (a docker config, its helpers).
+    async fn credentials_for(&self, scope: &Scope<'_>) -> Option<Credentials> {
+        let registry = normalize_registry(scope.registry);
+        for source in &self.config().sources {
+            if let Some(credentials) = source.credentials(&registry, scope.repository).await {
+                return Some(credentials);
+            }
+        }
+        self.config().credentials.lookup(&registry).await
     }
 
     /// Answers a 401's challenges with an `Authorization` value. `origin` is the URL that
@@ -305,13 +334,13 @@ impl Client {
         &self,
         origin: &Uri,
         scope: &Scope<'_>,
+        credentials: Option<&Credentials>,
         challenges: &[Challenge],
     ) -> Result<String> {
         let unauthorized = |reason: String| Error::Unauthorized {
             registry: scope.registry.to_owned(),
             reason,
         };
-        let credentials = self.config().credentials.get(scope.registry);
         if let Some(bearer) = challenges.iter().find(|c| c.scheme == "bearer") {
             let realm = bearer
                 .param("realm")
@@ -334,7 +363,7 @@ impl Client {
                 None => vec![scope.default_scope()],
             };
             let (token, lifetime) = self
-                .fetch_token(scope, realm, bearer.param("service"), &scopes)
+                .fetch_token(scope, credentials, realm, bearer.param("service"), &scopes)
                 .await?;
             self.inner.auth.store_token(scope, token.clone(), lifetime);
             return Ok(format!("Bearer {token}"));
@@ -363,11 +392,14 @@ impl Client {
     async fn fetch_token(
         &self,
         scope: &Scope<'_>,
+        credentials: Option<&Credentials>,
         realm: &str,
         service: Option<&str>,
         scopes: &[String],
     ) -> Result<(String, Duration)> {
-        let result = self.fetch_token_inner(scope, realm, service, scopes).await;
+        let result = self
+            .fetch_token_inner(scope, credentials, realm, service, scopes)
+            .await;
         let outcome = Outcome::of(&result);
         self.metrics().request(Kind::Token, outcome);
         self.metrics().token_fetch(outcome);
@@ -377,6 +409,7 @@ impl Client {
     async fn fetch_token_inner(
         &self,
         scope: &Scope<'_>,
+        credentials: Option<&Credentials>,
         realm: &str,
         service: Option<&str>,
         scopes: &[String],
@@ -403,7 +436,6 @@ impl Client {
                 url: redact_str(realm),
                 reason: "bearer realm is not an http(s) URL",
             })?;
-        let credentials = self.config().credentials.get(scope.registry);
         let call = Call {
             method: Method::GET,
             uri,

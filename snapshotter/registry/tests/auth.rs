@@ -295,3 +295,62 @@ async fn basic_auth_without_or_with_wrong_credentials_is_unauthorized() {
     );
     assert_eq!(server.requests().len(), 3);
 }
+
+/// A source that has `u:p` for repository `a/b` only, and counts its lookups.
+#[derive(Debug, Default)]
+struct OneRepository {
+    asked: std::sync::atomic::AtomicUsize,
+}
+
+impl streamsnap_registry::CredentialSource for OneRepository {
+    fn credentials<'a>(
+        &'a self,
+        _registry: &'a str,
+        repository: &'a str,
+    ) -> streamsnap_registry::BoxFuture<'a, Option<Credentials>> {
+        self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let found = (repository == "a/b").then(|| Credentials::new("u", "p"));
+        Box::pin(async move { found })
+    }
+}
+
+#[tokio::test]
+async fn a_credential_source_is_asked_per_repository_and_lends_nothing_to_another() {
+    let (server, _) = bearer_registry(300, false).await;
+    let source = Arc::new(OneRepository::default());
+    let s = source.clone();
+    let c = client(move |c| c.sources.push(s));
+    c.get_manifest(&Repository::new(server.registry(), "a/b"), "v1")
+        .await
+        .unwrap();
+    let err = c
+        .get_manifest(&Repository::new(server.registry(), "other"), "v1")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unauthorized { .. }), "{err}");
+    assert!(source.asked.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+}
+
+#[tokio::test]
+async fn concurrent_reads_share_one_token_refresh() {
+    let (server, state) = bearer_registry(300, true).await;
+    let repo = Repository::new(server.registry(), "a/b");
+    let c = with_creds(&server);
+    c.get_manifest(&repo, "v1").await.unwrap();
+    assert_eq!(state.lock().unwrap().issued, 1);
+    state.lock().unwrap().valid.clear(); // tok-1 expires at the registry
+    let reads: Vec<_> = (0..16)
+        .map(|i| {
+            let (c, repo) = (c.clone(), repo.clone());
+            tokio::spawn(async move { c.get_manifest(&repo, &format!("v{i}")).await })
+        })
+        .collect();
+    for read in reads {
+        read.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        state.lock().unwrap().issued,
+        2,
+        "16 reads that met an expired token fetched more than one new token"
+    );
+}
