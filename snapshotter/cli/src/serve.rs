@@ -3,9 +3,10 @@
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
-use streamsnap_service::{ApiAuth, Secret, Server, ServiceConfig};
+use streamsnap_service::{ApiAuth, OperationLimits, Secret, Server, ServiceConfig};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::registry_args::RegistryArgs;
@@ -43,6 +44,20 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     concurrency: u16,
+    /// Stop a conversion that runs longer than this many seconds; it ends Failed, saying so.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    operation_timeout: u64,
+    /// Refuse a layer whose tar stream (uncompressed) is larger than this many bytes (the
+    /// default is 16 GiB).
+    #[arg(long, value_name = "BYTES", default_value_t = 16 << 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_layer_size: u64,
+    /// Refuse a layer that decompresses to more than this many times the size of the image's
+    /// largest compressed layer (a decompression bomb).
+    #[arg(long, value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_compression_ratio: u64,
     /// Sign every artifact the service pushes with this private key (PKCS#8 PEM, ECDSA P-256,
     /// mode 0600; see `artifact-streaming create --sign-key`).
     #[arg(long, value_name = "FILE")]
@@ -84,6 +99,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         webhook_secret,
     );
     config.concurrency = usize::from(args.concurrency);
+    config.limits = OperationLimits {
+        timeout: Duration::from_secs(args.operation_timeout),
+        max_layer_size: args.max_layer_size,
+        max_compression_ratio: args.max_compression_ratio,
+    };
     config.sign = args
         .sign_key
         .as_deref()

@@ -24,4 +24,4 @@ pub use auth::{ApiAuth, Secret};
 pub use client::ServiceClient;
 pub use error::{ClientError, Error, Result, chain};
 pub use server::Server;
-pub use service::ServiceConfig;
+pub use service::{OperationLimits, RATIO_FREE_BYTES, ServiceConfig};

@@ -26,14 +26,13 @@ use crate::service::{Service, ServiceConfig};
 use crate::store::Store;
 use crate::worker;
 
-/// Registry event IDs are remembered this long (the registry redelivers within minutes).
-const EVENT_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 /// A client must send its request head within this time.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long open connections get to finish at shutdown.
 const CONNECTIONS_GRACE: Duration = Duration::from_secs(5);
 
-/// A started service: listening, workers running. [`Server::run`] serves until shutdown.
+/// A started service: listening, workers (and the event ID pruner) running. [`Server::run`]
+/// serves until shutdown.
 #[derive(Debug)]
 pub struct Server {
     service: Arc<Service>,
@@ -73,11 +72,28 @@ impl Server {
             _ => {}
         }
         create_private_dir(&work_dir)?;
+        let limits = config.limits;
+        if limits.timeout.is_zero()
+            || limits.max_layer_size == 0
+            || limits.max_compression_ratio == 0
+        {
+            return Err(Error::Config(format!(
+                "operation limits must be above zero (time limit {:?}, max layer size {}, \
+                 max compression ratio {})",
+                limits.timeout, limits.max_layer_size, limits.max_compression_ratio
+            )));
+        }
+        if config.event_prune_interval.is_zero() {
+            return Err(Error::Config(
+                "the event ID prune interval must be above zero".into(),
+            ));
+        }
         let db_path = state_dir.join("state.redb");
         let max_interruptions = config.max_interruptions;
+        let (event_ttl_ms, max_event_ids) = (millis(config.event_ttl), config.max_event_ids);
         let (store, recovered) = tokio::task::spawn_blocking(move || {
             let store = Store::open(&db_path)?;
-            let recovered = store.recover(max_interruptions, EVENT_TTL_MS)?;
+            let recovered = store.recover(max_interruptions, event_ttl_ms, max_event_ids)?;
             Ok::<_, Error>((store, recovered))
         })
         .await
@@ -109,7 +125,8 @@ impl Server {
             finished: watch::Sender::new(0),
             work_dir,
         });
-        let workers = worker::spawn(service.clone(), queue_rx);
+        let mut workers = worker::spawn(service.clone(), queue_rx);
+        workers.push(tokio::spawn(prune_events(service.clone())));
         for id in &recovered.queue {
             service.enqueue(id);
         }
@@ -199,6 +216,32 @@ impl Server {
     }
 }
 
+/// Forgets old registry event IDs every `event_prune_interval` until the service stops, so the
+/// deduplication table stays bounded however long the service runs.
+async fn prune_events(service: Arc<Service>) {
+    let mut stopping = service.stopping.subscribe();
+    let config = &service.config;
+    let (ttl_ms, max_ids) = (millis(config.event_ttl), config.max_event_ids);
+    loop {
+        tokio::select! {
+            _ = stopping.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(config.event_prune_interval) => {}
+        }
+        match service
+            .store(move |s| s.prune_events(ttl_ms, max_ids))
+            .await
+        {
+            Ok(0) => {}
+            Ok(pruned) => tracing::debug!(pruned, "forgot old registry event IDs"),
+            Err(e) => crate::service::log_error("cannot forget old registry event IDs", &e),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 async fn futures_join(handles: Vec<JoinHandle<()>>) {
     for handle in handles {
         let _ = handle.await;
@@ -216,4 +259,61 @@ fn create_private_dir(path: &std::path::Path) -> Result<()> {
             path: path.to_owned(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use streamsnap_registry::ClientConfig;
+
+    use super::*;
+    use crate::api::{OperationOptions, Trigger};
+    use crate::auth::{ApiAuth, Secret};
+    use crate::store::{Created, NewOperation};
+
+    #[tokio::test]
+    async fn old_event_ids_are_forgotten_while_the_service_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ServiceConfig::new(
+            "127.0.0.1:1".into(),
+            "127.0.0.1:0".parse().unwrap(),
+            dir.path().join("state"),
+            ApiAuth {
+                token: Secret::new("token"),
+                loopback_without_token: false,
+            },
+            Secret::new("secret").unwrap(),
+        );
+        config.event_ttl = Duration::from_millis(200);
+        config.event_prune_interval = Duration::from_millis(50);
+        let server = Server::start(config, Client::new(ClientConfig::default()).unwrap())
+            .await
+            .unwrap();
+        let service = server.service.clone();
+        // What a push notification records (without a registry to convert from: the
+        // operation is only stored, not queued).
+        let created = service
+            .store(|s| {
+                s.create_operation(NewOperation {
+                    repository: "a/b".into(),
+                    reference: "v1".into(),
+                    manifest_digest: streamsnap_format::Digest::sha256(b"m"),
+                    trigger: Trigger::Push,
+                    options: OperationOptions::default(),
+                    event_id: Some("event-1".into()),
+                })
+            })
+            .await
+            .unwrap();
+        assert!(matches!(created, Created::New(_)));
+        assert_eq!(service.store(|s| s.event_ids()).await.unwrap(), 1);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while service.store(|s| s.event_ids()).await.unwrap() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the event ID is still remembered past its time to live"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server.run(async {}).await.unwrap();
+    }
 }

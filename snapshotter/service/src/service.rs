@@ -46,11 +46,61 @@ pub struct ServiceConfig {
     pub cancel_wait: Duration,
     /// Signs every artifact it pushes (`serve --sign-key`).
     pub sign: Option<Arc<streamsnap_trust::SigningKey>>,
+    /// What one operation may cost (`serve --operation-timeout`, `--max-layer-size`,
+    /// `--max-compression-ratio`).
+    pub limits: OperationLimits,
+    /// Registry event IDs are remembered this long, to recognize a redelivered event.
+    pub event_ttl: Duration,
+    /// At most this many event IDs are remembered (the newest).
+    pub max_event_ids: u64,
+    /// How often the service forgets event IDs past `event_ttl` (or beyond `max_event_ids`)
+    /// while it runs; it also does at start.
+    pub event_prune_interval: Duration,
+}
+
+/// Bounds on one operation, so that one push (a decompression bomb, a huge image, a registry
+/// that stalls) cannot hold a worker for hours. A conversion over a bound ends Failed with the
+/// reason and the flag to raise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OperationLimits {
+    /// Longest an operation runs; past it the conversion is stopped (`--operation-timeout`).
+    pub timeout: Duration,
+    /// Largest uncompressed size of one layer, in bytes (`--max-layer-size`).
+    pub max_layer_size: u64,
+    /// Largest uncompressed size of a layer per byte of the image's largest compressed layer
+    /// (`--max-compression-ratio`), above [`RATIO_FREE_BYTES`].
+    pub max_compression_ratio: u64,
+}
+
+/// Any layer may decompress to this much whatever the ratio: tar padding gives a small layer a
+/// high ratio, and a gigabyte is quick to convert.
+pub const RATIO_FREE_BYTES: u64 = 1 << 30;
+
+impl Default for OperationLimits {
+    /// 1 hour, 16 GiB, 100.
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(3600),
+            max_layer_size: 16 << 30,
+            max_compression_ratio: 100,
+        }
+    }
+}
+
+impl OperationLimits {
+    /// The most bytes any layer of an image may decompress to, when its largest layer is
+    /// `largest_compressed` bytes: `max_layer_size`, or less by the ratio (but never less than
+    /// [`RATIO_FREE_BYTES`] by it).
+    pub fn uncompressed_limit(&self, largest_compressed: u64) -> u64 {
+        let by_ratio = largest_compressed.saturating_mul(self.max_compression_ratio);
+        self.max_layer_size.min(by_ratio.max(RATIO_FREE_BYTES))
+    }
 }
 
 impl ServiceConfig {
     /// A configuration with the defaults: 2 conversions at once, 3 interruptions, 30 s to
-    /// shut down, 10 s to cancel.
+    /// shut down, 10 s to cancel, [`OperationLimits::default`], event IDs kept 7 days (at most
+    /// 100,000) and pruned every hour.
     pub fn new(
         registry: String,
         listen: SocketAddr,
@@ -70,6 +120,10 @@ impl ServiceConfig {
             shutdown_timeout: Duration::from_secs(30),
             cancel_wait: Duration::from_secs(10),
             sign: None,
+            limits: OperationLimits::default(),
+            event_ttl: Duration::from_secs(7 * 24 * 3600),
+            max_event_ids: 100_000,
+            event_prune_interval: Duration::from_secs(3600),
         }
     }
 }

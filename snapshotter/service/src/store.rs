@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use streamsnap_format::Digest;
 
@@ -294,8 +294,13 @@ impl Store {
     /// At start: operations left Running by a service that died go back to the queue (their
     /// `interruptions` counted), or end Failed ("interrupted") once they were interrupted
     /// `max_interruptions` times, or end Canceled if a cancel was asked for. Forgets event IDs
-    /// older than `event_ttl_ms`. Returns what it did and the queue.
-    pub fn recover(&self, max_interruptions: u32, event_ttl_ms: u64) -> Result<Recovered> {
+    /// as [`Store::prune_events`] does. Returns what it did and the queue.
+    pub fn recover(
+        &self,
+        max_interruptions: u32,
+        event_ttl_ms: u64,
+        max_event_ids: u64,
+    ) -> Result<Recovered> {
         let txn = self.db.begin_write()?;
         let mut recovered = Recovered::default();
         {
@@ -342,12 +347,52 @@ impl Store {
             recovered.queue = queue.into_iter().map(|(_, id)| id).collect();
 
             let mut events = txn.open_table(EVENTS)?;
-            let horizon = Timestamp::now().0.saturating_sub(event_ttl_ms);
-            events.retain(|_, seen| seen >= horizon)?;
+            prune(&mut events, event_ttl_ms, max_event_ids)?;
         }
         txn.commit()?;
         Ok(recovered)
     }
+
+    /// Forgets the registry event IDs handled more than `ttl_ms` ago, then the oldest beyond
+    /// the newest `max_ids`: the deduplication only has to outlast the registry's redelivery of
+    /// an event, and the table must not grow with every push the registry ever sent. Returns
+    /// how many it forgot.
+    pub fn prune_events(&self, ttl_ms: u64, max_ids: u64) -> Result<u64> {
+        let txn = self.db.begin_write()?;
+        let pruned = {
+            let mut events = txn.open_table(EVENTS)?;
+            prune(&mut events, ttl_ms, max_ids)?
+        };
+        txn.commit()?;
+        Ok(pruned)
+    }
+
+    /// How many registry event IDs are remembered.
+    #[cfg(test)]
+    pub fn event_ids(&self) -> Result<u64> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(EVENTS)?.len()?)
+    }
+}
+
+fn prune(events: &mut redb::Table<'_, &str, u64>, ttl_ms: u64, max_ids: u64) -> Result<u64> {
+    let before = events.len()?;
+    let horizon = Timestamp::now().0.saturating_sub(ttl_ms);
+    events.retain(|_, seen| seen >= horizon)?;
+    let kept = events.len()?;
+    if kept > max_ids {
+        let mut by_age = Vec::with_capacity(usize::try_from(kept).unwrap_or(0));
+        for item in events.iter()? {
+            let (id, seen) = item?;
+            by_age.push((seen.value(), id.value().to_owned()));
+        }
+        by_age.sort_unstable();
+        let excess = usize::try_from(kept - max_ids).unwrap_or(usize::MAX);
+        for (_, id) in by_age.into_iter().take(excess) {
+            events.remove(id.as_str())?;
+        }
+    }
+    Ok(before - events.len()?)
 }
 
 fn manifest_key(repository: &str, digest: &Digest) -> String {
@@ -518,7 +563,7 @@ mod tests {
                 true
             })
             .unwrap();
-        let r = store.recover(3, 1000).unwrap();
+        let r = store.recover(3, 1000, u64::MAX).unwrap();
         assert_eq!(r.resumed, std::slice::from_ref(&a.id));
         assert_eq!(r.canceled, std::slice::from_ref(&c.id));
         assert_eq!(
@@ -537,7 +582,7 @@ mod tests {
         );
         for round in 2..=3 {
             set_state(&store, &a.id, OperationState::Running);
-            let r = store.recover(3, 1000).unwrap();
+            let r = store.recover(3, 1000, u64::MAX).unwrap();
             if round < 3 {
                 assert_eq!(r.resumed, std::slice::from_ref(&a.id));
             } else {
@@ -557,16 +602,45 @@ mod tests {
     }
 
     #[test]
+    fn pruning_forgets_old_event_ids_and_keeps_only_the_newest_beyond_the_cap() {
+        let (_dir, store) = open();
+        for n in 0..5u8 {
+            created(
+                store
+                    .create_operation(new("r", n, Some(&format!("ev{n}"))))
+                    .unwrap(),
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert_eq!(store.event_ids().unwrap(), 5);
+        assert_eq!(store.prune_events(60_000, 100).unwrap(), 0);
+        // Over the cap: the oldest go first.
+        assert_eq!(store.prune_events(60_000, 3).unwrap(), 2);
+        assert_eq!(store.event_ids().unwrap(), 3);
+        for (n, seen) in [(0u8, false), (1, false), (2, true), (4, true)] {
+            let again = store
+                .create_operation(new("r", n + 10, Some(&format!("ev{n}"))))
+                .unwrap();
+            assert_eq!(again == Created::DuplicateEvent, seen, "ev{n}");
+        }
+        // Past the time to live: all of them.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let left = store.event_ids().unwrap();
+        assert_eq!(store.prune_events(1, 100).unwrap(), left);
+        assert_eq!(store.event_ids().unwrap(), 0);
+    }
+
+    #[test]
     fn old_event_ids_are_forgotten_at_recovery() {
         let (_dir, store) = open();
         created(store.create_operation(new("r", 1, Some("ev"))).unwrap());
-        store.recover(3, 60_000).unwrap();
+        store.recover(3, 60_000, u64::MAX).unwrap();
         assert_eq!(
             store.create_operation(new("r", 2, Some("ev"))).unwrap(),
             Created::DuplicateEvent
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
-        store.recover(3, 1).unwrap();
+        store.recover(3, 1, u64::MAX).unwrap();
         created(store.create_operation(new("r", 2, Some("ev"))).unwrap());
     }
 }
