@@ -26,6 +26,7 @@ pub struct Config {
     pub registry: RegistrySection,
     pub verify: VerifySection,
     pub debug: DebugSection,
+    pub cri_proxy: CriProxySection,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -105,9 +106,15 @@ pub struct BackgroundFetchSection {
 pub struct RegistrySection {
     /// Registries (host[:port]) reached over plain HTTP; loopback always is.
     pub plain_http: Vec<String>,
-    /// Docker config file with registry credentials [default: $DOCKER_CONFIG/config.json or
-    /// ~/.docker/config.json of the daemon's user].
+    /// Docker config file with registry credentials (its `auths`, `credHelpers` and
+    /// `credsStore`) [default: $DOCKER_CONFIG/config.json or ~/.docker/config.json of the
+    /// daemon's user].
     pub docker_config: Option<PathBuf>,
+    /// The kubelet's CredentialProviderConfig (its `--image-credential-provider-config`): the
+    /// daemon runs the same plugins for the same images.
+    pub image_credential_provider_config: Option<PathBuf>,
+    /// Where those plugins are (the kubelet's `--image-credential-provider-bin-dir`).
+    pub image_credential_provider_bin_dir: Option<PathBuf>,
     /// Per-registry settings, keyed by host[:port].
     pub hosts: BTreeMap<String, HostSection>,
 }
@@ -115,8 +122,11 @@ pub struct RegistrySection {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HostSection {
-    /// Reach this registry over plain HTTP.
-    pub plain_http: bool,
+    /// `true`: reach this registry over plain HTTP; `false`: over HTTPS, even on loopback
+    /// (unset: HTTPS, but plain HTTP for loopback addresses).
+    pub plain_http: Option<bool>,
+    /// A CA certificate file (PEM) trusted for this registry only, beside the system roots.
+    pub ca_file: Option<PathBuf>,
     /// Registries (host[:port]) holding the same repositories, tried first for blob reads; the
     /// content is verified by digest, so a mirror can be slow or stale but never wrong.
     pub mirrors: Vec<String>,
@@ -133,6 +143,26 @@ pub struct DebugSection {
     /// Serve `/debug/profile`: the start-up profile of the layers mounted now (the layer digests
     /// and chunks the node read), for `streamsnap artifact-streaming profile`.
     pub profile: bool,
+}
+
+/// The CRI image-service proxy that lets images pulled with pull secrets stream
+/// (docs/deploy.md, "Image pull secrets"): off unless `address` is set.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriProxySection {
+    /// The socket the kubelet's `--image-service-endpoint` points at.
+    pub address: Option<PathBuf>,
+    /// containerd's CRI socket, where every call is forwarded.
+    pub containerd_address: PathBuf,
+}
+
+impl Default for CriProxySection {
+    fn default() -> Self {
+        Self {
+            address: None,
+            containerd_address: "/run/containerd/containerd.sock".into(),
+        }
+    }
 }
 
 /// The signature policy (docs/trust.md): with public keys, only artifacts and profiles signed by
@@ -175,6 +205,7 @@ impl Default for Config {
             background_fetch: BackgroundFetchSection::default(),
             registry: RegistrySection::default(),
             verify: VerifySection::default(),
+            cri_proxy: CriProxySection::default(),
             debug: DebugSection::default(),
             metrics_address: None,
         }
@@ -293,7 +324,7 @@ mod tests {
         );
         assert!(config.background_fetch.enabled);
         let host = &config.registry.hosts["reg.example:5000"];
-        assert!(host.plain_http);
+        assert_eq!(host.plain_http, Some(true));
         assert_eq!(host.mirrors, vec!["m:5000".to_owned()]);
         let error = format!(
             "{:#}",

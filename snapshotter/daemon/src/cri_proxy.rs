@@ -97,6 +97,17 @@ impl PullSecrets {
     }
 }
 
+impl streamsnap_registry::CredentialSource for PullSecrets {
+    fn credentials<'a>(
+        &'a self,
+        registry: &'a str,
+        repository: &'a str,
+    ) -> streamsnap_registry::BoxFuture<'a, Option<Credentials>> {
+        let found = self.lookup(registry, repository);
+        Box::pin(async move { found })
+    }
+}
+
 /// Username and password from an `AuthConfig`: the fields, the `auth` (base64 `user:pass`), or
 /// an identity token (an OAuth2 refresh token, which registries such as ACR take as the
 /// password of the token endpoint's basic auth).

@@ -10,9 +10,11 @@ use anyhow::Context;
 use clap::Parser;
 use streamsnap_cache::{CacheConfig, ChunkCache};
 use streamsnap_holder::HolderClient;
-use streamsnap_registry::{Client, ClientConfig, CredentialStore};
+use streamsnap_registry::{Client, ClientConfig, CredentialSource, CredentialStore};
 use streamsnap_snapshotter::Snapshotter;
 use streamsnap_snapshotter::config::{Config, RegistrySection};
+use streamsnap_snapshotter::credentials::KubeletProviders;
+use streamsnap_snapshotter::cri_proxy::{self, PullSecrets};
 use streamsnap_snapshotter::http::Endpoints;
 use streamsnap_snapshotter::metrics::Metrics;
 use streamsnap_snapshotter::mounter::FuseMounter;
@@ -42,6 +44,15 @@ struct Args {
     /// HOST:PORT [default: the config's metrics_address; off when unset].
     #[arg(long, value_name = "HOST:PORT")]
     metrics_address: Option<std::net::SocketAddr>,
+    /// The kubelet's CredentialProviderConfig (same flag as the kubelet's): run its credential
+    /// provider plugins for the images they match [default: the config's
+    /// registry.image_credential_provider_config].
+    #[arg(long, value_name = "FILE")]
+    image_credential_provider_config: Option<PathBuf>,
+    /// Where the plugins are (same flag as the kubelet's) [default: the config's
+    /// registry.image_credential_provider_bin_dir].
+    #[arg(long, value_name = "DIR")]
+    image_credential_provider_bin_dir: Option<PathBuf>,
     /// Log filter: a level (error, warn, info, debug, trace) or target=level pairs separated
     /// by commas, e.g. info,streamsnap_cache=debug.
     #[arg(
@@ -96,13 +107,29 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(address) = args.metrics_address {
         config.metrics_address = Some(address);
     }
+    if let Some(file) = args.image_credential_provider_config {
+        config.registry.image_credential_provider_config = Some(file);
+    }
+    if let Some(dir) = args.image_credential_provider_bin_dir {
+        config.registry.image_credential_provider_bin_dir = Some(dir);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("streamsnap")
         .build()?;
     let _lock = RootLock::acquire(&config.root)?;
     let metrics = Metrics::new()?;
-    let remote = build_remote(&config, runtime.handle().clone(), metrics.clone())?;
+    let pull_secrets = config
+        .cri_proxy
+        .address
+        .as_ref()
+        .map(|_| Arc::new(PullSecrets::default()));
+    let remote = build_remote(
+        &config,
+        runtime.handle().clone(),
+        metrics.clone(),
+        pull_secrets.clone(),
+    )?;
     let snapshotter = Arc::new(Snapshotter::open(&config.root, Some(remote.clone()))?);
     let (restored, failed) = remount_remote_snapshots(&snapshotter, &metrics)?;
     metrics.mounts_restored.set(restored as i64);
@@ -110,7 +137,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     if restored + failed > 0 {
         tracing::info!(restored, failed, "remote snapshots mounted again");
     }
-    let stopped = runtime.block_on(serve(&config, snapshotter, metrics))?;
+    let stopped = runtime.block_on(serve(&config, snapshotter, metrics, pull_secrets))?;
     match stopped {
         // A restart or an upgrade: the next daemon takes the connections from the holder.
         Stop::Handover if remote.holder().is_some() => {
@@ -149,6 +176,7 @@ fn build_remote(
     config: &Config,
     handle: tokio::runtime::Handle,
     metrics: Metrics,
+    pull_secrets: Option<Arc<PullSecrets>>,
 ) -> anyhow::Result<Arc<RemoteLayers>> {
     let trust = config.verify.policy()?;
     if trust.is_enforced() {
@@ -162,22 +190,53 @@ fn build_remote(
     let registry = &config.registry;
     let credentials = load_credentials(registry)?;
     let mut plain_http = registry.plain_http.clone();
+    let mut https = Vec::new();
+    let mut ca_files = Vec::new();
     let mut mirrors = HashMap::new();
     for (host, settings) in &registry.hosts {
-        if settings.plain_http {
-            plain_http.push(host.clone());
+        match settings.plain_http {
+            Some(true) => plain_http.push(host.clone()),
+            Some(false) => https.push(host.clone()),
+            None => {}
+        }
+        if let Some(file) = &settings.ca_file {
+            ca_files.push((host.clone(), file.clone()));
         }
         if !settings.mirrors.is_empty() {
             mirrors.insert(host.clone(), settings.mirrors.clone());
         }
+    }
+    // Asked before the docker config, per repository: the pull secret of the image's own pull,
+    // then the kubelet's plugins.
+    let mut sources: Vec<Arc<dyn CredentialSource>> = Vec::new();
+    if let Some(secrets) = pull_secrets {
+        sources.push(secrets);
+    }
+    match (
+        &registry.image_credential_provider_config,
+        &registry.image_credential_provider_bin_dir,
+    ) {
+        (Some(file), Some(dir)) => {
+            let providers = KubeletProviders::load(file, dir)?;
+            tracing::info!(?providers, config = %file.display(), "running the kubelet's credential provider plugins for the images they match");
+            sources.push(Arc::new(providers));
+        }
+        (None, None) => {}
+        _ => anyhow::bail!(
+            "--image-credential-provider-config and --image-credential-provider-bin-dir go \
+             together (as for the kubelet): give both or neither"
+        ),
     }
     let registry_metrics = streamsnap_registry::Metrics::register(&metrics.registry)?;
     let cache_metrics = streamsnap_cache::Metrics::register(&metrics.registry)?;
     let fs_metrics = streamsnap_fs::Metrics::register(&metrics.registry)?;
     let client = Client::new(ClientConfig {
         credentials,
+        sources,
         metrics: Some(Arc::new(registry_metrics)),
         plain_http,
+        https,
+        ca_files,
         request_timeout: Duration::from_secs(config.fetch.timeout_seconds),
         retries: config.fetch.retries,
         ..ClientConfig::default()
@@ -313,6 +372,7 @@ async fn serve(
     config: &Config,
     snapshotter: Arc<Snapshotter>,
     metrics: Metrics,
+    pull_secrets: Option<Arc<PullSecrets>>,
 ) -> anyhow::Result<Stop> {
     let address = &config.address;
     if let Some(dir) = address.parent() {
@@ -349,6 +409,27 @@ async fn serve(
     };
     let listener = bind_api_socket(address)?;
     tracing::info!(address = %address.display(), root = %config.root.display(), "serving the containerd snapshots API");
+    let (stop_proxy, proxy_stopped) = tokio::sync::oneshot::channel::<()>();
+    let _proxy = match (&config.cri_proxy.address, pull_secrets) {
+        (Some(proxy_address), Some(secrets)) => {
+            let (proxy_address, containerd) = (
+                proxy_address.clone(),
+                config.cri_proxy.containerd_address.clone(),
+            );
+            let shutdown = async move {
+                let _ = proxy_stopped.await;
+            };
+            Some(tokio::spawn(async move {
+                if let Err(error) =
+                    cri_proxy::serve(&proxy_address, containerd, secrets, shutdown).await
+                {
+                    tracing::error!(error = %format!("{error:#}"), "the CRI image proxy stopped");
+                }
+            }))
+        }
+        _ => None,
+    };
+    let _stop_proxy = stop_proxy;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let server = tonic::transport::Server::builder()
         .add_service(Service::new(snapshotter, metrics).into_server())

@@ -306,6 +306,19 @@ impl KubeletProviders {
     }
 }
 
+impl streamsnap_registry::CredentialSource for KubeletProviders {
+    fn credentials<'a>(
+        &'a self,
+        registry: &'a str,
+        repository: &'a str,
+    ) -> streamsnap_registry::BoxFuture<'a, Option<Credentials>> {
+        Box::pin(async move {
+            self.credentials_for(&format!("{registry}/{repository}"))
+                .await
+        })
+    }
+}
+
 /// The credentials of the auth entry that matches `target`, preferring the most specific key
 /// (longest pattern), as the kubelet's keyring does.
 fn best_match(auth: &[(String, Credentials)], target: &ImageUrl) -> Option<Credentials> {
