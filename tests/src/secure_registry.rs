@@ -10,7 +10,8 @@
 //! use streamsnap_e2e::secure_registry::{RegistryAuth, SecureRegistry};
 //! # fn main() -> anyhow::Result<()> {
 //! # let layout = std::path::Path::new("/tmp/layout");
-//! let registry = SecureRegistry::start(RegistryAuth::token("alice", "s3cret", Duration::from_secs(5)))?;
+//! let auth = RegistryAuth::token("alice", "s3cret", Duration::from_secs(5));
+//! let registry = SecureRegistry::start(auth)?;
 //! registry.push(layout, "v1", "app:v1")?; // skopeo, trusting the test CA, with alice's password
 //! let image = registry.image_ref("app:v1"); // 127.0.0.1:PORT/app:v1
 //! // Point the node at `registry.ca_cert_path()` (containerd hosts.toml `ca = ...`, a docker
@@ -33,10 +34,20 @@
 //!   registry answers 401 with `WWW-Authenticate: Bearer realm="https://127.0.0.1:T/token",
 //!   service="streamsnap-e2e-registry",scope="repository:NAME:pull"`.
 //!
+//! Clients under test are pointed at it with [`SecureRegistry::ca_cert_path`] (curl `--cacert`),
+//! [`SecureRegistry::cert_dir`] (skopeo `--*-cert-dir`, docker `certs.d/HOST:PORT/`),
+//! [`SecureRegistry::containerd_hosts_toml`] (containerd's `certs.d/HOST:PORT/hosts.toml`, as
+//! the CRI plugin's `config_path` or `ctr --hosts-dir`) and, for credentials,
+//! [`SecureRegistry::credentials`] or [`SecureRegistry::docker_config_json`]. Images go in with
+//! the skopeo helpers of [`crate::secure_skopeo`] (`push`, `pull_dir`, `inspect_raw_as`).
+//!
 //! [`SecureRegistry::access_log`] and [`SecureRegistry::served_blob_bytes`] read the registry's
 //! Apache combined access log, like [`crate::registry::Registry`] does, after a barrier request
 //! (`GET /v2/?streamsnap-e2e-barrier=N` over HTTPS, which needs no credentials to be logged).
 //! [`crate::https::https_get`] peeks at the registry from a test with the test CA trusted.
+//!
+//! The rig's own tests (`tests/tests/secure_registry.rs`) check it with curl, skopeo and `ctr`,
+//! independently of streamsnap's registry client.
 
 use std::fs::{self, File};
 use std::net::TcpListener;
@@ -47,6 +58,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use tempfile::TempDir;
 
 use crate::bins::run;
@@ -265,6 +278,24 @@ impl SecureRegistry {
         self.token_server
             .as_ref()
             .map_or(0, |t| t.requests_refused())
+    }
+
+    /// A docker `config.json` (`{"auths": {"127.0.0.1:PORT": {"auth": base64(user:password)}}}`)
+    /// holding `creds` for this registry, for clients that read docker credentials.
+    pub fn docker_config_json(&self, creds: (&str, &str)) -> serde_json::Value {
+        let auth = STANDARD.encode(format!("{}:{}", creds.0, creds.1));
+        serde_json::json!({"auths": {self.addr.clone(): {"auth": auth}}})
+    }
+
+    /// A containerd `hosts.toml` (for `certs.d/127.0.0.1:PORT/hosts.toml` under the CRI
+    /// registry `config_path`) that reaches this registry over HTTPS trusting the test CA.
+    pub fn containerd_hosts_toml(&self) -> String {
+        format!(
+            "server = \"https://{addr}\"\n\n[host.\"https://{addr}\"]\n  \
+             capabilities = [\"pull\", \"resolve\", \"push\"]\n  ca = \"{ca}\"\n",
+            addr = self.addr,
+            ca = self.ca_cert_path().display()
+        )
     }
 
     /// Changes the password the registry (Basic: the htpasswd file, reread by the registry on

@@ -11,7 +11,9 @@ use streamsnap_e2e::image::{Compression, ImageSpec, LayerBlob, OciLayout, Writte
 use streamsnap_e2e::secure_registry::{BASIC_REALM, RegistryAuth, SecureRegistry};
 use streamsnap_e2e::test_ca::TestCa;
 use streamsnap_e2e::token_server::{Access, TOKEN_SERVICE, TokenServer};
-use streamsnap_e2e::{TarGen, require_root_tools};
+use streamsnap_e2e::{
+    Containerd, ContainerdOptions, TarGen, require_root, require_root_tools, run,
+};
 
 const TOOLS: &[&str] = &["docker-registry", "skopeo", "curl", "openssl", "htpasswd"];
 
@@ -228,6 +230,23 @@ fn basic_auth_needs_the_right_password_to_push_and_pull() -> anyhow::Result<()> 
     ensure!(registry.credentials() == Some(("alice", "n3w")));
     registry.pull_dir("app:v1", tempfile::tempdir()?.path())?;
 
+    // A docker config.json with the credentials works for a client that reads one.
+    let auth_file = tempfile::NamedTempFile::new()?;
+    let config = registry.docker_config_json(("alice", "n3w"));
+    std::fs::write(auth_file.path(), serde_json::to_vec(&config)?)?;
+    let cert_dir = registry.cert_dir().display().to_string();
+    let auth_path = auth_file.path().display().to_string();
+    let raw = streamsnap_e2e::skopeo::skopeo(&[
+        "inspect",
+        "--raw",
+        "--cert-dir",
+        &cert_dir,
+        "--authfile",
+        &auth_path,
+        &format!("docker://{}", registry.image_ref("app:v1")),
+    ])?;
+    ensure!(raw.stdout == image.manifest_json);
+
     let log = registry.access_log()?;
     ensure!(
         log.iter()
@@ -377,5 +396,60 @@ fn token_auth_issues_tokens_the_registry_accepts_until_they_expire() -> anyhow::
     let fresh = curl_get(&ca, &token_url, registry.credentials())?.json()?;
     let fresh = fresh["token"].as_str().context("no token")?;
     ensure!(curl_bearer(&registry, manifest_path, fresh)?.status == 200);
+    Ok(())
+}
+
+/// containerd's own registry client (in `ctr`, the code the CRI plugin uses) reaches the token
+/// registry through the rig's `hosts.toml` (test CA) and gets its token by the OAuth2 password
+/// grant (POST) it tries first.
+#[test]
+fn containerd_fetches_through_hosts_toml_with_a_token() -> anyhow::Result<()> {
+    require_root()?;
+    require_root_tools(&["containerd", "ctr", "docker-registry", "skopeo", "htpasswd"])?;
+    let registry = SecureRegistry::start(RegistryAuth::token(
+        "alice",
+        "s3cret",
+        Duration::from_secs(60),
+    ))?;
+    let tokens = registry.token_server().context("no token server")?;
+    let (layout, image) = small_image()?;
+    registry.push(layout.path(), "v1", "app:v1")?;
+    let containerd = Containerd::start(ContainerdOptions::default())?;
+    let hosts = containerd.hosts_dir().join(registry.addr());
+    std::fs::create_dir_all(&hosts)?;
+    std::fs::write(hosts.join("hosts.toml"), registry.containerd_hosts_toml())?;
+    let hosts_dir = containerd.hosts_dir().display().to_string();
+    let image_ref = registry.image_ref("app:v1");
+    let fetch = |user: &str| {
+        run(&mut containerd.ctr(&[
+            "content",
+            "fetch",
+            "--hosts-dir",
+            &hosts_dir,
+            "--user",
+            user,
+            &image_ref,
+        ]))
+    };
+
+    let refused = registry.token_requests_refused();
+    ensure!(fetch("alice:wrong").is_err());
+    ensure!(registry.token_requests_refused() > refused);
+    let issued = registry.tokens_issued();
+    fetch("alice:s3cret")?;
+    ensure!(registry.tokens_issued() > issued);
+    ensure!(
+        tokens
+            .requests()
+            .iter()
+            .any(|r| r.method == "POST" && r.granted),
+        "containerd used no password grant: {:?}",
+        tokens.requests()
+    );
+    let listed = run(&mut containerd.ctr(&["content", "ls", "-q"]))?;
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for digest in [&image.manifest.digest, &image.layers[0].digest] {
+        ensure!(listed.contains(&digest.to_string()), "{digest} not fetched");
+    }
     Ok(())
 }
