@@ -36,8 +36,9 @@ use crate::metrics::Metrics;
 use crate::mounter::{MountedFs, Mounter};
 use crate::store::RemoteSource;
 
-/// Largest TOC blob fetched (compressed).
-const MAX_TOC_BLOB: u64 = 256 << 20;
+/// Largest TOC blob fetched (compressed): a TOC at the format's entry cap compresses to well
+/// under this (docs/format.md, "Limits").
+const MAX_TOC_BLOB: u64 = 128 << 20;
 /// Most decoded bytes one image's start-up profile prefetches by default (`[fetch]
 /// prefetch_max_bytes`).
 pub const DEFAULT_PREFETCH_MAX_BYTES: u64 = 1 << 30;
@@ -120,6 +121,8 @@ pub struct RemoteLayers {
     prefetcher: Arc<Prefetcher>,
     /// Orders first reads across every layer (the ranks of a recorded profile).
     reads: Arc<AtomicU64>,
+    /// TOCs decoded at once.
+    toc_decodes: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for RemoteLayers {
@@ -155,6 +158,7 @@ impl RemoteLayers {
             prefetch: false,
             prefetch_max_bytes: DEFAULT_PREFETCH_MAX_BYTES,
             reads: Arc::default(),
+            toc_decodes: tokio::sync::Semaphore::new(1),
         }
     }
 
@@ -249,7 +253,16 @@ impl RemoteLayers {
             .client
             .get_blob_bytes(repo, &toc_descriptor.digest, MAX_TOC_BLOB)
             .await?;
-        let toc = Toc::decode(&blob).map_err(|source| RemoteError::Toc {
+        // One decode at a time, off the runtime's threads: a TOC at the limits costs up to the
+        // format's decode budget while it is decoded, and two at once would cost twice that.
+        let toc = {
+            let _one_at_a_time = self.toc_decodes.acquire().await.expect("never closed");
+            let blob = blob.clone();
+            tokio::task::spawn_blocking(move || Toc::decode(&blob))
+                .await
+                .expect("TOC decoding does not panic")
+        }
+        .map_err(|source| RemoteError::Toc {
             layer: request.layer_digest,
             source,
         })?;
