@@ -74,6 +74,11 @@ proptest! {
         tag in prop::option::of(tag()),
         digest in prop::option::of(any::<[u8; 32]>().prop_map(Digest::from_bytes)),
     ) {
+        // without a host, a first component with a '.' would be taken for one
+        let name = match (&host, name.split_once('/')) {
+            (None, Some((first, rest))) => format!("{}/{rest}", first.replace('.', "-")),
+            _ => name,
+        };
         let mut text = match &host {
             Some(host) => format!("{host}/{name}"),
             None => name.clone(),
@@ -84,8 +89,6 @@ proptest! {
         if let Some(digest) = &digest {
             text = format!("{text}@{digest}");
         }
-        // without a host, a first component with a '.' would be taken for one
-        prop_assume!(host.is_some() || !name.contains('/') || !name.split('/').next().unwrap().contains('.'));
         let registry = match host.as_deref() {
             Some("index.docker.io") | None => DOCKER_HUB,
             Some(host) => host,
