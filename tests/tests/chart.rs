@@ -902,3 +902,72 @@ fn verify_public_keys_reach_the_daemon() -> anyhow::Result<()> {
     ensure!(!toml.contains("[verify]"), "{toml}");
     Ok(())
 }
+
+/// `credentialProviders` mounts the kubelet's plugin config, bin dir and the files the plugins
+/// read, read-only at their host paths, and passes the kubelet's flags to the daemon;
+/// `criProxy.enabled` turns on `[cri_proxy]` on the socket dir the node shares. Both render and
+/// validate against 1.26.
+#[test]
+fn private_registry_values_reach_the_pod_and_the_config() -> anyhow::Result<()> {
+    let chart = ChartUnderTest::new()?;
+    let rendered = chart.render_file(
+        "credentialProviders:\n  config: /var/lib/kubelet/credential-provider-config.yaml\n  \
+         binDir: /var/lib/kubelet/credential-provider\n  hostPaths: [/etc/kubernetes/azure.json]\n\
+         criProxy:\n  enabled: true\n",
+    )?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("chart.yaml");
+    rendered.write_manifests(&path)?;
+    validate_manifests(Some("1.26.0"), std::slice::from_ref(&path))?;
+    let container = rendered.container()?;
+    let command: Vec<&str> = container["command"]
+        .as_array()
+        .context("no command")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let daemon = command
+        .iter()
+        .position(|a| a.ends_with("streamsnap-snapshotterd"))
+        .context("no daemon in the command")?;
+    let flag = |name: &str| {
+        command[daemon..]
+            .windows(2)
+            .find(|w| w[0] == name)
+            .map(|w| w[1])
+    };
+    ensure!(
+        flag("--image-credential-provider-config")
+            == Some("/var/lib/kubelet/credential-provider-config.yaml")
+            && flag("--image-credential-provider-bin-dir")
+                == Some("/var/lib/kubelet/credential-provider"),
+        "the daemon does not get the kubelet's flags: {command:?}"
+    );
+    let mounts = container["volumeMounts"].as_array().context("no mounts")?;
+    for path in [
+        "/var/lib/kubelet/credential-provider-config.yaml",
+        "/var/lib/kubelet/credential-provider",
+        "/etc/kubernetes/azure.json",
+    ] {
+        ensure!(
+            mounts
+                .iter()
+                .any(|m| m["mountPath"] == path && m["readOnly"] == true),
+            "{path} is not mounted read-only: {mounts:?}"
+        );
+    }
+    let toml = rendered
+        .object("ConfigMap", "streamsnap-config")?
+        .pointer("/data/config.toml")
+        .and_then(Value::as_str)
+        .context("no daemon config")?;
+    ensure!(
+        toml.contains("[cri_proxy]\naddress = \"/run/streamsnap/cri-image.sock\""),
+        "{toml}"
+    );
+    // Off by default: no flags, no mounts, no proxy.
+    let plain = chart.render_file("")?;
+    let text = serde_json::to_string(&plain.docs)?;
+    ensure!(!text.contains("credential-provider") && !text.contains("cri_proxy"));
+    Ok(())
+}
