@@ -79,18 +79,22 @@ pub fn convert_layer<R: Read, W: Write + Send>(
         inner: input,
         hasher: DigestHasher::new(),
         progress,
+        limit: u64::MAX,
     };
+    // The decompressed stream stops at the size limit, so a decompression bomb costs at most
+    // the limit's worth of reading, not all of it.
     let mut tar_stream = CountingReader {
         inner: Decoder::new(counted, source.compression),
         hasher: DigestHasher::new(),
         progress: &|_| {},
+        limit: options.max_layer_size,
     };
     let corrupt = |source_err: io::Error| Error::CorruptLayer {
         digest: source.digest,
         source: source_err,
     };
 
-    let (entries, blob) = std::thread::scope(|scope| -> Result<_> {
+    let converted = std::thread::scope(|scope| -> Result<_> {
         let mut chunker = Chunker::start(
             scope,
             options.max_chunk_size,
@@ -108,7 +112,14 @@ pub fn convert_layer<R: Read, W: Write + Send>(
             entries[index].extents.push(extent);
         }
         Ok((entries, blob))
-    })?;
+    });
+    if tar_stream.hasher.len() >= options.max_layer_size {
+        return Err(Error::LayerTooLarge {
+            digest: source.digest,
+            limit: options.max_layer_size,
+        });
+    }
+    let (entries, blob) = converted?;
 
     // Whatever follows the end-of-archive blocks is part of the diff ID; read it all so the
     // decompressors also see (and check) the end of their stream.
@@ -266,10 +277,15 @@ struct CountingReader<'p, R> {
     inner: R,
     hasher: DigestHasher,
     progress: Progress<'p>,
+    /// Reading fails once this many bytes went through.
+    limit: u64,
 }
 
 impl<R: Read> Read for CountingReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.hasher.len() >= self.limit {
+            return Err(io::Error::other("the layer is larger than the size limit"));
+        }
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
         (self.progress)(n as u64);
