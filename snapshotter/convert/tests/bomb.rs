@@ -1,5 +1,6 @@
 //! A decompression bomb is refused as soon as the layer passes the size limit, not after it was
-//! decompressed whole: a gzip of 256 MiB of zeros (about 250 KiB) with a 4 MiB limit.
+//! decompressed whole: a gzip'd tar of 128 files of 2 MiB of zeros (about 250 KiB) with a
+//! 4 MiB limit.
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,13 +9,22 @@ use streamsnap_convert::{ConvertOptions, Error, LayerSource, convert_layer};
 use streamsnap_format::Digest;
 use streamsnap_format::media::LayerCompression;
 
-/// Zeros, streamed into the encoder, never held whole.
+/// A tar of files of 2 MiB of zeros, `len` bytes in all, gzip'd as it is written (never held
+/// whole). Each file is below the limit; together they are far above it.
 fn gzip_of_zeros(len: usize) -> Vec<u8> {
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(9));
-    let block = vec![0u8; 1 << 20];
-    for _ in 0..len / block.len() {
+    let block = vec![0u8; 2 << 20];
+    for i in 0..len / block.len() {
+        let mut header = tar::Header::new_ustar();
+        header.set_path(format!("f{i}")).unwrap();
+        header.set_size(block.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        encoder.write_all(header.as_bytes()).unwrap();
         encoder.write_all(&block).unwrap();
     }
+    encoder.write_all(&[0u8; 1024]).unwrap();
     encoder.finish().unwrap()
 }
 
