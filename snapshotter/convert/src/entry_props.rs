@@ -30,7 +30,7 @@ fn model(negative: bool, whole: &str, fraction: &str) -> Option<(i64, u32)> {
 }
 
 proptest! {
-    #![proptest_config(config(2048))]
+    #![proptest_config(config(32768))]
 
     #[test]
     fn times_read_with_floor_semantics(

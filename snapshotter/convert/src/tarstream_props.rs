@@ -57,7 +57,7 @@ fn value() -> impl Strategy<Value = Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(config(2048))]
+    #![proptest_config(config(32768))]
 
     #[test]
     fn written_records_read_back(

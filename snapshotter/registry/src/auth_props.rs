@@ -120,7 +120,7 @@ fn config(cases: u32) -> proptest::test_runner::Config {
 }
 
 proptest! {
-    #![proptest_config(config(2048))]
+    #![proptest_config(config(32768))]
 
     #[test]
     fn written_challenges_read_back(

@@ -67,7 +67,7 @@ fn config(cases: u32) -> proptest::test_runner::Config {
 }
 
 proptest! {
-    #![proptest_config(config(4096))]
+    #![proptest_config(config(65536))]
 
     #[test]
     fn content_range_accepts_exactly_the_valid_forms(value in header()) {

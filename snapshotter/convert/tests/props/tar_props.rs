@@ -301,7 +301,7 @@ fn escapes(name: &[u8]) -> bool {
 }
 
 proptest! {
-    #![proptest_config(config(96))]
+    #![proptest_config(config(9216))]
 
     /// A well-formed layer reads back, entry by entry, as the harness's tar reader reads it.
     #[test]

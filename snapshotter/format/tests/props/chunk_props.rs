@@ -33,7 +33,7 @@ fn content() -> impl Strategy<Value = Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(config(256))]
+    #![proptest_config(config(4096))]
 
     /// A real frame decodes to its content; a damaged one is refused or (the digest says so)
     /// still decodes to the same content.

@@ -137,7 +137,7 @@ fn index() -> impl Strategy<Value = ImageIndex> {
 }
 
 proptest! {
-    #![proptest_config(config(512))]
+    #![proptest_config(config(8192))]
 
     #[test]
     fn manifests_round_trip(manifest in manifest()) {

@@ -36,7 +36,7 @@ fn components(path: &[u8]) -> Vec<&[u8]> {
 }
 
 proptest! {
-    #![proptest_config(config(2048))]
+    #![proptest_config(config(32768))]
 
     #[test]
     fn normalized_names_validate_and_keep_their_components(raw in name()) {

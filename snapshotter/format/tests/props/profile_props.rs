@@ -50,7 +50,7 @@ fn assert_valid(profile: &Profile) {
 }
 
 proptest! {
-    #![proptest_config(config(512))]
+    #![proptest_config(config(8192))]
 
     #[test]
     fn valid_profiles_round_trip(profile in valid()) {

@@ -48,7 +48,7 @@ fn assert_memory_bounded(toc: &Toc, blob_len: usize) {
 }
 
 proptest! {
-    #![proptest_config(config(256))]
+    #![proptest_config(config(4096))]
 
     /// Everything the encoder writes decodes to the same message.
     #[test]

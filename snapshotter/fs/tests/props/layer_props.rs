@@ -222,7 +222,7 @@ fn check_xattrs(fs: &LayerFs, ino: u64) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(config(256))]
+    #![proptest_config(config(4096))]
 
     #[test]
     fn any_layer_builds_into_a_consistent_tree(

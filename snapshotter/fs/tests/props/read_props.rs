@@ -78,7 +78,7 @@ impl ChunkReader for Lying {
 }
 
 proptest! {
-    #![proptest_config(config(256))]
+    #![proptest_config(config(4096))]
 
     #[test]
     fn reads_return_exactly_the_clamped_range(

@@ -218,7 +218,7 @@ fn apply_raw(model: &mut BTreeMap<u64, Vec<u8>>, message: &[u8], with_fd: bool, 
 }
 
 proptest! {
-    #![proptest_config(config(48))]
+    #![proptest_config(config(576))]
 
     #[test]
     fn the_holder_keeps_exactly_what_was_put_whatever_else_comes(ops in prop::collection::vec(op(), 1..12)) {

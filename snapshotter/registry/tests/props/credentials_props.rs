@@ -93,7 +93,7 @@ fn entries() -> impl Strategy<Value = Vec<(usize, usize, String, String, u8)>> {
 }
 
 proptest! {
-    #![proptest_config(config(512))]
+    #![proptest_config(config(16384))]
 
     #[test]
     fn any_config_file_parses_or_is_refused(text in crate::json::bytes(KEYS, STRINGS)) {

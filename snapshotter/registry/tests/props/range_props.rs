@@ -99,7 +99,7 @@ fn case() -> impl Strategy<Value = (u64, u64, u16, String, Vec<u8>)> {
 }
 
 proptest! {
-    #![proptest_config(config(256))]
+    #![proptest_config(config(8192))]
 
     #[test]
     fn range_reads_return_the_bytes_asked_for_or_fail((offset, len, status, content_range, body) in case()) {

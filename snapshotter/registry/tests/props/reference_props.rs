@@ -47,7 +47,7 @@ fn near_reference() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(config(2048))]
+    #![proptest_config(config(65536))]
 
     #[test]
     fn parsed_references_print_back_to_themselves(text in near_reference()) {

@@ -107,7 +107,7 @@ fn check(event: &Event) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(config(1024))]
+    #![proptest_config(config(32768))]
 
     #[test]
     fn shaped_envelopes_classify_by_the_rules(events in prop::collection::vec(event(), 0..6)) {
