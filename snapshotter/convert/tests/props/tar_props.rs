@@ -342,15 +342,12 @@ proptest! {
     ) {
         let tar = tar_of(&members);
         let escaping = members.iter().any(|m| escapes(&effective_name(m)));
-        match convert(&tar) {
-            Ok((toc, _)) => {
-                prop_assert!(!escaping, "converted a layer whose names escape: {:?}", members);
-                for entry in toc.entries() {
-                    prop_assert!(!escapes(&entry.path));
-                    prop_assert!(!escapes(&entry.link_target) || entry.r#type != 4);
-                }
+        if let Ok((toc, _)) = convert(&tar) {
+            prop_assert!(!escaping, "converted a layer whose names escape: {:?}", members);
+            for entry in toc.entries() {
+                prop_assert!(!escapes(&entry.path));
+                prop_assert!(!escapes(&entry.link_target) || entry.r#type != 4);
             }
-            Err(_) => {}
         }
     }
 
