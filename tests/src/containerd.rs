@@ -62,6 +62,10 @@ pub struct ContainerdOptions {
     pub plain_http_registries: Vec<String>,
     /// Logs at debug level instead of info.
     pub debug_log: bool,
+    /// Credentials the CRI plugin uses for a registry when a pull brings none:
+    /// `(HOST:PORT, user, password)` as `[...cri.registry.configs."HOST:PORT".auth]`, the node's
+    /// own registry login.
+    pub registry_auths: Vec<(String, String, String)>,
 }
 
 impl Default for ContainerdOptions {
@@ -72,6 +76,7 @@ impl Default for ContainerdOptions {
             cri_snapshotter: "overlayfs".to_owned(),
             plain_http_registries: Vec::new(),
             debug_log: false,
+            registry_auths: Vec::new(),
         }
     }
 }
@@ -86,6 +91,14 @@ impl ContainerdOptions {
     /// Lets the CRI plugin reach `host` (`127.0.0.1:PORT`) over plain HTTP.
     pub fn with_plain_http(mut self, host: &str) -> Self {
         self.plain_http_registries.push(host.to_owned());
+        self
+    }
+
+    /// Gives the CRI plugin `user` and `password` for registry `host` (`127.0.0.1:PORT`), used
+    /// for pulls that bring no credentials of their own.
+    pub fn with_registry_auth(mut self, host: &str, user: &str, password: &str) -> Self {
+        self.registry_auths
+            .push((host.to_owned(), user.to_owned(), password.to_owned()));
         self
     }
 
@@ -411,6 +424,12 @@ disabled_plugins = [{disabled}]
 "#,
             snapshotter = opts.cri_snapshotter
         ));
+        for (host, user, password) in &opts.registry_auths {
+            toml.push_str(&format!(
+                "\n[plugins.\"io.containerd.grpc.v1.cri\".registry.configs.{host:?}.auth]\n  \
+                 username = {user:?}\n  password = {password:?}\n"
+            ));
+        }
     }
     if let Some((name, socket)) = &opts.proxy_snapshotter {
         toml.push_str(&format!(

@@ -24,6 +24,7 @@ pub mod k8s_tools;
 pub mod layer_view;
 pub mod layers;
 pub mod node_containerd;
+pub mod private_node;
 pub mod proxy;
 pub mod registry;
 pub mod secure_registry;

@@ -68,6 +68,11 @@ pub struct SnapshotterdOptions {
     pub metrics: bool,
     /// `[fetch] prefetch_profile`: fetch what an image's start-up profile lists on mount.
     pub prefetch_profile: bool,
+    /// More command-line flags, after `--address`, `--root` and `--config`.
+    pub extra_args: Vec<String>,
+    /// Environment variables set for the daemon (`PATH`, `SSL_CERT_FILE`, `DOCKER_CONFIG`, ...),
+    /// on top of the test's own.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for SnapshotterdOptions {
@@ -80,6 +85,8 @@ impl Default for SnapshotterdOptions {
             extra_config: String::new(),
             metrics: false,
             prefetch_profile: true,
+            extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -136,6 +143,7 @@ fn spawn(
     root: &Path,
     config: &Path,
     log_path: &Path,
+    opts: &SnapshotterdOptions,
 ) -> anyhow::Result<Child> {
     let log = fs::OpenOptions::new()
         .create(true)
@@ -149,8 +157,10 @@ fn spawn(
         .arg(root)
         .arg("--config")
         .arg(config)
+        .args(&opts.extra_args)
         .env("STREAMSNAP_LOG", "debug")
         .env_remove("RUST_LOG")
+        .envs(opts.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -175,6 +185,7 @@ pub struct Snapshotterd {
     binary: PathBuf,
     config: PathBuf,
     metrics_address: Option<String>,
+    opts: SnapshotterdOptions,
 }
 
 impl Snapshotterd {
@@ -210,7 +221,7 @@ impl Snapshotterd {
         text.push_str(&opts.config_toml());
         fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
         let log_path = dir_path.join("snapshotterd.log");
-        let child = spawn(&binary, &socket, &root, &config, &log_path)?;
+        let child = spawn(&binary, &socket, &root, &config, &log_path, &opts)?;
         let daemon = Self {
             child,
             dir: Some(dir),
@@ -220,6 +231,7 @@ impl Snapshotterd {
             binary,
             config,
             metrics_address,
+            opts,
         };
         daemon.wait_ready()?;
         Ok(daemon)
@@ -307,6 +319,7 @@ impl Snapshotterd {
             &self.root(),
             &self.config,
             &self.log_path,
+            &self.opts,
         )?;
         self.wait_ready()
     }

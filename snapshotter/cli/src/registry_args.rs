@@ -9,9 +9,14 @@ use streamsnap_registry::{Client, ClientConfig, CredentialStore, Credentials, Re
 
 #[derive(Debug, clap::Args)]
 pub struct RegistryArgs {
-    /// Reach the registry over plain HTTP (localhost and 127.0.0.0/8 always are).
+    /// Reach the registry over plain HTTP (localhost and 127.0.0.0/8 always are, unless
+    /// --https).
     #[arg(long)]
     pub plain_http: bool,
+    /// Reach a loopback registry (localhost, 127.0.0.0/8, [::1]) over HTTPS all the same, e.g. a
+    /// node-local registry with TLS (its CA from the system roots, which honour SSL_CERT_FILE).
+    #[arg(long, conflicts_with = "plain_http")]
+    pub https: bool,
     /// Registry user name (with --password-stdin or STREAMSNAP_PASSWORD). Without it,
     /// credentials come from the docker config.
     #[arg(long, env = "STREAMSNAP_USERNAME")]
@@ -45,6 +50,11 @@ impl RegistryArgs {
         let config = ClientConfig {
             credentials,
             plain_http: if self.plain_http {
+                vec![registry.clone()]
+            } else {
+                Vec::new()
+            },
+            https: if self.https {
                 vec![registry.clone()]
             } else {
                 Vec::new()
