@@ -31,8 +31,11 @@ use nix::errno::Errno;
 use tokio::runtime::Handle;
 use tracing::Instrument as _;
 
-use crate::layer::{Attr, FileKind, LayerFs};
+use crate::index::LayerIndex;
+use crate::layer::{Attr, FileKind};
+use crate::metadata::Layer;
 use crate::metrics::{Metrics, Op};
+use crate::mount::IntoLayer;
 use crate::warnings::{READ_WARNING_INTERVAL, RateLimit};
 
 /// Readahead asked of the kernel (it may allow less): chunks are up to 1 MiB and fetched whole.
@@ -63,16 +66,17 @@ impl Drop for InFlight {
     }
 }
 
-/// A [`LayerFs`] served through FUSE. Cheap to create; one per mount. Every request is timed
-/// and its errors counted in its [`Metrics`]; a read failing with EIO logs a warning at most
-/// once a minute per layer.
+/// A [`Layer`] served through FUSE. Cheap to create; one per mount. Every request is timed
+/// and its errors counted in its [`Metrics`]; a read failing with EIO, and a failure to load
+/// the layer's index, log a warning at most once a minute per layer.
 #[derive(Debug)]
 pub struct FuseLayer {
-    fs: Arc<LayerFs>,
+    layer: Arc<Layer>,
     handle: Handle,
     ttl: Duration,
     metrics: Arc<Metrics>,
     read_warnings: Arc<RateLimit>,
+    load_warnings: RateLimit,
     /// Reads taken from the kernel and not answered yet (a handover waits for them).
     in_flight: Arc<AtomicUsize>,
     /// The kernel opens files without asking once told ENOSYS (FUSE_NO_OPEN_SUPPORT).
@@ -82,13 +86,14 @@ pub struct FuseLayer {
 impl FuseLayer {
     /// `handle` runs the reads; `ttl` is how long the kernel may cache entries and attributes.
     /// Counts into metrics registered nowhere unless [`with_metrics`](Self::with_metrics).
-    pub fn new(fs: Arc<LayerFs>, handle: Handle, ttl: Duration) -> Self {
+    pub fn new(layer: impl IntoLayer, handle: Handle, ttl: Duration) -> Self {
         Self {
-            fs,
+            layer: layer.into_layer(),
             handle,
             ttl,
             metrics: Arc::default(),
             read_warnings: Arc::new(RateLimit::new(READ_WARNING_INTERVAL)),
+            load_warnings: RateLimit::new(READ_WARNING_INTERVAL),
             in_flight: Arc::default(),
             zero_message_open: false,
         }
@@ -120,6 +125,27 @@ impl FuseLayer {
 
     fn attr(&self, attr: &Attr) -> FileAttr {
         to_file_attr(attr)
+    }
+
+    /// The layer's index, loaded if it was dropped; EIO (and a rate-limited warning) when it
+    /// cannot be loaded.
+    fn index(&self) -> Result<Arc<LayerIndex>, Errno> {
+        self.layer.index().map_err(|error| {
+            let layer = self.layer.digest();
+            let error = crate::error_chain(&error);
+            match self.load_warnings.allow(Instant::now()) {
+                Some(suppressed) => tracing::warn!(
+                    %layer,
+                    error,
+                    suppressed,
+                    "cannot load the metadata of a mounted layer: its requests fail with EIO \
+                     (further failures within {}s are only counted in the metrics)",
+                    READ_WARNING_INTERVAL.as_secs()
+                ),
+                None => tracing::debug!(%layer, error, "layer metadata load failed"),
+            }
+            Errno::EIO
+        })
     }
 }
 
@@ -199,8 +225,13 @@ fn reply_xattr(reply: ReplyXattr, size: u32, value: Result<Vec<u8>, Errno>) -> R
 
 /// Logs a read that failed with EIO: a warning at most once per [`READ_WARNING_INTERVAL`] per
 /// layer, with how many were held back since the last one; the others at debug level.
-fn read_failed(fs: &LayerFs, warnings: &RateLimit, ino: u64, offset: u64, size: u32) {
-    let layer = fs.toc().layer_digest();
+fn read_failed(
+    layer: streamsnap_format::Digest,
+    warnings: &RateLimit,
+    ino: u64,
+    offset: u64,
+    size: u32,
+) {
     match warnings.allow(Instant::now()) {
         Some(suppressed) => tracing::warn!(
             %layer,
@@ -230,7 +261,7 @@ impl Filesystem for FuseLayer {
         let _ = config.set_max_background(MAX_BACKGROUND);
         let _ = config.set_congestion_threshold(MAX_BACKGROUND / 4 * 3);
         tracing::debug!(
-            layer = %self.fs.toc().layer_digest(),
+            layer = %self.layer.digest(),
             capabilities = ?(WANTED_CAPABILITIES & offered),
             "fuse session initialised"
         );
@@ -239,7 +270,7 @@ impl Filesystem for FuseLayer {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let started = Instant::now();
-        let result = self.fs.lookup(parent.0, name);
+        let result = self.index().and_then(|index| index.lookup(parent.0, name));
         self.done(Op::Lookup, started, &result);
         match result {
             Ok(attr) => reply.entry(&self.ttl, &self.attr(&attr), Generation(0)),
@@ -252,7 +283,7 @@ impl Filesystem for FuseLayer {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let started = Instant::now();
-        let result = self.fs.getattr(ino.0);
+        let result = self.index().and_then(|index| index.getattr(ino.0));
         self.done(Op::Getattr, started, &result);
         match result {
             Ok(attr) => reply.attr(&self.ttl, &self.attr(&attr)),
@@ -262,7 +293,7 @@ impl Filesystem for FuseLayer {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let started = Instant::now();
-        let result = self.fs.readlink(ino.0);
+        let result = self.index().and_then(|index| index.readlink(ino.0));
         self.done(Op::Readlink, started, &result);
         match result {
             Ok(target) => reply.data(&target),
@@ -282,7 +313,7 @@ impl Filesystem for FuseLayer {
         let result = if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             Err(Errno::EROFS)
         } else {
-            match self.fs.getattr(ino.0) {
+            match self.index().and_then(|index| index.getattr(ino.0)) {
                 Ok(attr) if attr.kind == FileKind::Directory => Err(Errno::EISDIR),
                 Ok(_) => Ok(()),
                 Err(error) => Err(error),
@@ -307,16 +338,34 @@ impl Filesystem for FuseLayer {
         reply: ReplyData,
     ) {
         let started = Instant::now();
-        let fs = Arc::clone(&self.fs);
+        // Loaded here, on the session's thread, rather than in the task: a read seldom finds
+        // the index dropped (its lookup came first), and a load must not hold a runtime thread.
+        let index = match self.index() {
+            Ok(index) => index,
+            Err(error) => {
+                self.metrics.observe(Op::Read, started, Some(error));
+                reply.error(errno(error));
+                return;
+            }
+        };
+        let layer = Arc::clone(&self.layer);
         let metrics = Arc::clone(&self.metrics);
         let warnings = Arc::clone(&self.read_warnings);
-        let span = tracing::debug_span!("layer_read", layer = %self.fs.toc().layer_digest());
+        let span = tracing::debug_span!("layer_read", layer = %self.layer.digest());
         let answering = InFlight::begin(&self.in_flight);
         // If the runtime is shutting down the task is dropped, and with it the reply: fuser then
         // answers EIO.
         let read = async move {
             let _answering = answering;
-            let result = fs.read(ino.0, offset, size).await;
+            let result = crate::ops::read(
+                &index,
+                &**layer.reader(),
+                layer.options(),
+                ino.0,
+                offset,
+                size,
+            )
+            .await;
             metrics.observe(Op::Read, started, result.as_ref().err().copied());
             match result {
                 Ok(data) => {
@@ -325,7 +374,7 @@ impl Filesystem for FuseLayer {
                 }
                 Err(error) => {
                     if error == Errno::EIO {
-                        read_failed(&fs, &warnings, ino.0, offset, size);
+                        read_failed(layer.digest(), &warnings, ino.0, offset, size);
                     }
                     reply.error(errno(error));
                 }
@@ -354,7 +403,7 @@ impl Filesystem for FuseLayer {
         let result = if flags.acc_mode() != OpenAccMode::O_RDONLY {
             Err(Errno::EROFS)
         } else {
-            match self.fs.getattr(ino.0) {
+            match self.index().and_then(|index| index.getattr(ino.0)) {
                 Ok(attr) if attr.kind != FileKind::Directory => Err(Errno::ENOTDIR),
                 Ok(_) => Ok(()),
                 Err(error) => Err(error),
@@ -380,8 +429,15 @@ impl Filesystem for FuseLayer {
         mut reply: ReplyDirectory,
     ) {
         let started = Instant::now();
-        let result = self.fs.readdir_iter(ino.0, offset);
-        match result {
+        let index = match self.index() {
+            Ok(index) => index,
+            Err(error) => {
+                self.metrics.observe(Op::Readdir, started, Some(error));
+                reply.error(errno(error));
+                return;
+            }
+        };
+        match index.readdir_iter(ino.0, offset) {
             Ok(entries) => {
                 for entry in entries {
                     if reply.add(
@@ -412,11 +468,19 @@ impl Filesystem for FuseLayer {
         mut reply: ReplyDirectoryPlus,
     ) {
         let started = Instant::now();
-        match self.fs.readdir_iter(ino.0, offset) {
+        let index = match self.index() {
+            Ok(index) => index,
+            Err(error) => {
+                self.metrics.observe(Op::Readdir, started, Some(error));
+                reply.error(errno(error));
+                return;
+            }
+        };
+        match index.readdir_iter(ino.0, offset) {
             Ok(entries) => {
                 let mut failed = None;
                 for entry in entries {
-                    let attr = match self.fs.getattr(entry.ino) {
+                    let attr = match index.getattr(entry.ino) {
                         Ok(attr) => attr,
                         Err(error) => {
                             failed = Some(error);
@@ -460,7 +524,14 @@ impl Filesystem for FuseLayer {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let started = Instant::now();
-        let s = self.fs.statfs();
+        let s = match self.index() {
+            Ok(index) => index.statfs(),
+            Err(error) => {
+                self.metrics.observe(Op::Statfs, started, Some(error));
+                reply.error(errno(error));
+                return;
+            }
+        };
         self.metrics.observe(Op::Statfs, started, None);
         reply.statfs(
             s.blocks,
@@ -476,31 +547,47 @@ impl Filesystem for FuseLayer {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let started = Instant::now();
-        if !self.fs.has_xattrs() {
+        let index = match self.index() {
+            Ok(index) => index,
+            Err(error) => {
+                self.metrics.observe(Op::Getxattr, started, Some(error));
+                reply.error(errno(error));
+                return;
+            }
+        };
+        if !index.has_xattrs() {
             // The kernel stops asking this mount: every query then fails EOPNOTSUPP at once,
             // which overlayfs and capability checks read as "none".
             self.metrics.observe(Op::Getxattr, started, None);
             reply.error(FuseErrno::ENOSYS);
             return;
         }
-        let result = reply_xattr(reply, size, self.fs.getxattr(ino.0, name));
+        let result = reply_xattr(reply, size, index.getxattr(ino.0, name));
         self.done(Op::Getxattr, started, &result);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let started = Instant::now();
-        if !self.fs.has_xattrs() {
+        let index = match self.index() {
+            Ok(index) => index,
+            Err(error) => {
+                self.metrics.observe(Op::Listxattr, started, Some(error));
+                reply.error(errno(error));
+                return;
+            }
+        };
+        if !index.has_xattrs() {
             self.metrics.observe(Op::Listxattr, started, None);
             reply.error(FuseErrno::ENOSYS);
             return;
         }
-        let result = reply_xattr(reply, size, self.fs.listxattr(ino.0));
+        let result = reply_xattr(reply, size, index.listxattr(ino.0));
         self.done(Op::Listxattr, started, &result);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let started = Instant::now();
-        let result = match self.fs.getattr(ino.0) {
+        let result = match self.index().and_then(|index| index.getattr(ino.0)) {
             Ok(_) if mask.contains(AccessFlags::W_OK) => Err(Errno::EROFS),
             Ok(_) => Ok(()),
             Err(error) => Err(error),
@@ -728,7 +815,8 @@ mod tests {
         let mut b = crate::testutil::LayerBuilder::new(4096);
         b.file("f", 0o644, b"x");
         let (toc, reader) = b.build();
-        let fs = LayerFs::new(toc, reader, crate::FsOptions::default()).unwrap();
+        let fs = crate::LayerFs::new(toc, reader, crate::FsOptions::default()).unwrap();
+        let layer = fs.toc().layer_digest();
         let events = Arc::new(Events::default());
         let (one, other) = (
             RateLimit::new(READ_WARNING_INTERVAL),
@@ -736,9 +824,9 @@ mod tests {
         );
         tracing::subscriber::with_default(Arc::clone(&events), || {
             for i in 0..100 {
-                read_failed(&fs, &one, 2, i * 4096, 4096);
+                read_failed(layer, &one, 2, i * 4096, 4096);
             }
-            read_failed(&fs, &other, 2, 0, 4096);
+            read_failed(layer, &other, 2, 0, 4096);
         });
         let count =
             |c: &std::sync::atomic::AtomicUsize| c.load(std::sync::atomic::Ordering::SeqCst);

@@ -1,13 +1,18 @@
 //! The image layer filesystem of the node daemon.
 //!
-//! One streaming layer, presented as a read-only directory tree. Two parts live here:
+//! One streaming layer, presented as a read-only directory tree. Three parts live here:
 //!
-//! - [`LayerFs`]: pure lookup, getattr, readdir, readlink, xattrs and read over a validated
-//!   [`Toc`](streamsnap_format::Toc) and a [`ChunkReader`]. Metadata comes from an inode table
-//!   built once from the TOC; only `read` awaits, and it asks the reader for exactly the chunks
-//!   the byte range needs. Whiteouts and opaque directories are presented the way overlayfs
-//!   expects (0/0 character devices, `trusted.overlay.opaque=y`).
-//! - [`FuseLayer`] and [`mount`]: a thin `fuser` adapter that serves a `LayerFs` on a mount point,
+//! - [`LayerIndex`]: a layer's metadata in one flat buffer (the inode table built from a
+//!   validated [`Toc`](streamsnap_format::Toc), flattened into fixed-width records and one pool
+//!   of names), with pure lookup, getattr, readdir, readlink, xattrs and statfs over it. Saved
+//!   next to the TOC and read back whole, without decoding. [`LayerFs`] is a layer built from
+//!   its TOC in memory; reads ask a [`ChunkReader`] for exactly the chunks a byte range needs.
+//!   Whiteouts and opaque directories are presented the way overlayfs expects (0/0 character
+//!   devices, `trusted.overlay.opaque=y`).
+//! - [`Layer`] and [`MetadataCache`]: a mounted layer holds its index only while it is used; the
+//!   node-wide cache drops idle ones and keeps the total within a budget, and the next request
+//!   loads the index again from disk.
+//! - [`FuseLayer`] and [`mount`]: a thin `fuser` adapter that serves a `Layer` on a mount point,
 //!   answering metadata inline and running reads as tasks on a tokio runtime handed in by the
 //!   caller. It times every request and counts errors in [`Metrics`], and rate-limits the
 //!   warnings of failing reads so a container cannot flood the log.
@@ -19,9 +24,12 @@ mod conn;
 mod error;
 mod fuse;
 mod handover;
+mod index;
 mod layer;
+mod metadata;
 mod metrics;
 mod mount;
+mod ops;
 mod table;
 #[cfg(test)]
 mod tests;
@@ -36,11 +44,13 @@ pub use conn::{ConnectionOptions, FuseConnection};
 pub use error::Error;
 pub use fuse::FuseLayer;
 pub use handover::{HandoverReport, handover};
+pub use index::{ChunkInfo, ChunkTable, IndexError, LayerIndex};
 pub use layer::{Attr, DirEntry, FileKind, FsOptions, LayerFs, ROOT_INO, StatFs};
+pub use metadata::{IndexFile, Layer, MetadataCache, MetadataConfig, save_index, trim_heap};
 pub use metrics::Metrics;
 pub use mount::{
-    DEFAULT_READAHEAD_BYTES, MountOptions, MountedLayer, force_unmount, is_stale_mount, mount,
-    readahead, serve, set_readahead,
+    DEFAULT_READAHEAD_BYTES, IntoLayer, MountOptions, MountedLayer, force_unmount, is_stale_mount,
+    mount, readahead, serve, set_readahead,
 };
 pub use nix::errno::Errno;
 
@@ -53,6 +63,31 @@ pub trait ChunkReader: Send + Sync + 'static {
     /// asked. Indices are unique and ascending. Every returned chunk must be exactly its TOC
     /// size; the filesystem answers EIO for one that is not rather than serve wrong bytes.
     fn read_chunks(&self, chunks: &[u32]) -> BoxFuture<'_, Result<Vec<bytes::Bytes>, ReadError>>;
+
+    /// [`read_chunks`](Self::read_chunks) with the layer's chunk table at hand: what the
+    /// filesystem calls. A reader that looks chunks up (their digest, where their frame is)
+    /// reads them from `table` here instead of keeping a table of its own, so nothing but the
+    /// layer's index holds the layer's metadata. The default ignores the table.
+    fn read_chunks_in<'a>(
+        &'a self,
+        table: &'a dyn ChunkTable,
+        chunks: &[u32],
+    ) -> BoxFuture<'a, Result<Vec<bytes::Bytes>, ReadError>> {
+        let _ = table;
+        self.read_chunks(chunks)
+    }
+}
+
+/// An error and its sources, `: `-separated, for logs.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(next) = source {
+        out.push_str(": ");
+        out.push_str(&next.to_string());
+        source = next.source();
+    }
+    out
 }
 
 /// Why a [`ChunkReader`] could not deliver; the filesystem answers the read with EIO.

@@ -8,7 +8,7 @@ use std::time::Instant;
 use nix::errno::Errno;
 use prometheus::core::Collector;
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 
 /// Upper bounds of the op latency histogram, in seconds: metadata answers take microseconds,
@@ -17,6 +17,15 @@ const OP_DURATION_BUCKETS: &[f64] = &[
     0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
     0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
+/// Upper bounds of the metadata load histogram, in seconds: an index is read in milliseconds, a
+/// rebuild from a large TOC takes up to seconds.
+const LOAD_DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// The `source` labels of the metadata loads, and the `reason` labels of its evictions.
+const LOAD_SOURCES: [&str; 2] = ["index", "toc"];
+const EVICTION_REASONS: [&str; 2] = ["idle", "budget"];
 
 /// The metric handles of mounted layers ([`FuseLayer`](crate::FuseLayer)). Build it with
 /// [`Metrics::register`] to export it, or [`Metrics::unregistered`] (also `Default`) for
@@ -35,6 +44,19 @@ pub struct Metrics {
     op_errors: IntCounterVec,
     /// `streamsnap_fuse_read_bytes_total`: file content bytes returned by reads.
     read_bytes: IntCounter,
+    /// `streamsnap_fuse_metadata_bytes`: bytes of layer indexes held in memory.
+    metadata_bytes: IntGauge,
+    /// `streamsnap_fuse_metadata_layers`: mounted layers whose index is held in memory.
+    metadata_layers: IntGauge,
+    /// `streamsnap_fuse_metadata_loads_total{source}`: indexes loaded after a mount or a drop,
+    /// from the saved index or rebuilt from the TOC.
+    metadata_loads: IntCounterVec,
+    /// `streamsnap_fuse_metadata_load_failures_total`: loads that failed (the request: EIO).
+    metadata_load_failures: IntCounter,
+    /// `streamsnap_fuse_metadata_load_duration_seconds`: time to load an index.
+    metadata_load_duration: Histogram,
+    /// `streamsnap_fuse_metadata_evictions_total{reason}`: indexes dropped, idle or over budget.
+    metadata_evictions: IntCounterVec,
 }
 
 impl fmt::Debug for Metrics {
@@ -62,6 +84,12 @@ impl Metrics {
                 Box::new(m.op_duration.clone()),
                 Box::new(m.op_errors.clone()),
                 Box::new(m.read_bytes.clone()),
+                Box::new(m.metadata_bytes.clone()),
+                Box::new(m.metadata_layers.clone()),
+                Box::new(m.metadata_loads.clone()),
+                Box::new(m.metadata_load_failures.clone()),
+                Box::new(m.metadata_load_duration.clone()),
+                Box::new(m.metadata_evictions.clone()),
             ]
         })?;
         Ok(m)
@@ -94,6 +122,27 @@ impl Metrics {
         )?;
         // The series alerts watch exists from the start (others appear with their first error).
         op_errors.with_label_values(&[Op::Read.as_str(), "EIO"]);
+        let metadata_loads = IntCounterVec::new(
+            Opts::new(
+                "streamsnap_fuse_metadata_loads_total",
+                "Layer indexes loaded into memory when a request needed one, by source (the saved \
+                 index, or rebuilt from the TOC)",
+            ),
+            &["source"],
+        )?;
+        for source in LOAD_SOURCES {
+            metadata_loads.with_label_values(&[source]);
+        }
+        let metadata_evictions = IntCounterVec::new(
+            Opts::new(
+                "streamsnap_fuse_metadata_evictions_total",
+                "Layer indexes dropped from memory, by reason (idle, or over the budget)",
+            ),
+            &["reason"],
+        )?;
+        for reason in EVICTION_REASONS {
+            metadata_evictions.with_label_values(&[reason]);
+        }
         Ok(Self {
             op_duration,
             durations,
@@ -102,6 +151,27 @@ impl Metrics {
                 "streamsnap_fuse_read_bytes_total",
                 "File content bytes returned by reads of mounted layers",
             )?,
+            metadata_bytes: IntGauge::new(
+                "streamsnap_fuse_metadata_bytes",
+                "Bytes of layer metadata (layer indexes) held in memory",
+            )?,
+            metadata_layers: IntGauge::new(
+                "streamsnap_fuse_metadata_layers",
+                "Mounted layers whose metadata (index) is held in memory",
+            )?,
+            metadata_loads,
+            metadata_load_failures: IntCounter::new(
+                "streamsnap_fuse_metadata_load_failures_total",
+                "Layer index loads that failed (the request that needed it got EIO)",
+            )?,
+            metadata_load_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "streamsnap_fuse_metadata_load_duration_seconds",
+                    "Time to load a layer index into memory for a request",
+                )
+                .buckets(LOAD_DURATION_BUCKETS.to_vec()),
+            )?,
+            metadata_evictions,
         })
     }
 
@@ -117,6 +187,31 @@ impl Metrics {
 
     pub(crate) fn read_bytes(&self, bytes: usize) {
         self.read_bytes.inc_by(bytes as u64);
+    }
+
+    pub(crate) fn metadata_resident(&self, bytes: u64, layers: u64) {
+        self.metadata_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.metadata_layers
+            .set(i64::try_from(layers).unwrap_or(i64::MAX));
+    }
+
+    /// A load that took `took`, from `source` (`None`: it failed).
+    pub(crate) fn metadata_loaded(&self, took: std::time::Duration, source: Option<&str>) {
+        self.metadata_load_duration.observe(took.as_secs_f64());
+        match source {
+            Some(source) => self.metadata_loads.with_label_values(&[source]).inc(),
+            None => self.metadata_load_failures.inc(),
+        }
+    }
+
+    pub(crate) fn metadata_evicted(&self, reason: &str) {
+        self.metadata_evictions.with_label_values(&[reason]).inc();
+    }
+
+    /// Bytes of layer metadata held in memory now (`streamsnap_fuse_metadata_bytes`).
+    pub fn metadata_bytes(&self) -> u64 {
+        self.metadata_bytes.get().max(0) as u64
     }
 }
 
@@ -263,6 +358,10 @@ mod tests {
             match kind {
                 "counter" => assert!(name.ends_with("_total"), "{line}"),
                 "histogram" => assert!(name.ends_with("_seconds"), "{line}"),
+                "gauge" => assert!(
+                    name.ends_with("_bytes") || name.ends_with("_layers"),
+                    "{line}"
+                ),
                 _ => panic!("unexpected type: {line}"),
             }
         }

@@ -1,4 +1,4 @@
-//! Mounting a [`LayerFs`] with fuser, unmounting it, and cleaning up after a daemon that died.
+//! Mounting a [`Layer`] with fuser, unmounting it, and cleaning up after a daemon that died.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -16,7 +16,26 @@ use tokio::runtime::Handle;
 use crate::conn::{ConnectionOptions, FuseConnection};
 use crate::fuse::FuseLayer;
 use crate::layer::LayerFs;
+use crate::metadata::Layer;
 use crate::metrics::Metrics;
+
+/// What [`mount`] and [`serve`] serve: a [`Layer`] (the daemon's, metadata loaded on demand),
+/// or a [`LayerFs`] built from a TOC in memory (resident).
+pub trait IntoLayer {
+    fn into_layer(self) -> Arc<Layer>;
+}
+
+impl IntoLayer for Arc<Layer> {
+    fn into_layer(self) -> Arc<Layer> {
+        self
+    }
+}
+
+impl IntoLayer for Arc<LayerFs> {
+    fn into_layer(self) -> Arc<Layer> {
+        Arc::new(Layer::resident(self))
+    }
+}
 
 /// How a layer is mounted.
 #[derive(Clone, Debug)]
@@ -79,7 +98,7 @@ pub struct MountedLayer {
 /// Mounts `fs` read-only on `mountpoint` (an existing directory) and serves it. Reads run on
 /// `handle`.
 pub fn mount(
-    fs: Arc<LayerFs>,
+    fs: impl IntoLayer,
     mountpoint: &Path,
     handle: Handle,
     options: &MountOptions,
@@ -104,7 +123,7 @@ pub fn mount(
 /// with the kept INIT request; its answer is forwarded to the kernel or dropped, and then the
 /// session's descriptor is replaced by the connection's, before the session serves.
 pub fn serve(
-    fs: Arc<LayerFs>,
+    fs: impl IntoLayer,
     connection: FuseConnection,
     mountpoint: &Path,
     handle: Handle,

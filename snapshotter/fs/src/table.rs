@@ -2,9 +2,10 @@
 //! extracting the tar would (later entries replace earlier ones, hardlinks share an inode,
 //! missing parents are created).
 //!
-//! Built to stay small for layers of hundreds of thousands of entries: inode numbers are indices
-//! into one `Vec` plus one, nodes keep the index of the TOC entry that describes them instead of
-//! copying its metadata, names are references into the TOC's paths, and all directories'
+//! The first stage of a layer index (`crate::index`), which flattens it: inode numbers are
+//! indices into one `Vec` plus one (the same in every build from the same TOC, so a daemon that
+//! takes a mount over answers the kernel's inode numbers), nodes keep the index of the TOC entry
+//! that describes them, names are references into the TOC's paths, and all directories'
 //! children live in one array, each directory's run sorted by name.
 
 use std::collections::BTreeMap;
@@ -133,23 +134,10 @@ impl Table {
         Ok(builder.finish())
     }
 
-    pub(crate) fn get(&self, ino: u64) -> Option<&Node> {
-        let index = usize::try_from(ino.checked_sub(1)?).ok()?;
-        self.nodes.get(index)
-    }
-
     /// The entries of a directory, sorted by name (empty for other inodes).
     pub(crate) fn children(&self, node: &Node) -> &[Child] {
         let start = node.children_start as usize;
         &self.children[start..start + node.children_len as usize]
-    }
-
-    pub(crate) fn child(&self, node: &Node, name: &[u8], entries: &[api::Entry]) -> Option<u64> {
-        let children = self.children(node);
-        children
-            .binary_search_by(|child| child.name.bytes(entries).cmp(name))
-            .ok()
-            .map(|index| children[index].ino)
     }
 }
 

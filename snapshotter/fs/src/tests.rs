@@ -110,10 +110,21 @@ fn names(fs: &LayerFs, path: &str) -> Vec<String> {
 }
 
 #[test]
-fn the_inode_table_stays_small() {
-    // 500k entries: 16 MB of nodes and 8 MB of directory entries, names stay in the TOC
-    assert!(std::mem::size_of::<crate::table::Node>() <= 32);
-    assert_eq!(std::mem::size_of::<crate::table::Child>(), 16);
+fn the_index_stays_small() {
+    // A small file costs a node, a directory entry, an extent and its name (once per distinct
+    // name): under 80 bytes with a name of 10.
+    use crate::index::{CHILD_LEN, EXTENT_LEN, NODE_LEN};
+    assert_eq!(NODE_LEN + CHILD_LEN + EXTENT_LEN, 65);
+    let mut b = LayerBuilder::new(1 << 20);
+    for d in 0..10 {
+        for f in 0..1000 {
+            b.file(&format!("d{d}/f{f:08}"), 0o644, b"x");
+        }
+    }
+    let (toc, reader) = b.build();
+    let fs = LayerFs::new(toc, reader, FsOptions::default()).unwrap();
+    let per_entry = fs.index().len_bytes() / 10_010;
+    assert!(per_entry <= 80, "{per_entry} bytes per entry");
 }
 
 #[test]
