@@ -16,6 +16,7 @@ pub mod busybox;
 pub mod container;
 pub mod containerd;
 pub mod demo_image;
+pub mod forge;
 pub mod host_python;
 pub mod http;
 pub mod https;

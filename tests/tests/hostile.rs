@@ -26,7 +26,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use bytes::Bytes;
+use streamsnap_e2e::forge::Forger;
 use streamsnap_e2e::snapshotterd::SNAPSHOTTER;
 use streamsnap_e2e::streaming_node::metric;
 use streamsnap_e2e::targen::pseudo_random_bytes;
@@ -36,12 +36,11 @@ use streamsnap_e2e::{
     require_root_tools, run_container_in, skopeo_push, workspace_bin,
 };
 use streamsnap_format::api::{self, EntryType};
-use streamsnap_format::oci::{Descriptor, ImageIndex, ImageManifest};
+use streamsnap_format::oci::{Descriptor, ImageManifest};
 use streamsnap_format::{
     Digest, DigestHasher, FORMAT_VERSION, LayerProfile, Profile, Toc, compress_chunk, encode_toc,
     media,
 };
-use streamsnap_registry::{Client, ClientConfig, Reference, Repository, fallback_tag};
 
 /// The most one hostile input may add to the daemon's peak RSS.
 const BOUND: u64 = 64 << 20;
@@ -61,7 +60,7 @@ fn hostile_artifacts_cost_the_daemon_bounded_memory_and_it_keeps_serving() -> an
     require_root_tools(&[STREAMING_NODE_TOOLS, &["containerd-shim-runc-v2"]].concat())?;
     ensure!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing");
     let registry = Registry::start()?;
-    let forger = Forger::new(&registry)?;
+    let forger = Forger::new(&registry.addr(), "hostile/app")?;
 
     let (good, good_files) = push_good_image(&registry)?;
     let toc_bomb = push_and_convert(&registry, "toc-bomb", "toc bomb\n")?;
@@ -453,83 +452,17 @@ fn frame_bomb_layer(seed: u32, genuine: &api::Toc) -> anyhow::Result<(Vec<u8>, O
 }
 
 /// A registry client and what it needs to forge referrers.
-struct Forger {
-    client: Client,
-    repo: Repository,
-    rt: tokio::runtime::Runtime,
+/// What these tests forge, on top of the harness's [`Forger`].
+trait HostileForger {
+    fn forge_app_layer(
+        &self,
+        image: &str,
+        forge: impl FnOnce(&api::Toc) -> anyhow::Result<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> anyhow::Result<Digest>;
+    fn add_profile(&self, image: &str, layer: Digest, chunks: Vec<u32>) -> anyhow::Result<()>;
 }
 
-impl Forger {
-    fn new(registry: &Registry) -> anyhow::Result<Self> {
-        let repo = Reference::parse(&format!("{}/hostile/app:x", registry.addr()))?.repository;
-        Ok(Self {
-            client: Client::new(ClientConfig::default())?,
-            repo,
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?,
-        })
-    }
-
-    fn manifest_digest(&self, reference: &str) -> anyhow::Result<Digest> {
-        let tag = reference.rsplit(':').next().context("a tag")?;
-        Ok(self
-            .rt
-            .block_on(self.client.get_manifest(&self.repo, tag))?
-            .digest)
-    }
-
-    fn manifest(&self, digest: &Digest) -> anyhow::Result<ImageManifest> {
-        let fetched = self
-            .rt
-            .block_on(self.client.get_manifest(&self.repo, &digest.to_string()))?;
-        Ok(serde_json::from_slice(&fetched.bytes)?)
-    }
-
-    fn blob(&self, digest: &Digest) -> anyhow::Result<Vec<u8>> {
-        Ok(self
-            .rt
-            .block_on(self.client.get_blob_bytes(&self.repo, digest, 64 << 20))?
-            .to_vec())
-    }
-
-    fn push_blob(&self, data: Vec<u8>) -> anyhow::Result<Digest> {
-        let digest = Digest::sha256(&data);
-        self.rt.block_on(
-            self.client
-                .push_blob(&self.repo, &digest, Bytes::from(data)),
-        )?;
-        Ok(digest)
-    }
-
-    /// Pushes `manifest` by digest; returns its descriptor as a referrers list has it.
-    fn push_manifest(&self, manifest: &ImageManifest) -> anyhow::Result<Descriptor> {
-        let bytes = serde_json::to_vec(manifest)?;
-        let mut descriptor = Descriptor::of(media::OCI_MANIFEST, &bytes);
-        descriptor.artifact_type = manifest.artifact_type.clone();
-        descriptor.annotations = manifest.annotations.clone();
-        self.rt.block_on(self.client.put_manifest(
-            &self.repo,
-            &descriptor.digest.to_string(),
-            media::OCI_MANIFEST,
-            Bytes::from(bytes),
-        ))?;
-        Ok(descriptor)
-    }
-
-    /// Makes `subject`'s referrers exactly `descriptors` (the fallback tag's index).
-    fn set_referrers(&self, subject: &Digest, descriptors: Vec<Descriptor>) -> anyhow::Result<()> {
-        let mut index = ImageIndex::empty();
-        index.manifests = descriptors;
-        self.rt.block_on(self.client.put_manifest(
-            &self.repo,
-            &fallback_tag(subject),
-            media::OCI_INDEX,
-            Bytes::from(serde_json::to_vec(&index)?),
-        ))?;
-        Ok(())
-    }
-
+impl HostileForger for Forger {
     /// Replaces the TOC (and, if given, the data blob) of `image`'s last layer in its streaming
     /// artifact by what `forge` makes of the genuine TOC, and makes the forged artifact the
     /// image's only referrer. Returns the forged TOC's layer digest claim.
@@ -538,17 +471,8 @@ impl Forger {
         image: &str,
         forge: impl FnOnce(&api::Toc) -> anyhow::Result<(Vec<u8>, Option<Vec<u8>>)>,
     ) -> anyhow::Result<Digest> {
-        let subject = self.manifest_digest(image)?;
-        let referrers = self.rt.block_on(self.client.referrers(
-            &self.repo,
-            &subject,
-            Some(media::ARTIFACT_TYPE),
-        ))?;
-        let artifact = referrers
-            .manifests
-            .first()
-            .context("the image has no streaming artifact")?;
-        let mut forged = self.manifest(&artifact.digest)?;
+        let subject = self.manifest_digest(tag_of(image)?)?;
+        let (_, mut forged) = self.artifact_of(&subject)?;
         let n = forged.layers.len();
         ensure!(n >= 2, "the artifact has no layers");
         let genuine = Toc::decode(&self.blob(&forged.layers[n - 2].digest)?)?;
@@ -567,7 +491,7 @@ impl Forger {
 
     /// Adds a start-up profile listing `chunks` of layer `layer` to `image`'s referrers.
     fn add_profile(&self, image: &str, layer: Digest, chunks: Vec<u32>) -> anyhow::Result<()> {
-        let subject = self.manifest_digest(image)?;
+        let subject = self.manifest_digest(tag_of(image)?)?;
         let blob = Profile::new(vec![LayerProfile {
             layer,
             chunks,
@@ -605,4 +529,9 @@ impl Forger {
         referrers.push(descriptor);
         self.set_referrers(&subject, referrers)
     }
+}
+
+/// The tag of `REGISTRY/REPO:TAG`.
+fn tag_of(image: &str) -> anyhow::Result<&str> {
+    image.rsplit(':').next().context("a tag")
 }

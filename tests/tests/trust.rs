@@ -22,7 +22,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, ensure};
-use bytes::Bytes;
+use streamsnap_e2e::forge::Forger;
 use streamsnap_e2e::snapshotterd::SNAPSHOTTER;
 use streamsnap_e2e::streaming_node::metric;
 use streamsnap_e2e::{
@@ -31,9 +31,8 @@ use streamsnap_e2e::{
     require_root_tools, run_container_in, skopeo_push, workspace_bin,
 };
 use streamsnap_format::oci::Descriptor;
-use streamsnap_format::oci::{ImageIndex, ImageManifest};
+use streamsnap_format::oci::ImageManifest;
 use streamsnap_format::{Digest, LayerProfile, Profile, Toc, encode_toc, media};
-use streamsnap_registry::{Client, ClientConfig, Reference, Repository, fallback_tag};
 use streamsnap_trust::{SIGNATURE_ARTIFACT_TYPE, SigningKey};
 
 const FILE: &str = "/app/message";
@@ -135,59 +134,14 @@ impl KeyPair {
     }
 }
 
-/// A registry client and what it needs to forge referrers.
-struct Forger {
-    client: Client,
-    repo: Repository,
-    rt: tokio::runtime::Runtime,
+/// What these tests forge, on top of the harness's [`Forger`].
+trait TrustForger {
+    fn sign(&self, key: &SigningKey, subject: &Descriptor) -> anyhow::Result<Descriptor>;
+    fn copy_signatures(&self, from: &Digest, to: &Descriptor) -> anyhow::Result<()>;
+    fn forge_all_claims(&self, good: &Digest, evil: &Digest) -> anyhow::Result<ImageManifest>;
 }
 
-impl Forger {
-    fn new(registry: &Registry) -> anyhow::Result<Self> {
-        let repo = Reference::parse(&format!("{}/trust/app:x", registry.addr()))?.repository;
-        Ok(Self {
-            client: Client::new(ClientConfig::default())?,
-            repo,
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?,
-        })
-    }
-
-    fn manifest_digest(&self, tag: &str) -> anyhow::Result<Digest> {
-        Ok(self
-            .rt
-            .block_on(self.client.get_manifest(&self.repo, tag))?
-            .digest)
-    }
-
-    fn manifest(&self, digest: &Digest) -> anyhow::Result<ImageManifest> {
-        let fetched = self
-            .rt
-            .block_on(self.client.get_manifest(&self.repo, &digest.to_string()))?;
-        Ok(serde_json::from_slice(&fetched.bytes)?)
-    }
-
-    /// The streaming artifact manifest of image manifest `subject` (its only referrer).
-    fn artifact_of(&self, subject: &Digest) -> anyhow::Result<(Digest, ImageManifest)> {
-        let descriptor = self
-            .referrers(subject, media::ARTIFACT_TYPE)?
-            .into_iter()
-            .next()
-            .context("no streaming artifact")?;
-        Ok((descriptor.digest, self.manifest(&descriptor.digest)?))
-    }
-
-    fn referrers(&self, subject: &Digest, artifact_type: &str) -> anyhow::Result<Vec<Descriptor>> {
-        Ok(self
-            .rt
-            .block_on(
-                self.client
-                    .referrers(&self.repo, subject, Some(artifact_type)),
-            )?
-            .manifests)
-    }
-
+impl TrustForger for Forger {
     /// Signs `subject` with `key` and pushes the signature referrer (its descriptor back).
     fn sign(&self, key: &SigningKey, subject: &Descriptor) -> anyhow::Result<Descriptor> {
         let reference = format!("{}/{}", self.repo.registry, self.repo.name);
@@ -235,53 +189,6 @@ impl Forger {
         forged.layers[n - 2] = toc;
         forged.layers[n - 1] = evil_data.clone();
         Ok(forged)
-    }
-
-    fn blob(&self, digest: &Digest) -> anyhow::Result<Vec<u8>> {
-        Ok(self
-            .rt
-            .block_on(self.client.get_blob_bytes(&self.repo, digest, 64 << 20))?
-            .to_vec())
-    }
-
-    fn push_blob(&self, data: Vec<u8>) -> anyhow::Result<Digest> {
-        let digest = Digest::sha256(&data);
-        self.rt.block_on(
-            self.client
-                .push_blob(&self.repo, &digest, Bytes::from(data)),
-        )?;
-        Ok(digest)
-    }
-
-    /// Pushes `manifest` by digest; returns its descriptor as a referrers list has it.
-    fn push_manifest(
-        &self,
-        manifest: &ImageManifest,
-    ) -> anyhow::Result<streamsnap_format::oci::Descriptor> {
-        let bytes = serde_json::to_vec(manifest)?;
-        let mut descriptor = streamsnap_format::oci::Descriptor::of(media::OCI_MANIFEST, &bytes);
-        descriptor.artifact_type = manifest.artifact_type.clone();
-        descriptor.annotations = manifest.annotations.clone();
-        self.rt.block_on(self.client.put_manifest(
-            &self.repo,
-            &descriptor.digest.to_string(),
-            media::OCI_MANIFEST,
-            Bytes::from(bytes),
-        ))?;
-        Ok(descriptor)
-    }
-
-    /// Makes `subject`'s referrers exactly `descriptors` (the fallback tag's index).
-    fn set_referrers(&self, subject: &Digest, descriptors: Vec<Descriptor>) -> anyhow::Result<()> {
-        let mut index = ImageIndex::empty();
-        index.manifests = descriptors;
-        self.rt.block_on(self.client.put_manifest(
-            &self.repo,
-            &fallback_tag(subject),
-            media::OCI_INDEX,
-            Bytes::from(serde_json::to_vec(&index)?),
-        ))?;
-        Ok(())
     }
 }
 
@@ -431,7 +338,7 @@ fn images(good_key: Option<&Path>) -> anyhow::Result<Images> {
     let registry = Registry::start()?;
     let good = push_and_convert(&registry, &app_image(ORIGINAL)?, "good", good_key)?;
     push_and_convert(&registry, &app_image(EVIL)?, "evil", None)?;
-    let forger = Forger::new(&registry)?;
+    let forger = Forger::new(&registry.addr(), "trust/app")?;
     let good_manifest = forger.manifest_digest("good")?;
     let evil_manifest = forger.manifest_digest("evil")?;
     Ok(Images {
