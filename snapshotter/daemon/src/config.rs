@@ -86,6 +86,12 @@ pub struct FuseSection {
     /// The kernel's readahead on each layer mount, in bytes (0: none, only the pages asked for;
     /// larger: faster sequential reads, longer waits during a registry outage).
     pub readahead_bytes: u64,
+    /// A mounted layer without a request for this many seconds drops its metadata (its index)
+    /// from memory; the mount stays and the next request loads it again from disk (0: never).
+    pub metadata_idle_seconds: u64,
+    /// Most bytes of layer metadata (indexes) in memory at once; the least recently used are
+    /// dropped past it (0: no limit). One layer's metadata is always loaded when it is used.
+    pub metadata_cache_bytes: u64,
 }
 
 /// Fetching the rest of a layer after it is mounted, so later reads are local.
@@ -256,6 +262,19 @@ impl Default for FuseSection {
             holder_idle_timeout_seconds: streamsnap_holder::DEFAULT_IDLE_TIMEOUT.as_secs(),
             handover_timeout_seconds: 10,
             readahead_bytes: streamsnap_fs::DEFAULT_READAHEAD_BYTES,
+            metadata_idle_seconds: streamsnap_fs::MetadataConfig::DEFAULT_IDLE.as_secs(),
+            metadata_cache_bytes: streamsnap_fs::MetadataConfig::DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+impl FuseSection {
+    /// How long unused layers keep their metadata in memory, and how much all may keep.
+    pub fn metadata(&self) -> streamsnap_fs::MetadataConfig {
+        streamsnap_fs::MetadataConfig {
+            idle: (self.metadata_idle_seconds > 0)
+                .then(|| std::time::Duration::from_secs(self.metadata_idle_seconds)),
+            max_bytes: self.metadata_cache_bytes,
         }
     }
 }
@@ -309,6 +328,17 @@ mod tests {
         assert_eq!(config.fuse.holder_idle_timeout_seconds, 600);
         let config = Config::parse("[fuse]\nholder_idle_timeout_seconds = 0\n").unwrap();
         assert_eq!(config.fuse.holder_idle_timeout_seconds, 0);
+    }
+
+    #[test]
+    fn layer_metadata_is_dropped_after_five_idle_minutes_and_kept_within_64_mib() {
+        let metadata = Config::parse("").unwrap().fuse.metadata();
+        assert_eq!(metadata.idle, Some(std::time::Duration::from_secs(300)));
+        assert_eq!(metadata.max_bytes, 64 << 20);
+        let config =
+            Config::parse("[fuse]\nmetadata_idle_seconds = 0\nmetadata_cache_bytes = 0\n").unwrap();
+        assert_eq!(config.fuse.metadata().idle, None, "0: never for idleness");
+        assert_eq!(config.fuse.metadata().max_bytes, 0);
     }
 
     #[test]

@@ -131,11 +131,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         pull_secrets.clone(),
     )?;
     let snapshotter = Arc::new(Snapshotter::open(&config.root, Some(remote.clone()))?);
+    let restoring = std::time::Instant::now();
     let (restored, failed) = remount_remote_snapshots(&snapshotter, &metrics)?;
+    let took = restoring.elapsed();
     metrics.mounts_restored.set(restored as i64);
     metrics.mounts_restore_failures.set(failed as i64);
+    metrics.mounts_restore_duration.set(took.as_secs_f64());
     if restored + failed > 0 {
-        tracing::info!(restored, failed, "remote snapshots mounted again");
+        tracing::info!(restored, failed, ?took, "remote snapshots mounted again");
     }
     let stopped = runtime.block_on(serve(&config, snapshotter, metrics, pull_secrets))?;
     match stopped {
@@ -251,6 +254,8 @@ fn build_remote(
         ..CacheConfig::new(config.root.join("cache"), capacity)
     })
     .context("opening the chunk cache")?;
+    let metadata = streamsnap_fs::MetadataCache::new(config.fuse.metadata(), fs_metrics.clone());
+    metadata.start_sweeper(&handle);
     let mounter = FuseMounter::new(
         handle,
         streamsnap_fs::MountOptions {
@@ -279,6 +284,7 @@ fn build_remote(
         config.fetch.prefetch_profile,
         config.fetch.prefetch_max_bytes,
     )
+    .with_metadata(metadata)
     .with_trust(trust);
     if config.fuse.holder {
         let socket = config

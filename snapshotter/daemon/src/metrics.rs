@@ -38,6 +38,8 @@ pub struct Metrics {
     /// Remote snapshots mounted again at start, and those that could not be.
     pub mounts_restored: IntGauge,
     pub mounts_restore_failures: IntGauge,
+    /// Seconds it took at start to serve the remote snapshots again (before the socket opened).
+    pub mounts_restore_duration: prometheus::Gauge,
     /// Snapshots API calls by method, and their failures by gRPC code.
     pub rpc_duration: HistogramVec,
     pub rpc_errors: IntCounterVec,
@@ -88,6 +90,10 @@ impl Metrics {
         let mounts_restore_failures = IntGauge::new(
             "streamsnap_snapshotter_mounts_restore_failures",
             "Remote snapshots that could not be mounted again when the daemon started",
+        )?;
+        let mounts_restore_duration = prometheus::Gauge::new(
+            "streamsnap_snapshotter_mounts_restore_duration_seconds",
+            "Time the daemon took at start to serve the remote snapshots again, before accepting calls",
         )?;
         let rpc_duration = HistogramVec::new(
             HistogramOpts::new(
@@ -165,6 +171,7 @@ impl Metrics {
         registry.register(Box::new(fallbacks.clone()))?;
         registry.register(Box::new(mounts_restored.clone()))?;
         registry.register(Box::new(mounts_restore_failures.clone()))?;
+        registry.register(Box::new(mounts_restore_duration.clone()))?;
         registry.register(Box::new(rpc_duration.clone()))?;
         registry.register(Box::new(rpc_errors.clone()))?;
         registry.register(Box::new(background_bytes.clone()))?;
@@ -178,6 +185,7 @@ impl Metrics {
             fallbacks,
             mounts_restored,
             mounts_restore_failures,
+            mounts_restore_duration,
             rpc_duration,
             rpc_errors,
             background_bytes,

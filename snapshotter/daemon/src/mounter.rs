@@ -5,17 +5,17 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use streamsnap_fs::{FuseConnection, LayerFs, MountOptions, MountedLayer};
+use streamsnap_fs::{FuseConnection, Layer, MountOptions, MountedLayer};
 
 /// Mounts a layer filesystem on a directory.
 pub trait Mounter: Send + Sync + 'static {
     /// A new mount.
-    fn mount(&self, fs: Arc<LayerFs>, mountpoint: &Path) -> io::Result<Box<dyn MountedFs>>;
+    fn mount(&self, fs: Arc<Layer>, mountpoint: &Path) -> io::Result<Box<dyn MountedFs>>;
     /// Serves a connection that is already mounted there and was initialised by a previous
     /// process (taken back from the holder).
     fn attach(
         &self,
-        fs: Arc<LayerFs>,
+        fs: Arc<Layer>,
         connection: FuseConnection,
         mountpoint: &Path,
     ) -> io::Result<Box<dyn MountedFs>>;
@@ -44,7 +44,7 @@ impl FuseMounter {
 }
 
 impl Mounter for FuseMounter {
-    fn mount(&self, fs: Arc<LayerFs>, mountpoint: &Path) -> io::Result<Box<dyn MountedFs>> {
+    fn mount(&self, fs: Arc<Layer>, mountpoint: &Path) -> io::Result<Box<dyn MountedFs>> {
         if streamsnap_fs::is_stale_mount(mountpoint) {
             tracing::info!(mountpoint = %mountpoint.display(), "replacing a stale FUSE mount");
             streamsnap_fs::force_unmount(mountpoint)?;
@@ -55,7 +55,7 @@ impl Mounter for FuseMounter {
 
     fn attach(
         &self,
-        fs: Arc<LayerFs>,
+        fs: Arc<Layer>,
         connection: FuseConnection,
         mountpoint: &Path,
     ) -> io::Result<Box<dyn MountedFs>> {

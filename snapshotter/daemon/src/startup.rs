@@ -45,9 +45,10 @@ pub const HANDED_OVER: &str = "handed-over";
 /// kept are taken over (their mounts never went away, running containers keep reading); after a
 /// crash the kernel is asked to resend what the dead daemon took, and where it cannot (Linux
 /// before 6.9) the layer is mounted afresh instead. Snapshots without a kept connection are
-/// mounted afresh from their saved TOC. A snapshot that cannot be served is logged and left in
-/// place: containers using it fail to read, the rest of the node works, and removing the image
-/// removes it. Returns the numbers served and failed.
+/// mounted afresh. No layer's metadata is read here: each loads its saved index when its first
+/// request comes, so this takes the same time whatever the images' sizes. A snapshot that
+/// cannot be served is logged and left in place: containers using it fail to read, the rest of
+/// the node works, and removing the image removes it. Returns the numbers served and failed.
 pub fn remount_remote_snapshots(
     snapshotter: &Snapshotter,
     metrics: &Metrics,

@@ -34,13 +34,13 @@ pub enum Error {
     Toc {
         path: PathBuf,
         #[source]
-        source: streamsnap_format::Error,
+        source: Box<streamsnap_format::Error>,
     },
 
     #[error("layer index {} cannot be used", path.display())]
     Index {
         path: PathBuf,
         #[source]
-        source: IndexError,
+        source: Box<IndexError>,
     },
 }

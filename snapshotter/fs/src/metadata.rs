@@ -61,7 +61,7 @@ impl IndexFile {
                 LayerIndex::from_bytes(bytes, self.toc_digest, options.default_dir_mode).map_err(
                     |source| Error::Index {
                         path: self.index.clone(),
-                        source,
+                        source: Box::new(source),
                     },
                 )
             });
@@ -85,7 +85,7 @@ impl IndexFile {
         }
         let toc = Toc::decode(&blob).map_err(|source| Error::Toc {
             path: self.toc.clone(),
-            source,
+            source: Box::new(source),
         })?;
         drop(blob);
         let index = LayerIndex::build(&toc, self.toc_digest, options)?;

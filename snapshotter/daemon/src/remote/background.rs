@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use streamsnap_cache::{BlobSource, ChunkCache, ChunkRef};
-use streamsnap_format::Toc;
+use streamsnap_format::Digest;
+use streamsnap_fs::{ChunkTable, Layer};
 
+use super::source::chunk_ref;
 use crate::metrics::Metrics;
 
 /// Pause between checks while on-demand reads are in flight.
@@ -48,10 +50,13 @@ impl Background {
         }
     }
 
-    /// Starts fetching `toc`'s chunks if enabled and the layer fits; `stop` ends it early.
+    /// Starts fetching the chunks of `layer` (its data blob of `data_size` bytes) if enabled
+    /// and the layer fits; `stop` ends it early. The layer's chunk table is read from its index
+    /// when the layer's turn comes.
     pub fn start(
         &self,
-        toc: Arc<Toc>,
+        layer: Arc<Layer>,
+        data_size: u64,
         source: Arc<dyn BlobSource>,
         cache: Arc<ChunkCache>,
         stop: Arc<AtomicBool>,
@@ -60,10 +65,11 @@ impl Background {
         if !self.config.enabled {
             return;
         }
-        if toc.data_size() > self.config.max_layer_bytes {
+        let digest: Digest = layer.digest();
+        if data_size > self.config.max_layer_bytes {
             tracing::info!(
-                layer = %toc.layer_digest(),
-                size = toc.data_size(),
+                layer = %digest,
+                size = data_size,
                 limit = self.config.max_layer_bytes,
                 "layer too large for background fetch within the cache cap; fetching on demand only"
             );
@@ -76,7 +82,22 @@ impl Background {
             let Ok(_permit) = gate.acquire_owned().await else {
                 return;
             };
-            let batches = batches(&toc, batch_bytes);
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            // Loading an index reads a file (or rebuilds it from the TOC): off the runtime.
+            let batches = tokio::task::spawn_blocking(move || {
+                layer.index().map(|index| batches(&*index, batch_bytes))
+            })
+            .await;
+            let batches = match batches {
+                Ok(Ok(batches)) => batches,
+                Ok(Err(error)) => {
+                    tracing::warn!(layer = %digest, %error, "background fetch cannot read the layer's chunk table");
+                    return;
+                }
+                Err(_) => return,
+            };
             let mut failures = 0;
             for batch in batches {
                 loop {
@@ -103,9 +124,9 @@ impl Background {
                     }
                     Err(error) => {
                         failures += 1;
-                        tracing::debug!(layer = %toc.layer_digest(), %error, "background fetch batch failed");
+                        tracing::debug!(layer = %digest, %error, "background fetch batch failed");
                         if failures >= MAX_FAILURES {
-                            tracing::warn!(layer = %toc.layer_digest(), %error, "background fetch gave up; reads fetch on demand");
+                            tracing::warn!(layer = %digest, %error, "background fetch gave up; reads fetch on demand");
                             return;
                         }
                         tokio::time::sleep(YIELD * 50).await;
@@ -113,18 +134,18 @@ impl Background {
                 }
             }
             metrics.background_layers.inc();
-            tracing::debug!(layer = %toc.layer_digest(), "background fetch complete");
+            tracing::debug!(layer = %digest, "background fetch complete");
         });
     }
 }
 
 /// The layer's chunks in blob order, in groups of about `batch_bytes` compressed, and at most
 /// [`MAX_BATCH_DECODED`] decoded bytes and [`MAX_BATCH_CHUNKS`] chunks.
-fn batches(toc: &Toc, batch_bytes: u64) -> Vec<Vec<ChunkRef>> {
+fn batches(table: &dyn ChunkTable, batch_bytes: u64) -> Vec<Vec<ChunkRef>> {
     let mut batches = Vec::new();
     let mut current = Vec::new();
     let (mut size, mut decoded) = (0u64, 0u64);
-    for chunk in toc.chunks() {
+    for chunk in (0..).map_while(|i| table.chunk(i)) {
         let full = size + u64::from(chunk.compressed_size) > batch_bytes
             || decoded + u64::from(chunk.size) > MAX_BATCH_DECODED
             || current.len() >= MAX_BATCH_CHUNKS;
@@ -134,7 +155,7 @@ fn batches(toc: &Toc, batch_bytes: u64) -> Vec<Vec<ChunkRef>> {
         }
         size += u64::from(chunk.compressed_size);
         decoded += u64::from(chunk.size);
-        current.push(ChunkRef::from_toc(chunk));
+        current.push(chunk_ref(chunk));
     }
     if !current.is_empty() {
         batches.push(current);
@@ -162,7 +183,7 @@ impl Drop for OnDemandRead {
 mod tests {
     use streamsnap_cache::CacheConfig;
 
-    use super::super::fake::layer;
+    use super::super::fake::{layer, resident};
     use super::*;
 
     #[test]
@@ -170,14 +191,14 @@ mod tests {
         // 64 chunks of 1 MiB that compress to a few hundred bytes: all of them fit in 8 MiB
         // compressed.
         let (toc, _) = layer(64, 1 << 20, false);
-        let sizes: Vec<usize> = batches(&toc, 8 << 20).iter().map(Vec::len).collect();
+        let sizes: Vec<usize> = batches(&*toc, 8 << 20).iter().map(Vec::len).collect();
         assert_eq!(sizes, vec![16, 16, 16, 16]);
         let (toc, _) = layer(3000, 16, false);
-        let sizes: Vec<usize> = batches(&toc, 8 << 20).iter().map(Vec::len).collect();
+        let sizes: Vec<usize> = batches(&*toc, 8 << 20).iter().map(Vec::len).collect();
         assert_eq!(sizes, vec![1024, 1024, 952]);
         // Compressed bytes still split incompressible chunks.
         let (toc, _) = layer(4, 4096, true);
-        assert_eq!(batches(&toc, 5000).len(), 4);
+        assert_eq!(batches(&*toc, 5000).len(), 4);
     }
 
     #[tokio::test]
@@ -194,7 +215,8 @@ mod tests {
         let metrics = Metrics::new().unwrap();
         let source: Arc<dyn BlobSource> = blob.clone();
         background.start(
-            toc.clone(),
+            resident(&toc),
+            toc.data_size(),
             source,
             cache.clone(),
             Arc::default(),
@@ -233,7 +255,8 @@ mod tests {
             max_layer_bytes: 1 << 30,
         });
         off.start(
-            toc.clone(),
+            resident(&toc),
+            toc.data_size(),
             blob.clone(),
             cache.clone(),
             Arc::default(),
@@ -245,7 +268,14 @@ mod tests {
             max_layer_bytes: 1 << 30,
         });
         let stop = Arc::new(AtomicBool::new(true));
-        on.start(toc, blob.clone(), cache, stop, metrics.clone());
+        on.start(
+            resident(&toc),
+            toc.data_size(),
+            blob.clone(),
+            cache,
+            stop,
+            metrics.clone(),
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(blob.requests.load(Ordering::SeqCst), 0);
         assert_eq!(metrics.background_layers.get(), 0);

@@ -80,3 +80,26 @@ pub fn layer(chunks: usize, size: usize, incompressible: bool) -> (Arc<Toc>, Arc
         }),
     )
 }
+
+/// A chunk reader that has nothing: for layers whose content a test does not read.
+pub struct NoChunks;
+
+impl streamsnap_fs::ChunkReader for NoChunks {
+    fn read_chunks(
+        &self,
+        _chunks: &[u32],
+    ) -> streamsnap_fs::BoxFuture<'_, Result<Vec<Bytes>, streamsnap_fs::ReadError>> {
+        Box::pin(async { Err(streamsnap_fs::ReadError::new("no chunks here")) })
+    }
+}
+
+/// `toc`'s layer, built in memory and resident.
+pub fn resident(toc: &Arc<Toc>) -> Arc<streamsnap_fs::Layer> {
+    let fs = streamsnap_fs::LayerFs::new(
+        toc.clone(),
+        Arc::new(NoChunks),
+        streamsnap_fs::FsOptions::default(),
+    )
+    .unwrap();
+    Arc::new(streamsnap_fs::Layer::resident(Arc::new(fs)))
+}

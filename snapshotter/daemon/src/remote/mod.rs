@@ -19,9 +19,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use streamsnap_cache::ChunkCache;
+use streamsnap_cache::{ChunkCache, ChunkRef};
 use streamsnap_format::{Digest, LayerProfile, Profile, Toc};
-use streamsnap_fs::{FsOptions, FuseConnection, LayerFs};
+use streamsnap_fs::{
+    ChunkTable, FsOptions, FuseConnection, IndexFile, Layer, LayerIndex, MetadataCache,
+    MetadataConfig,
+};
 use streamsnap_holder::HolderClient;
 use streamsnap_registry::{Client, Repository};
 
@@ -90,6 +93,9 @@ pub enum RemoteError {
     },
 }
 
+/// Batches of a layer's chunks to prefetch, each with the rank of its first read.
+type Batches = Vec<(u64, Vec<ChunkRef>)>;
+
 /// A mounted layer, the switch that stops its background fetch and prefetch, and what its
 /// first reads touched.
 struct MountEntry {
@@ -123,6 +129,8 @@ pub struct RemoteLayers {
     reads: Arc<AtomicU64>,
     /// TOCs decoded at once.
     toc_decodes: tokio::sync::Semaphore,
+    /// The mounted layers' metadata in memory: loaded when used, dropped when idle.
+    metadata: Arc<MetadataCache>,
 }
 
 impl std::fmt::Debug for RemoteLayers {
@@ -159,7 +167,22 @@ impl RemoteLayers {
             prefetch_max_bytes: DEFAULT_PREFETCH_MAX_BYTES,
             reads: Arc::default(),
             toc_decodes: tokio::sync::Semaphore::new(1),
+            metadata: MetadataCache::new(
+                MetadataConfig::default(),
+                streamsnap_fs::Metrics::unregistered(),
+            ),
         }
+    }
+
+    /// Keeps the mounted layers' metadata in `cache` (its idle period and budget), instead of
+    /// one with the defaults counting into metrics exported nowhere.
+    pub fn with_metadata(mut self, cache: Arc<MetadataCache>) -> Self {
+        self.metadata = cache;
+        self
+    }
+
+    pub fn metadata(&self) -> &Arc<MetadataCache> {
+        &self.metadata
     }
 
     /// Use only artifacts (and follow only profiles) signed by a key of `policy`.
@@ -190,12 +213,12 @@ impl RemoteLayers {
         let mut entries: Vec<(&u64, &MountEntry)> = mounts.iter().collect();
         entries.sort_by_key(|(id, _)| **id);
         // Per layer: each chunk with its earliest rank over the layer's mounts.
-        let mut by_layer: Vec<(Digest, Vec<Option<u64>>)> = Vec::new();
+        let mut by_layer: Vec<(Digest, HashMap<u32, u64>)> = Vec::new();
         for (_, entry) in entries {
             let index = match by_layer.iter().position(|(l, _)| *l == entry.layer) {
                 Some(index) => index,
                 None => {
-                    by_layer.push((entry.layer, Vec::new()));
+                    by_layer.push((entry.layer, HashMap::new()));
                     by_layer.len() - 1
                 }
             };
@@ -255,8 +278,8 @@ impl RemoteLayers {
             .await?;
         // One decode at a time, off the runtime's threads: a TOC at the limits costs up to the
         // format's decode budget while it is decoded, and two at once would cost twice that.
+        let _one_at_a_time = self.toc_decodes.acquire().await.expect("never closed");
         let toc = {
-            let _one_at_a_time = self.toc_decodes.acquire().await.expect("never closed");
             let blob = blob.clone();
             tokio::task::spawn_blocking(move || Toc::decode(&blob))
                 .await
@@ -284,6 +307,22 @@ impl RemoteLayers {
                 ),
             });
         }
+        // The layer's index: what the mount serves from, saved beside the TOC so the layer can
+        // drop it when idle and load it again (and a restart mount it) without decoding.
+        let toc = Arc::new(toc);
+        let index = {
+            let toc = toc.clone();
+            let toc_digest = toc_descriptor.digest;
+            tokio::task::spawn_blocking(move || {
+                LayerIndex::build(&toc, toc_digest, &FsOptions::default())
+            })
+            .await
+            .expect("building a layer index does not panic")
+        }
+        .map_err(|source| RemoteError::Fs {
+            layer: request.layer_digest,
+            source,
+        })?;
         let source = RemoteSource {
             registry: repo.registry.clone(),
             repository: repo.name.clone(),
@@ -293,20 +332,37 @@ impl RemoteLayers {
             data_size: data_descriptor.size,
         };
         write_atomically(&dir.join("toc"), &blob)?;
+        let index_file = IndexFile::in_dir(dir, source.toc_digest);
+        streamsnap_fs::save_index(&index, &index_file.index).map_err(|e| RemoteError::Fs {
+            layer: request.layer_digest,
+            source: e,
+        })?;
         let prefetch = match artifact.profile() {
-            Some(profile) if self.prefetch => profile
-                .layer(&request.layer_digest)
-                .map(|listed| (listed, artifact.prefetch_planned())),
+            Some(profile) if self.prefetch => profile.layer(&request.layer_digest).map(|listed| {
+                plan_within_budget(
+                    &*toc,
+                    listed,
+                    self.prefetch_budget(),
+                    artifact.prefetch_planned(),
+                )
+            }),
             _ => None,
         };
-        self.mount_toc(id, dir, toc, &source, None, prefetch)?;
+        // The decoded TOC goes now: the mount keeps only the index.
+        drop(toc);
+        drop(blob);
+        drop(_one_at_a_time);
+        tokio::task::spawn_blocking(streamsnap_fs::trim_heap);
+        self.mount_layer(id, dir, &source, None, Some(index), prefetch)?;
         Ok(source)
     }
 
-    /// Serves a remote snapshot again from its saved TOC, without the network. With `held`, the
-    /// connection the holder kept (the mount never went away): it is served again, and with
-    /// `resend` the kernel is asked to resend what the previous daemon took and did not answer.
-    /// Without, the layer is mounted afresh (stale mounts of a dead daemon are detached first).
+    /// Serves a remote snapshot again without the network and without reading its metadata:
+    /// the layer's index is loaded from `dir` when the first request needs it (rebuilt from the
+    /// saved TOC if it is missing or damaged). With `held`, the connection the holder kept (the
+    /// mount never went away): it is served again, and with `resend` the kernel is asked to
+    /// resend what the previous daemon took and did not answer. Without, the layer is mounted
+    /// afresh (stale mounts of a dead daemon are detached first).
     pub fn remount(
         &self,
         id: u64,
@@ -315,30 +371,19 @@ impl RemoteLayers {
         held: Option<FuseConnection>,
         resend: bool,
     ) -> Result<(), RemoteError> {
-        let path = dir.join("toc");
-        let blob = std::fs::read(&path).map_err(|e| RemoteError::Io {
-            action: "reading",
-            path: path.clone(),
-            source: e,
-        })?;
-        if Digest::sha256(&blob) != source.toc_digest {
+        // What the layer is loaded from must be there (the TOC can rebuild the index).
+        let toc = dir.join("toc");
+        if let Err(error) = std::fs::metadata(&toc) {
             return Err(RemoteError::Io {
-                action: "verifying",
-                path,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "saved TOC does not match its digest",
-                ),
+                action: "finding the saved TOC",
+                path: toc,
+                source: error,
             });
         }
-        let toc = Toc::decode(&blob).map_err(|e| RemoteError::Toc {
-            layer: source.layer_digest,
-            source: e,
-        })?;
         if held.is_none() {
             crate::mounter::detach_all_under(&dir.join("fs"));
         }
-        self.mount_toc(id, dir, toc, source, held, None)?;
+        self.mount_layer(id, dir, source, held, None, None)?;
         if resend {
             self.resend(id);
         }
@@ -355,14 +400,17 @@ impl RemoteLayers {
         }
     }
 
-    fn mount_toc(
+    /// Mounts (or, with `held`, serves again) the layer of snapshot `id` from its files in
+    /// `dir`; `index`: its index, just built, to start with; `prefetch`: batches of its
+    /// profile to fetch now.
+    fn mount_layer(
         &self,
         id: u64,
         dir: &Path,
-        toc: Toc,
         source: &RemoteSource,
         held: Option<FuseConnection>,
-        prefetch: Option<(&LayerProfile, &AtomicU64)>,
+        index: Option<LayerIndex>,
+        prefetch: Option<Batches>,
     ) -> Result<(), RemoteError> {
         let _span = tracing::info_span!("layer", id, digest = %source.layer_digest).entered();
         let fs_dir = dir.join("fs");
@@ -387,28 +435,31 @@ impl RemoteLayers {
             mirrors,
             source.data_digest,
         ));
-        let toc = Arc::new(toc);
-        let log = Arc::new(AccessLog::new(self.reads.clone(), toc.chunks().len()));
+        let log = Arc::new(AccessLog::new(self.reads.clone()));
         let reader = Arc::new(
             CacheReader::new(
                 self.cache.clone(),
                 blob.clone(),
-                toc.clone(),
                 self.background.on_demand.clone(),
                 self.readahead_bytes,
             )
             .with_log(log.clone()),
         );
-        let layer = LayerFs::new(toc.clone(), reader, FsOptions::default()).map_err(|e| {
-            RemoteError::Fs {
-                layer: source.layer_digest,
-                source: e,
-            }
-        })?;
+        let mut layer = Layer::open(
+            source.layer_digest,
+            IndexFile::in_dir(dir, source.toc_digest),
+            reader,
+            FsOptions::default(),
+            &self.metadata,
+        );
+        if let Some(index) = index {
+            layer = layer.with_index(index);
+        }
+        let layer = Arc::new(layer);
         let fresh = held.is_none();
         let mounted = match held {
-            Some(connection) => self.mounter.attach(Arc::new(layer), connection, &fs_dir),
-            None => self.mounter.mount(Arc::new(layer), &fs_dir),
+            Some(connection) => self.mounter.attach(layer.clone(), connection, &fs_dir),
+            None => self.mounter.mount(layer.clone(), &fs_dir),
         }
         .map_err(|e| RemoteError::Io {
             action: "mounting a FUSE layer on",
@@ -443,10 +494,8 @@ impl RemoteLayers {
             },
         );
         self.metrics.remote_mounts.inc();
-        if let Some((listed, planned)) = prefetch {
-            let batches = plan_within_budget(&toc, listed, self.prefetch_budget(), planned);
+        if let Some(batches) = prefetch {
             tracing::debug!(
-                chunks = listed.chunks.len(),
                 batches = batches.len(),
                 "prefetching the layer's chunks the start-up profile lists"
             );
@@ -461,8 +510,14 @@ impl RemoteLayers {
                 self.prefetcher.submit(&job, batches);
             }
         }
-        self.background
-            .start(toc, blob, self.cache.clone(), stop, self.metrics.clone());
+        self.background.start(
+            layer,
+            source.data_size,
+            blob,
+            self.cache.clone(),
+            stop,
+            self.metrics.clone(),
+        );
         Ok(())
     }
 
@@ -558,14 +613,14 @@ impl RemoteLayers {
 /// The batches of `listed` a layer may prefetch: what is left of its image's `budget`, reserved
 /// in `planned` (the image's layers share it and may mount concurrently).
 fn plan_within_budget(
-    toc: &Toc,
+    table: &dyn ChunkTable,
     listed: &LayerProfile,
     budget: u64,
     planned: &AtomicU64,
-) -> Vec<(u64, Vec<streamsnap_cache::ChunkRef>)> {
+) -> Batches {
     loop {
         let used = planned.load(Ordering::SeqCst);
-        let batches = profile::plan(toc, listed, budget.saturating_sub(used));
+        let batches = profile::plan(table, listed, budget.saturating_sub(used));
         let bytes: u64 = batches
             .iter()
             .flat_map(|(_, chunks)| chunks)
@@ -623,7 +678,7 @@ fn write_atomically(path: &Path, data: &[u8]) -> Result<(), RemoteError> {
 mod tests {
     use super::*;
 
-    fn chunks(batches: &[(u64, Vec<streamsnap_cache::ChunkRef>)]) -> usize {
+    fn chunks(batches: &[(u64, Vec<ChunkRef>)]) -> usize {
         batches.iter().map(|(_, c)| c.len()).sum()
     }
 
@@ -637,19 +692,19 @@ mod tests {
             ranks: (0..10).collect(),
         };
         let planned = AtomicU64::new(0);
-        let first = plan_within_budget(&toc, &listed, 15 << 20, &planned);
+        let first = plan_within_budget(&*toc, &listed, 15 << 20, &planned);
         assert_eq!(chunks(&first), 10);
-        let second = plan_within_budget(&toc, &listed, 15 << 20, &planned);
+        let second = plan_within_budget(&*toc, &listed, 15 << 20, &planned);
         assert_eq!(chunks(&second), 5, "the second layer gets what is left");
         assert_eq!(planned.load(Ordering::SeqCst), 15 << 20);
-        assert!(plan_within_budget(&toc, &listed, 15 << 20, &planned).is_empty());
+        assert!(plan_within_budget(&*toc, &listed, 15 << 20, &planned).is_empty());
         // Chunks a hostile profile lists beyond the layer's TOC are never planned.
         let hostile = LayerProfile {
             layer: toc.layer_digest(),
             chunks: vec![3, 1_000_000, u32::MAX],
             ranks: vec![0, 1, 2],
         };
-        let batches = plan_within_budget(&toc, &hostile, 1 << 30, &AtomicU64::new(0));
+        let batches = plan_within_budget(&*toc, &hostile, 1 << 30, &AtomicU64::new(0));
         assert_eq!(chunks(&batches), 1);
     }
 }

@@ -4,14 +4,16 @@
 //! the order the start first read them.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use streamsnap_cache::{BlobSource, ChunkCache, ChunkRef, RunLimits, plan_runs};
-use streamsnap_format::{LayerProfile, Toc};
+use streamsnap_format::LayerProfile;
+use streamsnap_fs::ChunkTable;
 
+use super::source::chunk_ref;
 use crate::metrics::Metrics;
 
 /// How long after a layer is mounted its reads count as start-up.
@@ -34,27 +36,28 @@ const WORKERS: usize = 4;
 const MAX_FAILURES: u32 = 3;
 
 /// The chunks of one mounted layer read within [`RECORD_WINDOW`] of its mount, each with its
-/// position in the node's order of first reads: one slot per chunk of the layer.
+/// position in the node's order of first reads. Only the chunks read take room (not one slot
+/// per chunk of the layer: a mounted layer keeps nothing the size of its chunk table).
 #[derive(Debug)]
 pub struct AccessLog {
     mounted: Instant,
     /// Shared by every layer of the daemon: ranks order first reads across layers.
     sequence: Arc<AtomicU64>,
-    /// By chunk index: the rank of its first read, if it was read.
-    ranks: Mutex<Vec<Option<u64>>>,
+    /// By chunk index: the rank of its first read.
+    ranks: Mutex<HashMap<u32, u64>>,
 }
 
 impl AccessLog {
-    /// A log for a layer of `chunks` chunks.
-    pub fn new(sequence: Arc<AtomicU64>, chunks: usize) -> Self {
+    /// A log of a layer mounted now.
+    pub fn new(sequence: Arc<AtomicU64>) -> Self {
         Self {
             mounted: Instant::now(),
             sequence,
-            ranks: Mutex::new(vec![None; chunks]),
+            ranks: Mutex::default(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<u64>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, u64>> {
         self.ranks
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -67,23 +70,19 @@ impl AccessLog {
         }
         let mut ranks = self.lock();
         for &chunk in chunks {
-            if let Some(slot @ None) = ranks.get_mut(chunk as usize) {
-                *slot = Some(self.sequence.fetch_add(1, Ordering::Relaxed));
-            }
+            ranks
+                .entry(chunk)
+                .or_insert_with(|| self.sequence.fetch_add(1, Ordering::Relaxed));
         }
     }
 
-    /// Folds this log into `ranks` (one slot per chunk): each chunk keeps its earliest rank.
-    pub fn merge_into(&self, ranks: &mut Vec<Option<u64>>) {
-        let mine = self.lock();
-        if ranks.len() < mine.len() {
-            ranks.resize(mine.len(), None);
-        }
-        for (slot, rank) in ranks.iter_mut().zip(mine.iter()) {
-            *slot = match (*slot, *rank) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+    /// Folds this log into `ranks` (by chunk): each chunk keeps its earliest rank.
+    pub fn merge_into(&self, ranks: &mut HashMap<u32, u64>) {
+        for (&chunk, &rank) in self.lock().iter() {
+            ranks
+                .entry(chunk)
+                .and_modify(|r| *r = (*r).min(rank))
+                .or_insert(rank);
         }
     }
 
@@ -95,20 +94,15 @@ impl AccessLog {
 }
 
 impl Default for AccessLog {
-    /// A log that records nothing (no chunks).
     fn default() -> Self {
-        Self::new(Arc::default(), 0)
+        Self::new(Arc::default())
     }
 }
 
 /// The chunks that have a rank, with it, lowest rank first.
-pub fn ranked(ranks: &[Option<u64>]) -> Vec<(u32, u64)> {
-    let mut ranked: Vec<(u32, u64)> = ranks
-        .iter()
-        .enumerate()
-        .filter_map(|(chunk, rank)| Some((chunk as u32, (*rank)?)))
-        .collect();
-    ranked.sort_by_key(|&(_, rank)| rank);
+pub fn ranked(ranks: &HashMap<u32, u64>) -> Vec<(u32, u64)> {
+    let mut ranked: Vec<(u32, u64)> = ranks.iter().map(|(&c, &r)| (c, r)).collect();
+    ranked.sort_by_key(|&(chunk, rank)| (rank, chunk));
     ranked
 }
 
@@ -116,22 +110,25 @@ pub fn ranked(ranks: &[Option<u64>]) -> Vec<(u32, u64)> {
 /// batches of nearby chunks in blob order, each with the lowest rank among its chunks, lowest
 /// first. Stops adding chunks once `max_bytes` of decoded data are planned, taking the first
 /// read first, so a profile cannot make the node fetch more than its cache can hold.
-pub fn plan(toc: &Toc, listed: &LayerProfile, max_bytes: u64) -> Vec<(u64, Vec<ChunkRef>)> {
-    let table = toc.chunks();
-    let mut ranked: Vec<(u32, u64)> = listed
+pub fn plan(
+    table: &dyn ChunkTable,
+    listed: &LayerProfile,
+    max_bytes: u64,
+) -> Vec<(u64, Vec<ChunkRef>)> {
+    let mut ranked: Vec<(ChunkRef, u64)> = listed
         .ranked()
-        .filter(|&(index, _)| (index as usize) < table.len())
+        .filter_map(|(index, rank)| Some((chunk_ref(table.chunk(index)?), rank)))
         .collect();
     ranked.sort_by_key(|&(_, rank)| rank);
     // A decoded profile lists each chunk of a layer once.
     let mut planned = 0u64;
     let mut kept = Vec::new();
-    for (index, rank) in ranked {
-        planned += u64::from(table[index as usize].size);
+    for (chunk, rank) in ranked {
+        planned += u64::from(chunk.size);
         if planned > max_bytes {
             break;
         }
-        kept.push((ChunkRef::from_toc(&table[index as usize]), rank));
+        kept.push((chunk, rank));
     }
     let limits = RunLimits {
         bytes: MAX_BATCH,
@@ -338,16 +335,16 @@ mod tests {
     fn the_log_keeps_first_reads_once_with_node_wide_ranks() {
         let sequence = Arc::new(AtomicU64::new(0));
         let (a, b) = (
-            AccessLog::new(sequence.clone(), 8),
-            AccessLog::new(sequence.clone(), 8),
+            AccessLog::new(sequence.clone()),
+            AccessLog::new(sequence.clone()),
         );
         a.record(&[5, 6]);
         b.record(&[1]);
-        a.record(&[2, 5, 99]);
+        a.record(&[2, 5]);
         assert_eq!(a.entries(), vec![(5, 0), (6, 1), (2, 3)]);
         assert_eq!(b.entries(), vec![(1, 2)]);
         // Two mounts of one layer: each chunk keeps its earliest rank.
-        let mut merged = Vec::new();
+        let mut merged = HashMap::new();
         a.merge_into(&mut merged);
         b.merge_into(&mut merged);
         assert_eq!(ranked(&merged), vec![(5, 0), (6, 1), (1, 2), (2, 3)]);
@@ -359,7 +356,7 @@ mod tests {
         let (toc, _) = layer(64, 4096, true);
         let offset = |i: usize| toc.chunks()[i].offset;
         let batches = plan(
-            &toc,
+            &*toc,
             &listed(&[40, 3, 41, 2, 999], &[7, 9, 10, 11, 12]),
             u64::MAX,
         );
@@ -374,7 +371,7 @@ mod tests {
         );
         // A cap of two chunks' worth keeps the first two read.
         let cap = u64::from(toc.chunks()[40].size + toc.chunks()[3].size);
-        let batches = plan(&toc, &listed(&[40, 3, 41, 2], &[]), cap);
+        let batches = plan(&*toc, &listed(&[40, 3, 41, 2], &[]), cap);
         let offsets: Vec<u64> = batches
             .iter()
             .flat_map(|(_, b)| b.iter().map(|c| c.offset))
@@ -388,12 +385,12 @@ mod tests {
         // a few hundred bytes that fit in one 2 MiB request.
         let (toc, _) = layer(64, 1 << 20, false);
         let all: Vec<u32> = (0..64).collect();
-        let batches = plan(&toc, &listed(&all, &[]), u64::MAX);
+        let batches = plan(&*toc, &listed(&all, &[]), u64::MAX);
         let sizes: Vec<usize> = batches.iter().map(|(_, b)| b.len()).collect();
         assert_eq!(sizes, vec![8; 8], "8 MiB decoded each");
         let (toc, _) = layer(3000, 16, false);
         let all: Vec<u32> = (0..3000).collect();
-        let batches = plan(&toc, &listed(&all, &[]), u64::MAX);
+        let batches = plan(&*toc, &listed(&all, &[]), u64::MAX);
         assert!(batches.iter().all(|(_, b)| b.len() <= MAX_BATCH_CHUNKS));
         assert_eq!(batches.iter().map(|(_, b)| b.len()).sum::<usize>(), 3000);
     }
@@ -402,7 +399,7 @@ mod tests {
     fn plan_splits_far_chunks_and_puts_the_first_read_first() {
         // 1 MiB chunks of random data: far apart, one batch each.
         let (toc, _) = layer(12, 1 << 20, true);
-        let batches = plan(&toc, &listed(&[11, 0, 6], &[]), u64::MAX);
+        let batches = plan(&*toc, &listed(&[11, 0, 6], &[]), u64::MAX);
         let firsts: Vec<(u64, u64)> = batches.iter().map(|(r, b)| (*r, b[0].offset)).collect();
         let offset = |i: usize| toc.chunks()[i].offset;
         assert_eq!(
@@ -420,10 +417,10 @@ mod tests {
         let metrics = Metrics::new().unwrap();
         let prefetcher = Prefetcher::new(metrics.clone());
         let job = LayerJob::new("test".into(), source, cache.clone(), Arc::default());
-        prefetcher.submit(&job, plan(&toc, &listed(&[30, 1, 2, 31], &[]), u64::MAX));
+        prefetcher.submit(&job, plan(&*toc, &listed(&[30, 1, 2, 31], &[]), u64::MAX));
         let cached = || -> Vec<usize> {
             (0..40)
-                .filter(|&i| cache.contains(&ChunkRef::from_toc(&toc.chunks()[i]).digest))
+                .filter(|&i| cache.contains(&chunk_ref(toc.chunk(i as u32).unwrap()).digest))
                 .collect()
         };
         for _ in 0..400 {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use streamsnap_cache::{BlobSource, BoxFuture, ChunkCache, ChunkRef, SourceError};
-use streamsnap_format::{Digest, Toc};
-use streamsnap_fs::{ChunkReader, ReadError};
+use streamsnap_format::Digest;
+use streamsnap_fs::{ChunkInfo, ChunkReader, ChunkTable, ReadError};
 use streamsnap_registry::{Client, Repository};
 
 use super::background::OnDemandRead;
@@ -74,16 +74,28 @@ impl BlobSource for RegistryBlob {
     }
 }
 
+/// The cache's name for a chunk of a layer's table.
+pub fn chunk_ref(chunk: ChunkInfo) -> ChunkRef {
+    ChunkRef {
+        digest: chunk.digest,
+        offset: chunk.offset,
+        compressed_size: chunk.compressed_size,
+        size: chunk.size,
+    }
+}
+
 /// A layer's chunks, through the shared chunk cache, with read-ahead for readers that move
 /// forward through the layer (an import, `cat` of a large file): once two reads in a row are
 /// sequential in chunk order, the chunks that follow are fetched in the background, in a
 /// window that starts at [`FIRST_WINDOW`] and doubles with every further sequential read up to
 /// `readahead_bytes` (compressed). Random reads (a container starting) reset the window and
 /// fetch nothing extra, so lazy start-up still moves only the bytes it reads.
+///
+/// It keeps no chunk table: each read comes with the layer's (its index, held by the read), so
+/// the layer's metadata lives only in the index, which is dropped when the layer is idle.
 pub struct CacheReader {
     cache: Arc<ChunkCache>,
     source: Arc<dyn BlobSource>,
-    toc: Arc<Toc>,
     /// On-demand reads in flight, which background fetch yields to.
     on_demand: Arc<AtomicUsize>,
     readahead_bytes: u64,
@@ -151,14 +163,12 @@ impl CacheReader {
     pub fn new(
         cache: Arc<ChunkCache>,
         source: Arc<dyn BlobSource>,
-        toc: Arc<Toc>,
         on_demand: Arc<AtomicUsize>,
         readahead_bytes: u64,
     ) -> Self {
         Self {
             cache,
             source,
-            toc,
             on_demand,
             readahead_bytes,
             pattern: Mutex::default(),
@@ -203,10 +213,11 @@ impl CacheReader {
     /// The chunks after `last` in blob order, up to `window` compressed bytes,
     /// [`MAX_READAHEAD_DECODED`] decoded bytes and [`MAX_READAHEAD_CHUNKS`] chunks, that are not
     /// in memory yet: those on disk are loaded (and verified) ahead too, in parallel.
-    fn ahead_of(&self, last: u32, window: u64) -> Vec<ChunkRef> {
+    fn ahead_of(&self, table: &dyn ChunkTable, last: u32, window: u64) -> Vec<ChunkRef> {
         let mut ahead = Vec::new();
         let (mut bytes, mut decoded, mut count) = (0u64, 0u64, 0usize);
-        for chunk in self.toc.chunks().iter().skip(last as usize + 1) {
+        let following = (last.saturating_add(1)..).map_while(|i| table.chunk(i));
+        for chunk in following {
             bytes += u64::from(chunk.compressed_size);
             decoded += u64::from(chunk.size);
             count += 1;
@@ -214,7 +225,7 @@ impl CacheReader {
             if (over || count > MAX_READAHEAD_CHUNKS) && !ahead.is_empty() {
                 break;
             }
-            let chunk = ChunkRef::from_toc(chunk);
+            let chunk = chunk_ref(chunk);
             if !self.cache.in_memory(&chunk.digest) {
                 ahead.push(chunk);
             }
@@ -228,7 +239,7 @@ impl CacheReader {
     /// Notes a read of chunks `first..=last` and, when the reads are sequential, starts
     /// fetching what follows unless a read-ahead of this layer still runs. Runs inside the
     /// runtime (it spawns).
-    fn read_ahead(&self, first: u32, last: u32) {
+    fn read_ahead(&self, table: &dyn ChunkTable, first: u32, last: u32) {
         if self.readahead_bytes == 0 {
             return;
         }
@@ -240,7 +251,7 @@ impl CacheReader {
         if window == 0 || self.reading_ahead.swap(true, Ordering::AcqRel) {
             return;
         }
-        let ahead = self.ahead_of(last, window);
+        let ahead = self.ahead_of(table, last, window);
         if ahead.is_empty() {
             self.reading_ahead.store(false, Ordering::Release);
             return;
@@ -260,17 +271,36 @@ impl CacheReader {
 }
 
 impl ChunkReader for CacheReader {
-    fn read_chunks(&self, chunks: &[u32]) -> BoxFuture<'_, Result<Vec<Bytes>, ReadError>> {
-        let refs: Vec<ChunkRef> = chunks
+    /// Needs the layer's chunk table: the filesystem calls
+    /// [`read_chunks_in`](ChunkReader::read_chunks_in).
+    fn read_chunks(&self, _chunks: &[u32]) -> BoxFuture<'_, Result<Vec<Bytes>, ReadError>> {
+        Box::pin(async {
+            Err(ReadError::new(
+                "the cache reader needs the layer's chunk table (read_chunks_in)",
+            ))
+        })
+    }
+
+    fn read_chunks_in<'a>(
+        &'a self,
+        table: &'a dyn ChunkTable,
+        chunks: &[u32],
+    ) -> BoxFuture<'a, Result<Vec<Bytes>, ReadError>> {
+        let refs: Option<Vec<ChunkRef>> = chunks
             .iter()
-            .map(|&i| ChunkRef::from_toc(&self.toc.chunks()[i as usize]))
+            .map(|&i| table.chunk(i).map(chunk_ref))
             .collect();
+        let Some(refs) = refs else {
+            return Box::pin(async {
+                Err(ReadError::new("a chunk index past the layer's chunk table"))
+            });
+        };
         let span = chunks.first().copied().zip(chunks.last().copied());
         self.log.record(chunks);
         Box::pin(async move {
             let _reading = OnDemandRead::begin(&self.on_demand);
             if let Some((first, last)) = span {
-                self.read_ahead(first, last);
+                self.read_ahead(table, first, last);
             }
             let result = self
                 .cache
@@ -290,6 +320,7 @@ mod tests {
     use std::time::Duration;
 
     use streamsnap_cache::CacheConfig;
+    use streamsnap_format::Toc;
 
     use super::super::fake::{Blob, layer};
     use super::*;
@@ -324,13 +355,7 @@ mod tests {
         let cache = Arc::new(ChunkCache::open(CacheConfig::new(dir.path(), 1 << 30)).unwrap());
         let (toc, blob) = layer(40, 4096, true);
         let source: Arc<dyn BlobSource> = blob.clone();
-        let reader = CacheReader::new(
-            cache.clone(),
-            source,
-            toc.clone(),
-            Arc::default(),
-            readahead_bytes,
-        );
+        let reader = CacheReader::new(cache.clone(), source, Arc::default(), readahead_bytes);
         Rig {
             reader,
             cache,
@@ -367,17 +392,22 @@ mod tests {
         let cache = Arc::new(ChunkCache::open(CacheConfig::new(dir.path(), 1 << 30)).unwrap());
         let reader = |toc: &Arc<Toc>, blob: &Arc<Blob>| {
             let source: Arc<dyn BlobSource> = blob.clone();
-            CacheReader::new(cache.clone(), source, toc.clone(), Arc::default(), 4 << 20)
+            (
+                CacheReader::new(cache.clone(), source, Arc::default(), 4 << 20),
+                toc.clone(),
+            )
         };
         // 1 MiB chunks that compress to a few hundred bytes: a 4 MiB window holds all of them.
         let (toc, blob) = layer(64, 1 << 20, false);
-        let ahead = reader(&toc, &blob).ahead_of(0, 4 << 20);
+        let (r, t) = reader(&toc, &blob);
+        let ahead = r.ahead_of(&*t, 0, 4 << 20);
         assert_eq!(ahead.len(), 16, "16 MiB decoded");
         // One chunk over the decoded bound is still read ahead, alone.
-        let ahead = reader(&toc, &blob).ahead_of(0, 1);
+        let ahead = r.ahead_of(&*t, 0, 1);
         assert_eq!(ahead.len(), 1);
         let (toc, blob) = layer(3000, 16, false);
-        let ahead = reader(&toc, &blob).ahead_of(0, 4 << 20);
+        let (r, t) = reader(&toc, &blob);
+        let ahead = r.ahead_of(&*t, 0, 4 << 20);
         assert_eq!(ahead.len(), MAX_READAHEAD_CHUNKS);
     }
 
@@ -385,7 +415,10 @@ mod tests {
     async fn random_reads_fetch_only_what_they_read() {
         let rig = rig(1 << 20);
         for chunk in [5, 1, 20, 9, 30] {
-            rig.reader.read_chunks(&[chunk]).await.unwrap();
+            rig.reader
+                .read_chunks_in(&*rig.toc, &[chunk])
+                .await
+                .unwrap();
             rig.settle().await;
         }
         assert_eq!(rig.cached(), vec![1, 5, 9, 20, 30]);
@@ -396,13 +429,13 @@ mod tests {
     async fn sequential_reads_fetch_the_window_ahead_in_one_request() {
         // Frames of random 4 KiB are a little over 4 KiB: a 16 KiB window holds three.
         let rig = rig(16 << 10);
-        rig.reader.read_chunks(&[0]).await.unwrap();
-        rig.reader.read_chunks(&[1]).await.unwrap();
+        rig.reader.read_chunks_in(&*rig.toc, &[0]).await.unwrap();
+        rig.reader.read_chunks_in(&*rig.toc, &[1]).await.unwrap();
         rig.settle().await;
         assert_eq!(rig.cached(), vec![0, 1, 2, 3, 4]);
         assert_eq!(rig.blob.requests.load(Ordering::SeqCst), 3);
         // Reading on finds them cached and pushes the window further.
-        rig.reader.read_chunks(&[2, 3]).await.unwrap();
+        rig.reader.read_chunks_in(&*rig.toc, &[2, 3]).await.unwrap();
         rig.settle().await;
         assert_eq!(rig.cached(), (0..=6).collect::<Vec<_>>());
         assert_eq!(rig.blob.requests.load(Ordering::SeqCst), 4);
@@ -421,9 +454,9 @@ mod tests {
             cache.get(&source, &refs).await.unwrap();
         }
         let cache = Arc::new(ChunkCache::open(CacheConfig::new(dir.path(), 1 << 30)).unwrap());
-        let reader = CacheReader::new(cache.clone(), source, toc.clone(), Arc::default(), 16 << 10);
-        reader.read_chunks(&[0]).await.unwrap();
-        reader.read_chunks(&[1]).await.unwrap();
+        let reader = CacheReader::new(cache.clone(), source, Arc::default(), 16 << 10);
+        reader.read_chunks_in(&*toc, &[0]).await.unwrap();
+        reader.read_chunks_in(&*toc, &[1]).await.unwrap();
         for _ in 0..200 {
             if !reader.reading_ahead.load(Ordering::Acquire) {
                 break;
@@ -449,19 +482,19 @@ mod tests {
         let cache = Arc::new(ChunkCache::open(config).unwrap());
         let (toc, blob) = layer(8, 4096, true);
         let source: Arc<dyn BlobSource> = blob.clone();
-        let reader = CacheReader::new(cache, source, toc, Arc::default(), 0);
+        let reader = CacheReader::new(cache, source, Arc::default(), 0);
         blob.stalled.store(true, Ordering::SeqCst);
         let waited = |started: Instant| started.elapsed().as_secs_f64().round();
 
         let started = Instant::now();
-        assert!(reader.read_chunks(&[0]).await.is_err());
+        assert!(reader.read_chunks_in(&*toc, &[0]).await.is_err());
         assert_eq!(
             waited(started),
             3.0,
             "the first read waits the whole deadline"
         );
         let started = Instant::now();
-        assert!(reader.read_chunks(&[0]).await.is_err());
+        assert!(reader.read_chunks_in(&*toc, &[0]).await.is_err());
         assert_eq!(
             waited(started),
             PROBE_DEADLINE.as_secs_f64(),
@@ -469,7 +502,7 @@ mod tests {
         );
 
         blob.stalled.store(false, Ordering::SeqCst);
-        reader.read_chunks(&[1]).await.unwrap();
+        reader.read_chunks_in(&*toc, &[1]).await.unwrap();
         assert_eq!(
             reader.deadline(),
             Duration::from_secs(3),
@@ -478,10 +511,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn without_the_table_nothing_is_read_and_chunks_past_it_are_refused() {
+        let rig = rig(0);
+        assert!(rig.reader.read_chunks(&[0]).await.is_err());
+        assert!(rig.reader.read_chunks_in(&*rig.toc, &[40]).await.is_err());
+        assert_eq!(rig.blob.requests.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
     async fn no_read_ahead_when_it_is_off() {
         let rig = rig(0);
         for chunk in 0..6 {
-            rig.reader.read_chunks(&[chunk]).await.unwrap();
+            rig.reader
+                .read_chunks_in(&*rig.toc, &[chunk])
+                .await
+                .unwrap();
         }
         assert_eq!(rig.cached(), (0..6).collect::<Vec<_>>());
         assert_eq!(rig.blob.requests.load(Ordering::SeqCst), 6);
