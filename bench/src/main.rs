@@ -3,6 +3,7 @@
 //! to read them: docs/benchmarks.md.
 
 mod convert;
+mod memory;
 mod realistic;
 mod startup;
 mod stats;
@@ -28,6 +29,9 @@ enum Bench {
     /// Time to ready on a realistic multi-GB image behind a shaped link: full pull, streamsnap
     /// cold and warm, the physical limit, a growth series over the data layer's size.
     Realistic(realistic::Args),
+    /// Daemon memory as images pile up (VmRSS per mounted entry, idle, restart), and the lstat
+    /// of every entry, against another build of the daemon.
+    Memory(memory::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,5 +39,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Convert(args) => convert::run(args),
         Bench::Startup(args) => startup::run(args),
         Bench::Realistic(args) => realistic::run(args),
+        Bench::Memory(args) => memory::run(args),
     }
 }

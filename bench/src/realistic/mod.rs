@@ -19,7 +19,7 @@ mod doc;
 mod fsbench;
 mod image;
 mod report;
-mod runner;
+pub(crate) mod runner;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
