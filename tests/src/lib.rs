@@ -25,6 +25,7 @@ pub mod k8s_tools;
 pub mod layer_view;
 pub mod layers;
 pub mod node_containerd;
+pub mod postgres;
 pub mod private_node;
 pub mod proxy;
 pub mod registry;
@@ -80,6 +81,7 @@ pub fn debian_package(program: &str) -> Option<&'static str> {
         "ip" | "tc" => "iproute2",
         "unshare" | "nsenter" | "mount" | "umount" => "util-linux",
         "protoc" => "protobuf-compiler",
+        "initdb" | "pg_ctl" | "postgres" | "psql" => "postgresql",
         _ => return None,
     })
 }

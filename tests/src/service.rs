@@ -35,6 +35,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct ServiceHome {
     dir: Option<TempDir>,
     port: u16,
+    /// `--store URL` and `--store-password-file FILE` (PostgreSQL), if not the embedded store.
+    store: Option<(String, PathBuf)>,
     /// The API token (also in `token_file()`).
     pub token: String,
     /// The webhook secret (also in `secret_file()`).
@@ -44,12 +46,31 @@ pub struct ServiceHome {
 impl ServiceHome {
     /// A temp dir with a fresh token and secret (mode 0600), and a port that was free.
     pub fn new() -> anyhow::Result<Self> {
+        let token = format!("tok-{}", random_hex()?);
+        let secret = format!("hook-{}", random_hex()?);
+        Self::with_secrets(token, secret, None)
+    }
+
+    /// Another replica of the same service: the same token, secret and store, its own port
+    /// and state dir.
+    pub fn replica(&self) -> anyhow::Result<Self> {
+        Self::with_secrets(self.token.clone(), self.secret.clone(), self.store.clone())
+    }
+
+    /// Keeps the state in PostgreSQL (`serve --store URL --store-password-file FILE`).
+    pub fn use_postgres(&mut self, url: String, password_file: PathBuf) {
+        self.store = Some((url, password_file));
+    }
+
+    fn with_secrets(
+        token: String,
+        secret: String,
+        store: Option<(String, PathBuf)>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("streamsnap-e2e-service.")
             .tempdir()
             .context("creating a temp dir for the service")?;
-        let token = format!("tok-{}", random_hex()?);
-        let secret = format!("hook-{}", random_hex()?);
         for (name, value) in [("token", &token), ("secret", &secret)] {
             let path = dir.path().join(name);
             fs::write(&path, format!("{value}\n"))
@@ -61,6 +82,7 @@ impl ServiceHome {
         Ok(Self {
             dir: Some(dir),
             port,
+            store,
             token,
             secret,
         })
@@ -126,9 +148,17 @@ impl ServiceHome {
         if !extra.contains(&"--insecure-dev-loopback") {
             command.arg("--token-file").arg(self.token_file());
         }
+        if let Some((url, password_file)) = &self.store {
+            command
+                .args(["--store", url])
+                .arg("--store-password-file")
+                .arg(password_file);
+        }
         command
             .args(extra)
             .env_remove("STREAMSNAP_LOG")
+            .env_remove("STREAMSNAP_STORE")
+            .env_remove("PGPASSWORD")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

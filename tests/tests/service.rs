@@ -2,7 +2,9 @@
 //! docker-registry 2.8) sending it push and delete notifications: repository streaming states,
 //! auto-conversion, operations with show and cancel, restarts, cascade delete, concurrency
 //! with redelivered events, and authentication. Verbs go through the `streamsnap` CLI;
-//! what the registry holds is checked with the registry client.
+//! what the registry holds is checked with the registry client. Every scenario runs twice:
+//! with the embedded store (`redb::NAME`) and with PostgreSQL in a private cluster
+//! (`postgres::NAME`).
 
 use std::collections::HashSet;
 use std::process::{Command, Output};
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
 use streamsnap_e2e::image::{Compression, ImageSpec, LayerBlob, OciLayout};
+use streamsnap_e2e::postgres::{DATABASE, PgCluster};
 use streamsnap_e2e::service::{
     FailFirst, ServiceHome, ServiceProcess, WebhookRelay, request_with_body,
 };
@@ -25,9 +28,21 @@ const TOOLS: &[&str] = &["docker-registry", "skopeo"];
 const WAIT: Duration = Duration::from_secs(90);
 const POLL: Duration = Duration::from_millis(50);
 
+/// Where the service keeps its state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Redb,
+    Postgres,
+}
+
 /// A registry notifying a service (directly, or through a relay).
 struct Env {
     home: ServiceHome,
+    /// The service's database (PostgreSQL backend); dropped after the service.
+    _postgres: Option<PgCluster>,
+    /// Flags every start of the service gets (a short lease with PostgreSQL, so a killed
+    /// service's operation is taken over within seconds).
+    base_flags: Vec<&'static str>,
     registry: Registry,
     service: Option<ServiceProcess>,
     relay: Option<WebhookRelay>,
@@ -37,9 +52,23 @@ struct Env {
 }
 
 impl Env {
-    fn start(extra: &[&str], fail_first: Option<FailFirst>) -> anyhow::Result<Self> {
+    fn start(
+        backend: Backend,
+        extra: &[&str],
+        fail_first: Option<FailFirst>,
+    ) -> anyhow::Result<Self> {
         require_root_tools(TOOLS)?;
-        let home = ServiceHome::new()?;
+        let mut home = ServiceHome::new()?;
+        let (postgres, base_flags) = match backend {
+            Backend::Redb => (None, vec![]),
+            Backend::Postgres => {
+                let cluster = PgCluster::start()?;
+                home.use_postgres(cluster.url(DATABASE), cluster.password_file());
+                (Some(cluster), vec!["--operation-lease", "3"])
+            }
+        };
+        let mut flags = base_flags.clone();
+        flags.extend(extra);
         let relay = fail_first
             .map(|f| WebhookRelay::start(&home.addr(), f))
             .transpose()?;
@@ -47,9 +76,11 @@ impl Env {
             .as_ref()
             .map_or_else(|| home.webhook_url(), WebhookRelay::url);
         let registry = Registry::start_with_config_extra(&home.notifications_yaml(&url))?;
-        let service = home.start(&registry.addr(), extra)?;
+        let service = home.start(&registry.addr(), &flags)?;
         let env = Self {
             home,
+            _postgres: postgres,
+            base_flags,
             registry,
             service: Some(service),
             relay,
@@ -75,7 +106,9 @@ impl Env {
     }
 
     fn restart(&mut self, extra: &[&str]) -> anyhow::Result<()> {
-        self.service = Some(self.home.start(&self.registry.addr(), extra)?);
+        let mut flags = self.base_flags.clone();
+        flags.extend(extra);
+        self.service = Some(self.home.start(&self.registry.addr(), &flags)?);
         Ok(())
     }
 
@@ -316,9 +349,10 @@ fn start_slow_conversion(env: &Env, image: &str) -> anyhow::Result<String> {
     Ok(id)
 }
 
-#[test]
-fn a_new_repository_is_inactive_and_enabling_it_converts_only_new_pushes() -> anyhow::Result<()> {
-    let env = Env::start(&["-v"], None)?;
+fn a_new_repository_is_inactive_and_enabling_it_converts_only_new_pushes(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let env = Env::start(backend, &["-v"], None)?;
     let v1 = env.push("app", "v1", &small_spec("one"))?;
     env.barrier()?;
     let shown = env.cli_json(&["show", "--repository", "app"])?;
@@ -414,9 +448,8 @@ fn a_new_repository_is_inactive_and_enabling_it_converts_only_new_pushes() -> an
     Ok(())
 }
 
-#[test]
-fn cancel_stops_a_conversion_and_leaves_no_referrer() -> anyhow::Result<()> {
-    let env = Env::start(&["-v", "--concurrency", "1"], None)?;
+fn cancel_stops_a_conversion_and_leaves_no_referrer(backend: Backend) -> anyhow::Result<()> {
+    let env = Env::start(backend, &["-v", "--concurrency", "1"], None)?;
     let first = env.push("big", "v1", &slow_spec(1))?;
     let second = env.push("big", "v2", &slow_spec(2))?;
     let running = start_slow_conversion(&env, "big:v1")?;
@@ -490,9 +523,10 @@ fn cancel_stops_a_conversion_and_leaves_no_referrer() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_conversion_interrupted_by_kill_or_sigterm_is_resumed_after_restart() -> anyhow::Result<()> {
-    let mut env = Env::start(&["-v"], None)?;
+fn a_conversion_interrupted_by_kill_or_sigterm_is_resumed_after_restart(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let mut env = Env::start(backend, &["-v"], None)?;
     env.cli_ok(&[
         "update",
         "--repository",
@@ -503,12 +537,13 @@ fn a_conversion_interrupted_by_kill_or_sigterm_is_resumed_after_restart() -> any
     let digest = env.push("slow", "v1", &slow_spec(3))?;
     let id = start_slow_conversion(&env, "slow:v1")?;
 
-    // kill -9 mid-conversion: after the restart it is not left Running, it runs again.
+    // kill -9 mid-conversion: after the restart it is not left Running, it runs again (at
+    // once with the embedded store; with PostgreSQL once the dead worker's lease expired).
     env.service().kill9()?;
     env.restart(&["-v"])?;
-    let op = env.operation("slow", &id)?;
+    let op = env.wait_op("slow", &id, "taken over", |op| op["interruptions"] == 1)?;
     ensure!(
-        op["interruptions"] == 1 && matches!(state(&op), "NotStarted" | "Running"),
+        matches!(state(&op), "NotStarted" | "Running"),
         "after a kill -9 and a restart: {op:#}"
     );
     env.wait_op("slow", &id, "Running again", |op| {
@@ -548,10 +583,10 @@ fn a_conversion_interrupted_by_kill_or_sigterm_is_resumed_after_restart() -> any
     Ok(())
 }
 
-#[test]
-fn deleting_an_original_manifest_deletes_its_streaming_artifact_and_profile() -> anyhow::Result<()>
-{
-    let env = Env::start(&["-v"], None)?;
+fn deleting_an_original_manifest_deletes_its_streaming_artifact_and_profile(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let env = Env::start(backend, &["-v"], None)?;
     env.cli_ok(&[
         "update",
         "--repository",
@@ -652,9 +687,9 @@ fn deleting_an_original_manifest_deletes_its_streaming_artifact_and_profile() ->
     Ok(())
 }
 
-#[test]
-fn fifty_concurrent_pushes_make_fifty_operations_even_when_events_are_redelivered()
--> anyhow::Result<()> {
+fn fifty_concurrent_pushes_make_fifty_operations_even_when_events_are_redelivered(
+    backend: Backend,
+) -> anyhow::Result<()> {
     // The relay answers 500 to the first delivery of every manifest push, after the service
     // handled it: the registry delivers each of those events a second time.
     let fail_first: FailFirst = Box::new(|event: &Value| {
@@ -663,7 +698,7 @@ fn fifty_concurrent_pushes_make_fifty_operations_even_when_events_are_redelivere
                 .as_str()
                 .is_some_and(|t| t.contains("manifest") || t.contains("index"))
     });
-    let env = Env::start(&["-v"], Some(fail_first))?;
+    let env = Env::start(backend, &["-v"], Some(fail_first))?;
     env.cli_ok(&[
         "update",
         "--repository",
@@ -788,9 +823,10 @@ fn fifty_concurrent_pushes_make_fifty_operations_even_when_events_are_redelivere
     Ok(())
 }
 
-#[test]
-fn calls_without_the_token_or_the_webhook_secret_are_rejected() -> anyhow::Result<()> {
-    let env = Env::start(&["-vv"], None)?;
+fn calls_without_the_token_or_the_webhook_secret_are_rejected(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let env = Env::start(backend, &["-vv"], None)?;
     let addr = env.home.addr();
     let token = format!("Bearer {}", env.home.token);
     let secret = format!("Bearer {}", env.home.secret);
@@ -916,9 +952,10 @@ fn calls_without_the_token_or_the_webhook_secret_are_rejected() -> anyhow::Resul
     Ok(())
 }
 
-#[test]
-fn incompatible_pushes_fail_clearly_and_an_index_converts_its_amd64_entry() -> anyhow::Result<()> {
-    let env = Env::start(&["-v"], None)?;
+fn incompatible_pushes_fail_clearly_and_an_index_converts_its_amd64_entry(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let env = Env::start(backend, &["-v"], None)?;
     env.cli_ok(&[
         "update",
         "--repository",
@@ -975,3 +1012,35 @@ fn incompatible_pushes_fail_clearly_and_an_index_converts_its_amd64_entry() -> a
     ensure!(env.operations("mixed")?.len() == 3);
     Ok(())
 }
+
+/// Runs each scenario once per backend: `redb::NAME` and `postgres::NAME`.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod redb {
+            $(
+                #[test]
+                fn $name() -> anyhow::Result<()> {
+                    super::$name(super::Backend::Redb)
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[test]
+                fn $name() -> anyhow::Result<()> {
+                    super::$name(super::Backend::Postgres)
+                }
+            )*
+        }
+    };
+}
+
+both_backends!(
+    a_new_repository_is_inactive_and_enabling_it_converts_only_new_pushes,
+    cancel_stops_a_conversion_and_leaves_no_referrer,
+    a_conversion_interrupted_by_kill_or_sigterm_is_resumed_after_restart,
+    deleting_an_original_manifest_deletes_its_streaming_artifact_and_profile,
+    fifty_concurrent_pushes_make_fifty_operations_even_when_events_are_redelivered,
+    calls_without_the_token_or_the_webhook_secret_are_rejected,
+    incompatible_pushes_fail_clearly_and_an_index_converts_its_amd64_entry,
+);

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use streamsnap_service::{ApiAuth, OperationLimits, Secret, Server, ServiceConfig};
+use streamsnap_service::{
+    ApiAuth, OperationLimits, PostgresStore, Secret, Server, ServiceConfig, StoreConfig,
+};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::registry_args::RegistryArgs;
@@ -20,9 +22,27 @@ pub struct Args {
     /// Address of the HTTP API and webhook.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Where the store (state.redb) and staging files live; created with mode 0700.
+    /// Where staging files (and, without --store, the store state.redb) live; created with
+    /// mode 0700. One `serve` per state dir.
     #[arg(long, value_name = "DIR")]
     state_dir: PathBuf,
+    /// Keep states and operations in this PostgreSQL database, shared by every replica of the
+    /// service, instead of state.redb (one service on one machine). No password in the URL:
+    /// the password comes from PGPASSWORD or --store-password-file.
+    #[arg(
+        long,
+        env = "STREAMSNAP_STORE",
+        value_name = "postgres://USER@HOST:PORT/DB"
+    )]
+    store: Option<String>,
+    /// File holding the database password (with --store) [default: the PGPASSWORD variable].
+    #[arg(long, value_name = "FILE", requires = "store")]
+    store_password_file: Option<PathBuf>,
+    /// A running operation whose replica has not renewed its lease (every second) for this
+    /// many seconds is taken over: resumed by another replica, or Failed after 3 interruptions.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(3..=3600))]
+    operation_lease: u64,
     /// File holding the API token that every /v1 call but the webhook and /v1/healthz needs.
     /// Required, unless --insecure-dev-loopback (a developer's machine) lets loopback callers
     /// in without one.
@@ -86,6 +106,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.insecure_dev_loopback {
         tracing::warn!("--insecure-dev-loopback: API calls from loopback addresses need no token");
     }
+    let store = match &args.store {
+        None => StoreConfig::Embedded,
+        Some(url) => {
+            let password = match &args.store_password_file {
+                Some(path) => Some(read_secret(path).context("reading --store-password-file")?),
+                None => std::env::var(PASSWORD_ENV).ok().and_then(Secret::new),
+            };
+            StoreConfig::Postgres(Box::new(PostgresStore::from_url(url, password.as_ref())?))
+        }
+    };
     let client = args.registry_args.client_for_registry(&args.registry)?;
     let auth = ApiAuth {
         token,
@@ -99,6 +129,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         webhook_secret,
     );
     config.concurrency = usize::from(args.concurrency);
+    config.store = store;
+    config.lease = Duration::from_secs(args.operation_lease);
     config.limits = OperationLimits {
         timeout: Duration::from_secs(args.operation_timeout),
         max_layer_size: args.max_layer_size,
@@ -109,12 +141,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .as_deref()
         .map(crate::signing::load)
         .transpose()?;
-    let server = Server::start(config, client).await.with_context(|| {
-        format!(
-            "starting the service with state in {}",
-            args.state_dir.display()
-        )
-    })?;
+    let state = match &config.store {
+        StoreConfig::Postgres(pg) => pg.to_string(),
+        StoreConfig::Embedded => args.state_dir.join("state.redb").display().to_string(),
+    };
+    let server = Server::start(config, client)
+        .await
+        .with_context(|| format!("starting the service with its state in {state}"))?;
     tracing::info!(registry = %args.registry, "listening on http://{}", server.local_addr());
 
     let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
@@ -128,6 +161,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     server.run(shutdown).await?;
     Ok(())
 }
+
+/// The database password, as libpq reads it.
+const PASSWORD_ENV: &str = "PGPASSWORD";
 
 fn read_secret(path: &Path) -> anyhow::Result<Secret> {
     let secret = Secret::from_file(path)?;

@@ -124,12 +124,17 @@ pub struct Operation {
     pub subject_digest: Option<Digest>,
     pub trigger: Trigger,
     pub options: OperationOptions,
-    /// Times the service died while it ran (it is resumed after a restart).
+    /// Times the service (or the replica running it) died while it ran; it is resumed, on
+    /// another replica or after a restart.
     #[serde(default)]
     pub interruptions: u32,
     /// A cancel was asked for and not yet carried out.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// The replica (worker) running the operation, or the last one that ran it:
+    /// `HOSTNAME-PID-RANDOM` of a `streamsnap serve` process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
     pub created: Timestamp,
     pub updated: Timestamp,
     /// Creation order (the queue order).

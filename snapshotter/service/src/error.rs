@@ -41,6 +41,14 @@ pub enum Error {
         source: redb::Error,
     },
 
+    /// The shared store (`serve --store postgres://...`) failed.
+    #[error("store: {context}")]
+    Postgres {
+        context: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
     #[error("stored record {key:?} is unreadable")]
     Record {
         key: String,
@@ -83,7 +91,12 @@ impl Error {
             Self::Registry(e) if e.is_not_found() => StatusCode::NOT_FOUND,
             Self::Registry(_) => StatusCode::BAD_GATEWAY,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            // No SQLSTATE: the database is unreachable or the connection broke; try again.
+            Self::Postgres { source, .. } if source.code().is_none() => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Store { .. }
+            | Self::Postgres { .. }
             | Self::Record { .. }
             | Self::Io { .. }
             | Self::Listen { .. }
@@ -108,6 +121,15 @@ store_from!(
     redb::StorageError,
     redb::CommitError
 );
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(source: tokio_postgres::Error) -> Self {
+        Self::Postgres {
+            context: "database operation",
+            source,
+        }
+    }
+}
 
 /// Errors of [`crate::ServiceClient`].
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,8 @@
 //! states, conversion operations run by a bounded worker pool, and the registry's push and
 //! delete notifications (auto-conversion of new images in Active repositories, cascade
 //! delete of artifacts whose image was deleted). Served as a versioned HTTP JSON API
-//! (`/v1/...`, see `docs/service.md`), persisted in an embedded store; plus the API's client.
+//! (`/v1/...`, see `docs/service.md`), persisted in an embedded store (redb, one machine) or
+//! in PostgreSQL shared by several replicas; plus the API's client.
 //!
 //! This layer drives the converter (`streamsnap-convert`) and the registry client; it knows
 //! nothing of containerd, FUSE or the node. It serves HTTP with hyper and no framework, and
@@ -25,3 +26,4 @@ pub use client::ServiceClient;
 pub use error::{ClientError, Error, Result, chain};
 pub use server::Server;
 pub use service::{OperationLimits, RATIO_FREE_BYTES, ServiceConfig};
+pub use store::{PostgresStore, StoreConfig};

@@ -1,10 +1,13 @@
 //! The HTTP/1.1 server (hyper), start-up and graceful shutdown.
 //!
-//! Start: open the store, recover what a previous run left (see [`crate::store::Store::recover`]),
-//! clear the staging dir, bind, start the workers, queue every NotStarted operation.
+//! Start: open the store (applying migrations), take over what a previous run left (see
+//! [`crate::store::Store::reap`]: with the embedded store every Running operation, with a
+//! shared one those whose lease expired), clear the staging dir, bind, start the workers (they
+//! claim queued operations from the store).
 //! Shutdown: stop accepting connections and webhooks, tell running conversions to stop (they
-//! go back to NotStarted and are resumed at the next start; nothing half-pushed is left
-//! referenced), wait for them, then for open connections, each up to a timeout.
+//! go back to NotStarted, where another replica or the next start resumes them; nothing
+//! half-pushed is left referenced), wait for them, then for open connections, each up to a
+//! timeout.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,14 +20,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use streamsnap_registry::Client;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::routes;
 use crate::service::{Service, ServiceConfig};
-use crate::store::Store;
-use crate::worker;
+use crate::store::{Reap, Store};
+use crate::{ids, worker};
 
 /// A client must send its request head within this time.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,30 +86,33 @@ impl Server {
                 limits.timeout, limits.max_layer_size, limits.max_compression_ratio
             )));
         }
+        if config.lease < Duration::from_secs(1) || config.poll_interval.is_zero() {
+            return Err(Error::Config(format!(
+                "the operation lease must be at least 1 s (it is {:?}) and the poll interval \
+                 above zero",
+                config.lease
+            )));
+        }
         if config.event_prune_interval.is_zero() {
             return Err(Error::Config(
                 "the event ID prune interval must be above zero".into(),
             ));
         }
-        let db_path = state_dir.join("state.redb");
-        let max_interruptions = config.max_interruptions;
+        let wake = Arc::new(Notify::new());
+        let store = Store::open(&config.store, &state_dir, wake.clone()).await?;
+        let store_name = Store::describe(&config.store, &state_dir);
+        // The embedded store's file is locked by this process: whatever is Running was left
+        // by a service that died. A shared store's Running operations may be other replicas'
+        // work: only expired leases are taken over.
+        let (scope, why) = if store.is_shared() {
+            (Reap::Expired, "its replica stopped renewing its lease")
+        } else {
+            (Reap::AllRunning, "by the last stop")
+        };
+        let recovered = store.reap(scope, config.max_interruptions).await?;
+        worker::log_recovered(&recovered, why);
         let (event_ttl_ms, max_event_ids) = (millis(config.event_ttl), config.max_event_ids);
-        let (store, recovered) = tokio::task::spawn_blocking(move || {
-            let store = Store::open(&db_path)?;
-            let recovered = store.recover(max_interruptions, event_ttl_ms, max_event_ids)?;
-            Ok::<_, Error>((store, recovered))
-        })
-        .await
-        .expect("store task panicked")?;
-        for id in &recovered.resumed {
-            tracing::warn!(id, "operation interrupted by the last stop; resuming it");
-        }
-        for id in &recovered.failed {
-            tracing::warn!(id, "operation interrupted too many times; marked Failed");
-        }
-        for id in &recovered.canceled {
-            tracing::info!(id, "operation canceled during the last stop");
-        }
+        store.prune_events(event_ttl_ms, max_event_ids).await?;
 
         let listener = TcpListener::bind(config.listen)
             .await
@@ -114,25 +120,23 @@ impl Server {
                 addr: config.listen,
                 source,
             })?;
-        let (queue, queue_rx) = mpsc::unbounded_channel();
         let service = Arc::new(Service {
             config,
             client,
-            store: Arc::new(store),
+            store,
+            worker_id: worker_id(),
             live: Mutex::new(HashMap::new()),
-            queue,
+            wake,
             stopping: watch::Sender::new(false),
             finished: watch::Sender::new(0),
             work_dir,
         });
-        let mut workers = worker::spawn(service.clone(), queue_rx);
+        let mut workers = worker::spawn(service.clone());
         workers.push(tokio::spawn(prune_events(service.clone())));
-        for id in &recovered.queue {
-            service.enqueue(id);
-        }
         tracing::info!(
             registry = %service.config.registry,
-            queued = recovered.queue.len(),
+            store = %store_name,
+            worker = %service.worker_id,
             concurrency = service.config.concurrency,
             "service started"
         );
@@ -227,15 +231,23 @@ async fn prune_events(service: Arc<Service>) {
             _ = stopping.wait_for(|s| *s) => return,
             () = tokio::time::sleep(config.event_prune_interval) => {}
         }
-        match service
-            .store(move |s| s.prune_events(ttl_ms, max_ids))
-            .await
-        {
+        match service.store.prune_events(ttl_ms, max_ids).await {
             Ok(0) => {}
             Ok(pruned) => tracing::debug!(pruned, "forgot old registry event IDs"),
             Err(e) => crate::service::log_error("cannot forget old registry event IDs", &e),
         }
     }
+}
+
+/// This process as a worker: `HOSTNAME-PID-RANDOM` (a pod's name on Kubernetes), unique even
+/// when a replica restarts with the same host name and PID.
+fn worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "streamsnap".to_owned());
+    format!("{host}-{}-{}", std::process::id(), &ids::new_id()[..6])
 }
 
 fn millis(d: Duration) -> u64 {
@@ -289,25 +301,24 @@ mod tests {
             .await
             .unwrap();
         let service = server.service.clone();
-        // What a push notification records (without a registry to convert from: the
-        // operation is only stored, not queued).
+        // What a push notification records (there is no registry to convert from: a worker
+        // takes the operation and it fails).
         let created = service
-            .store(|s| {
-                s.create_operation(NewOperation {
-                    repository: "a/b".into(),
-                    reference: "v1".into(),
-                    manifest_digest: streamsnap_format::Digest::sha256(b"m"),
-                    trigger: Trigger::Push,
-                    options: OperationOptions::default(),
-                    event_id: Some("event-1".into()),
-                })
+            .store
+            .create_operation(NewOperation {
+                repository: "a/b".into(),
+                reference: "v1".into(),
+                manifest_digest: streamsnap_format::Digest::sha256(b"m"),
+                trigger: Trigger::Push,
+                options: OperationOptions::default(),
+                event_id: Some("event-1".into()),
             })
             .await
             .unwrap();
         assert!(matches!(created, Created::New(_)));
-        assert_eq!(service.store(|s| s.event_ids()).await.unwrap(), 1);
+        assert_eq!(service.store.event_ids().await.unwrap(), 1);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while service.store(|s| s.event_ids()).await.unwrap() > 0 {
+        while service.store.event_ids().await.unwrap() > 0 {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the event ID is still remembered past its time to live"

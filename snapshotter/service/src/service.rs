@@ -12,7 +12,7 @@ use std::time::Duration;
 use streamsnap_convert::{ConvertOptions, Progress};
 use streamsnap_format::{Digest, MAX_CHUNK_SIZE, media};
 use streamsnap_registry::{Client, Reference, Repository};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, watch};
 
 use crate::api::{
     CreateOperation, Operation, OperationOptions, OperationState, Repository as RepositoryState,
@@ -22,7 +22,11 @@ use crate::auth::{ApiAuth, Secret};
 use crate::error::{Error, Result, chain};
 use crate::events::{self, Action, Envelope};
 use crate::ids;
-use crate::store::{Created, NewOperation, Store};
+use crate::store::{Created, NewOperation, Store, StoreConfig};
+
+/// How often a cancel call looks whether the operation stopped (it may run on another
+/// replica, whose worker sees the cancel at its next heartbeat).
+const CANCEL_POLL: Duration = Duration::from_millis(200);
 
 /// How `streamsnap serve` runs.
 #[derive(Clone, Debug)]
@@ -30,15 +34,26 @@ pub struct ServiceConfig {
     /// The registry served, `host[:port]`; repositories are named relative to it.
     pub registry: String,
     pub listen: SocketAddr,
-    /// Holds `state.redb` and `work/` (staging files of running conversions).
+    /// Holds `work/` (staging files of running conversions) and, with the embedded store,
+    /// `state.redb`.
     pub state_dir: PathBuf,
+    /// Where states and operations are kept: redb in `state_dir` (one service), or a
+    /// PostgreSQL database shared by several replicas (`serve --store`).
+    pub store: StoreConfig,
+    /// A Running operation whose worker has not renewed its lease for this long is taken
+    /// over (resumed elsewhere, or Failed after `max_interruptions`); `serve --operation-lease`.
+    pub lease: Duration,
+    /// How often idle workers look for queued operations even without a wake-up, and expired
+    /// leases are looked for.
+    pub poll_interval: Duration,
     pub auth: ApiAuth,
     pub webhook_secret: Secret,
     /// Conversions run at once.
     pub concurrency: usize,
     /// Defaults for conversions (an operation may ask for another chunk size or level).
     pub convert: ConvertOptions,
-    /// A conversion the service died in this many times ends Failed instead of resuming.
+    /// A conversion the service (or its replica) died in this many times ends Failed instead
+    /// of resuming.
     pub max_interruptions: u32,
     /// How long a graceful shutdown waits for running conversions to stop.
     pub shutdown_timeout: Duration,
@@ -98,8 +113,8 @@ impl OperationLimits {
 }
 
 impl ServiceConfig {
-    /// A configuration with the defaults: 2 conversions at once, 3 interruptions, 30 s to
-    /// shut down, 10 s to cancel, [`OperationLimits::default`], event IDs kept 7 days (at most
+    /// A configuration with the defaults: the embedded store, 2 conversions at once, leases
+    /// of 30 s, 3 interruptions, 30 s to shut down, 10 s to cancel, [`OperationLimits::default`], event IDs kept 7 days (at most
     /// 100,000) and pruned every hour.
     pub fn new(
         registry: String,
@@ -112,6 +127,9 @@ impl ServiceConfig {
             registry,
             listen,
             state_dir,
+            store: StoreConfig::Embedded,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(2),
             auth,
             webhook_secret,
             concurrency: 2,
@@ -149,9 +167,12 @@ impl Live {
 pub(crate) struct Service {
     pub config: ServiceConfig,
     pub client: Client,
-    pub store: Arc<Store>,
+    pub store: Store,
+    /// This process's name as a worker (`HOSTNAME-PID-RANDOM`): operations it runs carry it.
+    pub worker_id: String,
     pub live: Mutex<HashMap<String, Arc<Live>>>,
-    pub queue: mpsc::UnboundedSender<String>,
+    /// Wakes idle workers: an operation was queued (here, or by another replica).
+    pub wake: Arc<Notify>,
     /// True once shutdown began: workers take no more operations.
     pub stopping: watch::Sender<bool>,
     /// Bumped whenever an operation reaches its final state (or goes back to the queue).
@@ -162,17 +183,6 @@ pub(crate) struct Service {
 impl Service {
     pub fn is_stopping(&self) -> bool {
         *self.stopping.borrow()
-    }
-
-    /// Runs a store call on the blocking pool (redb commits wait for the disk).
-    pub async fn store<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Store) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .expect("store task panicked")
     }
 
     /// `name` as a repository of the served registry; refuses names the registry would not
@@ -199,10 +209,10 @@ impl Service {
         }
     }
 
-    pub fn enqueue(&self, id: &str) {
-        // The receiver lives as long as the workers; once they stopped, the store keeps the
-        // operation NotStarted and the next start queues it.
-        let _ = self.queue.send(id.to_owned());
+    /// Wakes the idle workers: an operation was queued. (The queue is the store's NotStarted
+    /// operations; workers claim from it, here or on another replica.)
+    pub fn enqueue(&self) {
+        self.wake.notify_waiters();
     }
 
     /// The operation with live progress when it runs.
@@ -220,18 +230,13 @@ impl Service {
         if let Some(name) = &only {
             self.repository(name)?;
         }
-        self.store(move |s| s.repositories(only.as_deref())).await
+        self.store.repositories(only.as_deref()).await
     }
 
     pub async fn set_streaming(&self, name: &str, streaming: Streaming) -> Result<RepositoryState> {
         self.repository(name)?;
-        let owned = name.to_owned();
-        let repos = self
-            .store(move |s| {
-                s.set_streaming(&owned, streaming)?;
-                s.repositories(Some(&owned))
-            })
-            .await?;
+        self.store.set_streaming(name, streaming).await?;
+        let repos = self.store.repositories(Some(name)).await?;
         tracing::info!(repository = name, %streaming, "repository streaming state changed");
         Ok(repos
             .into_iter()
@@ -274,10 +279,10 @@ impl Service {
             },
             event_id: None,
         };
-        match self.store(move |s| s.create_operation(new)).await? {
+        match self.store.create_operation(new).await? {
             Created::New(op) => {
                 tracing::info!(id = %op.id, image = %op.image(), digest = %op.manifest_digest, "operation created");
-                self.enqueue(&op.id);
+                self.enqueue();
                 Ok((op, true))
             }
             Created::Existing(op) => Ok((self.with_live_progress(op), false)),
@@ -309,7 +314,7 @@ impl Service {
             return Err(Error::not_found(format!("operation {id:?} in {name}")));
         }
         let owned = id.to_owned();
-        match self.store(move |s| s.operation(&owned)).await? {
+        match self.store.operation(&owned).await? {
             Some(op) if op.repository == name => Ok(self.with_live_progress(op)),
             _ => Err(Error::not_found(format!("operation {id} in {name}"))),
         }
@@ -331,14 +336,12 @@ impl Service {
                 Err(e) => return Err(e),
             },
         };
-        let owned = name.to_owned();
         let ops = self
-            .store(move |s| {
-                s.operations(&owned, |op| match (&reference, &digest) {
-                    (None, _) => true,
-                    (Some(_), Some(d)) => op.manifest_digest == *d,
-                    (Some(r), None) => op.reference == *r,
-                })
+            .store
+            .operations(name, move |op| match (&reference, &digest) {
+                (None, _) => true,
+                (Some(_), Some(d)) => op.manifest_digest == *d,
+                (Some(r), None) => op.reference == *r,
             })
             .await?;
         Ok(ops
@@ -365,12 +368,14 @@ impl Service {
             if op.state.is_terminal() {
                 return Ok(op);
             }
-            if tokio::time::timeout_at(deadline, finished.changed())
-                .await
-                .is_err()
-            {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
                 return Ok(op); // still stopping: cancel_requested tells
             }
+            // Woken when a worker here finishes; a worker on another replica is only seen in
+            // the store, so look again every little while.
+            let _ =
+                tokio::time::timeout_at(deadline.min(now + CANCEL_POLL), finished.changed()).await;
         }
     }
 
@@ -378,20 +383,18 @@ impl Service {
     /// Running one is told to stop (its worker ends it Canceled and removes any artifact it
     /// pushed).
     async fn request_cancel(&self, id: &str, reason: &'static str) -> Result<()> {
-        let owned = id.to_owned();
         let op = self
-            .store(move |s| {
-                s.update(&owned, |op| {
-                    if op.state.is_terminal() || op.cancel_requested {
-                        return false;
-                    }
-                    op.cancel_requested = true;
-                    if op.state == OperationState::NotStarted {
-                        op.state = OperationState::Canceled;
-                        op.error = Some(format!("{reason} before it started"));
-                    }
-                    true
-                })
+            .store
+            .update(id, move |op| {
+                if op.state.is_terminal() || op.cancel_requested {
+                    return false;
+                }
+                op.cancel_requested = true;
+                if op.state == OperationState::NotStarted {
+                    op.state = OperationState::Canceled;
+                    op.error = Some(format!("{reason} before it started"));
+                }
+                true
             })
             .await?;
         if let Some(live) = self.live.lock().expect("live map lock").get(id) {
@@ -450,7 +453,7 @@ impl Service {
             return Ok(PushOutcome::Ignored);
         };
         let owned = name.clone();
-        if self.store(move |s| s.streaming(&owned)).await? != Streaming::Active {
+        if self.store.streaming(&owned).await? != Streaming::Active {
             tracing::debug!(repository = %name, %tag, "push into an inactive repository");
             return Ok(PushOutcome::Ignored);
         }
@@ -471,10 +474,10 @@ impl Service {
             options: OperationOptions::default(),
             event_id: Some(event_id),
         };
-        Ok(match self.store(move |s| s.create_operation(new)).await? {
+        Ok(match self.store.create_operation(new).await? {
             Created::New(op) => {
                 tracing::info!(id = %op.id, image = %op.image(), digest = %op.manifest_digest, "operation created for a push");
-                self.enqueue(&op.id);
+                self.enqueue();
                 PushOutcome::Created
             }
             Created::Existing(op) => {
@@ -496,7 +499,7 @@ impl Service {
             return Ok(0);
         };
         let owned = name.to_owned();
-        if let Some(op) = self.store(move |s| s.latest_for(&owned, &digest)).await?
+        if let Some(op) = self.store.latest_for(&owned, &digest).await?
             && !op.state.is_terminal()
         {
             self.request_cancel(&op.id, "the image manifest was deleted")

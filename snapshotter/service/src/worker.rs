@@ -1,88 +1,178 @@
-//! The worker pool: `concurrency` tasks take operation IDs from the queue and run them with
-//! the converter. The queue in memory only mirrors the store, where every NotStarted operation
-//! is kept: a restart rebuilds it in creation order.
+//! The worker pool: `concurrency` tasks claim the oldest NotStarted operation from the store
+//! (the queue is the store's, shared by every replica) and run it with the converter. A claimed
+//! operation is Running under the worker's lease, which its heartbeat renews every second while
+//! it also records progress and picks up a cancel asked for on any replica. A worker that loses
+//! its lease (it could not renew it in time and another replica took the operation over) drops
+//! the conversion and records nothing. A task of its own takes over operations whose lease
+//! expired: their worker died.
 //!
 //! Ends of an operation:
 //! - the conversion pushed an artifact: Succeeded (or, when a user canceled it just too late,
 //!   the artifact is removed again and the operation is Canceled);
 //! - the converter stopped on a user's cancel: Canceled, nothing pushed but unreferenced blobs;
-//! - it stopped because the service shuts down: back to NotStarted, resumed after the restart;
+//! - it stopped because the service shuts down: back to NotStarted, resumed by another replica
+//!   or after the restart;
 //! - it ran past the time limit: stopped, Failed with the limit and the flag that sets it;
 //! - a layer over the size limits: Failed, with the limits and the flags that set them;
 //! - any other error: Failed, with the error and its causes.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use streamsnap_convert::{ConvertOptions, CreateOptions, Created};
 use streamsnap_format::Digest;
 use streamsnap_registry::{Client, Reference, Repository};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::api::{OperationState, Progress};
+use crate::api::{Operation, OperationState, Progress};
 use crate::error::chain;
 use crate::service::{Live, OperationLimits, Service, log_error};
+use crate::store::{Lease, Reap, Recovered};
 
-/// How often a running operation's progress is written to the store.
-const PERSIST_PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// How often a running operation's worker renews its lease and writes its progress (more often
+/// when the lease is shorter than 3 s).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// How long a conversion told to stop at its time limit gets to stop (it checks between reads
 /// and requests) before the worker drops it and takes the next operation.
 const STOP_GRACE: Duration = Duration::from_secs(30);
 
-pub(crate) fn spawn(
-    service: Arc<Service>,
-    queue: mpsc::UnboundedReceiver<String>,
-) -> Vec<JoinHandle<()>> {
-    let queue = Arc::new(tokio::sync::Mutex::new(queue));
-    (0..service.config.concurrency.max(1))
-        .map(|_| tokio::spawn(work(service.clone(), queue.clone())))
-        .collect()
+/// Starts `concurrency` workers and the task that takes over operations whose worker is gone.
+pub(crate) fn spawn(service: Arc<Service>) -> Vec<JoinHandle<()>> {
+    let mut tasks: Vec<_> = (0..service.config.concurrency.max(1))
+        .map(|_| tokio::spawn(work(service.clone())))
+        .collect();
+    tasks.push(tokio::spawn(reap_expired(service)));
+    tasks
 }
 
-async fn work(
-    service: Arc<Service>,
-    queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>>,
-) {
+/// One worker: claims the oldest queued operation and runs it, until the service stops; idle,
+/// it waits for a wake-up (an operation queued here, or a notification from the store) or the
+/// poll interval.
+async fn work(service: Arc<Service>) {
     let mut stopping = service.stopping.subscribe();
     loop {
-        let next = {
-            let mut queue = queue.lock().await;
-            tokio::select! {
-                biased;
-                _ = stopping.wait_for(|s| *s) => None,
-                id = queue.recv() => id,
-            }
-        };
-        let Some(id) = next else { return };
-        // Its own task, so that a panic (a bug) fails the operation instead of the worker.
-        let task = tokio::spawn({
-            let service = service.clone();
-            let id = id.clone();
-            async move { run(&service, &id).await }
-        });
-        if let Err(error) = task.await {
-            tracing::error!(id, %error, "the conversion task panicked");
-            service.live.lock().expect("live map lock").remove(&id);
-            let failed = service
-                .store(move |s| {
-                    s.update(&id, |op| {
-                        op.state = OperationState::Failed;
-                        op.error = Some(
-                            "internal error: the conversion panicked (a bug in streamsnap;                              see the service log)"
-                                .into(),
-                        );
-                        true
-                    })
-                })
-                .await;
-            if let Err(e) = failed {
-                log_error("cannot record a failed operation", &e);
-            }
-            service.finished.send_modify(|n| *n += 1);
+        if service.is_stopping() {
+            return;
         }
+        // Registered before the claim, so a wake-up between the two is not missed.
+        let notified = service.wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match service
+            .store
+            .claim(&service.worker_id, service.config.lease)
+            .await
+        {
+            Ok(Some(op)) => {
+                run_guarded(&service, op).await;
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => log_error("cannot take a queued operation", &e),
+        }
+        tokio::select! {
+            biased;
+            _ = stopping.wait_for(|s| *s) => return,
+            () = &mut notified => {}
+            () = tokio::time::sleep(service.config.poll_interval) => {}
+        }
+    }
+}
+
+/// Runs `op` in a task of its own, so that a panic (a bug) fails the operation instead of the
+/// worker.
+async fn run_guarded(service: &Arc<Service>, op: Operation) {
+    let id = op.id.clone();
+    let task = tokio::spawn({
+        let service = service.clone();
+        async move { run(&service, op).await }
+    });
+    if let Err(error) = task.await {
+        tracing::error!(id, %error, "the conversion task panicked");
+        service.live.lock().expect("live map lock").remove(&id);
+        let failed = finish(service, &id, |op| {
+            op.state = OperationState::Failed;
+            op.error = Some(
+                "internal error: the conversion panicked (a bug in streamsnap; see the service \
+                 log)"
+                    .into(),
+            );
+        })
+        .await;
+        if let Err(e) = failed {
+            log_error("cannot record a failed operation", &e);
+        }
+        service.finished.send_modify(|n| *n += 1);
+    }
+}
+
+/// Records the end of operation `id` if it is still Running for this worker (another replica
+/// may have taken it over after this one failed to renew its lease). Returns whether it did.
+async fn finish(
+    service: &Service,
+    id: &str,
+    change: impl FnOnce(&mut Operation) + Send + 'static,
+) -> crate::error::Result<bool> {
+    let me = service.worker_id.clone();
+    let applied = Arc::new(AtomicBool::new(false));
+    let flag = applied.clone();
+    service
+        .store
+        .update(id, move |op| {
+            if op.state != OperationState::Running || op.worker.as_deref() != Some(me.as_str()) {
+                return false;
+            }
+            change(op);
+            op.cancel_requested = false;
+            flag.store(true, Ordering::SeqCst);
+            true
+        })
+        .await?;
+    Ok(applied.load(Ordering::SeqCst))
+}
+
+/// Every poll interval: Running operations whose worker stopped renewing its lease (a replica
+/// that died, or hangs) are resumed here or elsewhere, or end Failed or Canceled.
+async fn reap_expired(service: Arc<Service>) {
+    let mut stopping = service.stopping.subscribe();
+    loop {
+        tokio::select! {
+            _ = stopping.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(service.config.poll_interval) => {}
+        }
+        match service
+            .store
+            .reap(Reap::Expired, service.config.max_interruptions)
+            .await
+        {
+            Ok(recovered) if recovered.is_empty() => {}
+            Ok(recovered) => {
+                log_recovered(&recovered, "its worker stopped renewing its lease");
+                if !recovered.resumed.is_empty() {
+                    service.enqueue();
+                }
+                service.finished.send_modify(|n| *n += 1);
+            }
+            Err(e) => log_error("cannot look for operations whose worker is gone", &e),
+        }
+    }
+}
+
+/// Logs what [`crate::store::Store::reap`] did; `why` the operations' worker is gone.
+pub(crate) fn log_recovered(recovered: &Recovered, why: &str) {
+    for id in &recovered.resumed {
+        tracing::warn!(id, "operation interrupted ({why}); resuming it");
+    }
+    for id in &recovered.failed {
+        tracing::warn!(
+            id,
+            "operation interrupted ({why}) too many times; marked Failed"
+        );
+    }
+    for id in &recovered.canceled {
+        tracing::info!(id, "operation canceled while it was interrupted ({why})");
     }
 }
 
@@ -93,48 +183,20 @@ enum Outcome {
     },
     Failed(String),
     Canceled(String),
-    /// Stopped by the shutdown: queue it again at the next start.
+    /// Stopped by the shutdown: queued again (another replica, or the next start, resumes it).
     Requeue,
 }
 
-async fn run(service: &Arc<Service>, id: &str) {
-    // NotStarted -> Running, only by this worker; anything else (canceled meanwhile, or
-    // already finished) is skipped.
-    let owned = id.to_owned();
-    let started = service
-        .store(move |s| {
-            let mut mine = false;
-            let op = s.update(&owned, |op| {
-                if op.state != OperationState::NotStarted {
-                    return false;
-                }
-                op.state = OperationState::Running;
-                op.error = None;
-                op.progress = Progress::default();
-                mine = true;
-                true
-            })?;
-            Ok(op.filter(|_| mine))
-        })
-        .await;
-    let op = match started {
-        Ok(Some(op)) => op,
-        Ok(None) => return,
-        Err(e) => return log_error("cannot start an operation", &e),
-    };
+async fn run(service: &Arc<Service>, op: Operation) {
+    let id = op.id.as_str();
     let live = Arc::new(Live::default());
     service
         .live
         .lock()
         .expect("live map lock")
         .insert(id.to_owned(), live.clone());
-    // A cancel or a shutdown that came between the start and the registration above.
-    let owned = id.to_owned();
-    if let Ok(Some(now)) = service.store(move |s| s.operation(&owned)).await
-        && now.cancel_requested
-    {
-        live.cancel(true);
-    }
+    // A shutdown that began between the claim and the registration above (a cancel is seen at
+    // the first heartbeat).
     if service.is_stopping() {
         live.cancel(false);
     }
@@ -172,6 +234,7 @@ async fn run(service: &Arc<Service>, id: &str) {
         live.progress.clone(),
         limits,
     );
+    let renewed = Mutex::new(Instant::now());
     let timed = {
         use tracing::Instrument;
         within_time_limit(
@@ -179,7 +242,8 @@ async fn run(service: &Arc<Service>, id: &str) {
             limits.timeout,
             STOP_GRACE,
             &live.progress.cancel,
-            || persist_progress(service, id, &live),
+            heartbeat_every(service.config.lease),
+            || heartbeat(service, id, &live, &renewed),
         )
         .await
     };
@@ -189,6 +253,13 @@ async fn run(service: &Arc<Service>, id: &str) {
     let (result, timed_out) = match timed {
         Timed::Done { result, timed_out } => (Some(result), timed_out),
         Timed::Abandoned => (None, true),
+        Timed::Stopped => {
+            // Not ours any more: whatever the conversion did, the worker that took it over
+            // records the end (a conversion pushes the same artifact each time).
+            tracing::warn!(parent: &span, "conversion dropped: this replica lost its lease on the operation (another replica takes it over)");
+            service.finished.send_modify(|n| *n += 1);
+            return;
+        }
     };
     let by_shutdown = !by_user && !timed_out && live.progress.cancel.load(Ordering::SeqCst);
     let outcome = match result {
@@ -235,43 +306,41 @@ async fn run(service: &Arc<Service>, id: &str) {
         Outcome::Failed(error) => tracing::warn!(parent: &span, %error, "conversion failed"),
         Outcome::Canceled(_) => tracing::info!(parent: &span, "conversion canceled"),
         Outcome::Requeue => {
-            tracing::info!(parent: &span, "conversion stopped by the shutdown; resumed at the next start")
+            tracing::info!(parent: &span, "conversion stopped by the shutdown; queued again")
         }
     }
     let done = live.progress.done.load(Ordering::Relaxed);
     let total = live.progress.total.load(Ordering::Relaxed);
-    let owned = id.to_owned();
-    let saved = service
-        .store(move |s| {
-            s.update(&owned, |op| {
-                op.progress = Progress { done, total };
-                match outcome {
-                    Outcome::Succeeded { artifact, subject } => {
-                        op.state = OperationState::Succeeded;
-                        op.artifact_digest = Some(artifact);
-                        op.subject_digest = Some(subject);
-                        op.progress.done = op.progress.total;
-                    }
-                    Outcome::Failed(error) => {
-                        op.state = OperationState::Failed;
-                        op.error = Some(error);
-                    }
-                    Outcome::Canceled(reason) => {
-                        op.state = OperationState::Canceled;
-                        op.error = Some(reason);
-                    }
-                    Outcome::Requeue => {
-                        op.state = OperationState::NotStarted;
-                        op.progress = Progress::default();
-                    }
-                }
-                op.cancel_requested = false;
-                true
-            })
-        })
-        .await;
-    if let Err(e) = saved {
-        log_error("cannot record the end of an operation", &e);
+    let saved = finish(service, id, move |op| {
+        op.progress = Progress { done, total };
+        match outcome {
+            Outcome::Succeeded { artifact, subject } => {
+                op.state = OperationState::Succeeded;
+                op.artifact_digest = Some(artifact);
+                op.subject_digest = Some(subject);
+                op.progress.done = op.progress.total;
+            }
+            Outcome::Failed(error) => {
+                op.state = OperationState::Failed;
+                op.error = Some(error);
+            }
+            Outcome::Canceled(reason) => {
+                op.state = OperationState::Canceled;
+                op.error = Some(reason);
+            }
+            Outcome::Requeue => {
+                op.state = OperationState::NotStarted;
+                op.progress = Progress::default();
+            }
+        }
+    })
+    .await;
+    match saved {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(parent: &span, "the operation was taken over by another replica meanwhile; its end is recorded there")
+        }
+        Err(e) => log_error("cannot record the end of an operation", &e),
     }
     service.finished.send_modify(|n| *n += 1);
 }
@@ -312,20 +381,24 @@ enum Timed<T> {
     Done { result: T, timed_out: bool },
     /// It was told to stop at the limit and did not within the grace: dropped.
     Abandoned,
+    /// `tick` said to stop (the operation is no longer this worker's): dropped at once.
+    Stopped,
 }
 
-/// Runs `work`, calling `tick` every [`PERSIST_PROGRESS_EVERY`]. At `timeout` it sets `cancel`
-/// (the converter stops at its next read or request); if `work` still runs `grace` later, it is
-/// dropped.
-async fn within_time_limit<T, Tick: Future<Output = ()>>(
+/// Runs `work`, calling `tick` every `every` (it returns false when the work must be dropped at
+/// once). At `timeout` it sets `cancel` (the converter stops at its next read or request); if
+/// `work` still runs `grace` later, it is dropped.
+async fn within_time_limit<T, Tick: Future<Output = bool>>(
     work: impl Future<Output = T>,
     timeout: Duration,
     grace: Duration,
     cancel: &AtomicBool,
+    every: Duration,
     mut tick: impl FnMut() -> Tick,
 ) -> Timed<T> {
     tokio::pin!(work);
-    let mut ticks = tokio::time::interval(PERSIST_PROGRESS_EVERY);
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
@@ -333,7 +406,9 @@ async fn within_time_limit<T, Tick: Future<Output = ()>>(
     loop {
         tokio::select! {
             result = &mut work => return Timed::Done { result, timed_out },
-            _ = ticks.tick() => tick().await,
+            _ = ticks.tick() => if !tick().await {
+                return Timed::Stopped;
+            },
             () = &mut deadline => {
                 if timed_out {
                     return Timed::Abandoned;
@@ -342,6 +417,43 @@ async fn within_time_limit<T, Tick: Future<Output = ()>>(
                 cancel.store(true, Ordering::SeqCst);
                 deadline.as_mut().reset(tokio::time::Instant::now() + grace);
             }
+        }
+    }
+}
+
+/// How often a worker renews a lease of `lease`: every second, or thrice per lease if shorter.
+fn heartbeat_every(lease: Duration) -> Duration {
+    HEARTBEAT_EVERY
+        .min(lease / 3)
+        .max(Duration::from_millis(50))
+}
+
+/// Renews the worker's lease on `id` and records its progress. A cancel asked for on any
+/// replica stops the conversion. Returns false when the operation is no longer this worker's
+/// (another replica took it over), or when the lease could not be renewed for a whole lease
+/// (the store is unreachable: another replica may take it over now).
+async fn heartbeat(service: &Service, id: &str, live: &Live, renewed: &Mutex<Instant>) -> bool {
+    let progress = Progress {
+        done: live.progress.done.load(Ordering::Relaxed),
+        total: live.progress.total.load(Ordering::Relaxed),
+    };
+    let lease = service.config.lease;
+    match service
+        .store
+        .heartbeat(id, &service.worker_id, lease, progress)
+        .await
+    {
+        Ok(Lease::Held { cancel_requested }) => {
+            *renewed.lock().expect("lease clock lock") = Instant::now();
+            if cancel_requested {
+                live.cancel(true);
+            }
+            true
+        }
+        Ok(Lease::Lost) => false,
+        Err(e) => {
+            log_error("cannot renew the lease of a running operation", &e);
+            renewed.lock().expect("lease clock lock").elapsed() < lease
         }
     }
 }
@@ -364,28 +476,6 @@ fn size_limits_hint(limits: &OperationLimits) -> String {
     )
 }
 
-async fn persist_progress(service: &Service, id: &str, live: &Live) {
-    let progress = Progress {
-        done: live.progress.done.load(Ordering::Relaxed),
-        total: live.progress.total.load(Ordering::Relaxed),
-    };
-    let owned = id.to_owned();
-    let saved = service
-        .store(move |s| {
-            s.update(&owned, |op| {
-                let changed = op.state == OperationState::Running && op.progress != progress;
-                if changed {
-                    op.progress = progress;
-                }
-                changed
-            })
-        })
-        .await;
-    if let Err(e) = saved {
-        log_error("cannot record progress", &e);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicU32;
@@ -401,7 +491,8 @@ mod tests {
             Duration::from_secs(5),
             Duration::from_secs(5),
             &cancel,
-            || async {},
+            Duration::from_secs(1),
+            || async { true },
         )
         .await;
         assert!(matches!(
@@ -431,7 +522,8 @@ mod tests {
             Duration::from_millis(100),
             Duration::from_secs(5),
             &cancel,
-            || async {},
+            Duration::from_secs(1),
+            || async { true },
         )
         .await;
         assert!(matches!(
@@ -454,9 +546,10 @@ mod tests {
             Duration::from_millis(100),
             Duration::from_millis(100),
             &cancel,
+            Duration::from_secs(1),
             || {
                 ticks.fetch_add(1, Ordering::SeqCst);
-                async {}
+                async { true }
             },
         )
         .await;
