@@ -10,7 +10,7 @@ mod node;
 mod report;
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use streamsnap_e2e::{
@@ -18,7 +18,7 @@ use streamsnap_e2e::{
     skopeo_push, workspace_bin,
 };
 
-use self::node::{Contender, run_node};
+use self::node::{Contender, Node};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -42,9 +42,10 @@ pub struct Args {
     /// Restarts (SIGTERM, then a new daemon on the same root) timed with all images mounted.
     #[arg(long, default_value_t = 3)]
     restarts: usize,
-    /// Walk every Nth image's layer after its pull (1: every image).
-    #[arg(long, default_value_t = 1)]
-    walk_every: usize,
+    /// Rounds of lstat walks over the layers both daemons have, one daemon's walk of a layer
+    /// right after the other's (paired, so both see the same noise on a shared machine).
+    #[arg(long, default_value_t = 3)]
+    walk_rounds: usize,
 }
 
 /// Files per directory of a generated layer.
@@ -115,33 +116,70 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let registry = Registry::start()?;
     let count = args.images.max(args.baseline_images);
     let images = push_images(&registry, count, args.entries)?;
-    let current = run_node(
+    let mut current = Node::start(
         &Contender {
             label: "streamsnap (this build)".into(),
             binary: None,
             idle_seconds: Some(args.idle_seconds),
         },
         &registry,
-        &images[..args.images],
-        args.entries,
-        args.walk_every,
-        args.restarts,
     )?;
-    let baseline = match &args.baseline_daemon {
-        Some(binary) => Some(run_node(
-            &Contender {
-                label: format!("baseline ({})", binary.display()),
-                binary: Some(binary.clone()),
-                idle_seconds: None,
-            },
-            &registry,
-            &images[..args.baseline_images],
-            args.entries,
-            args.walk_every,
-            args.restarts,
-        )?),
+    current.pull_all(&images[..args.images], args.entries)?;
+    let mut baseline = match &args.baseline_daemon {
+        Some(binary) => {
+            let mut node = Node::start(
+                &Contender {
+                    label: format!("baseline ({})", binary.display()),
+                    binary: Some(binary.clone()),
+                    idle_seconds: None,
+                },
+                &registry,
+            )?;
+            node.pull_all(&images[..args.baseline_images], args.entries)?;
+            Some(node)
+        }
         None => None,
     };
+
+    // The lstat figures: both daemons walk the same layers in turn, the first `compared` ones.
+    // Those of this build were pulled first and went past its metadata budget long ago, so its
+    // first walk of each includes loading the layer's index again.
+    let compared = match &baseline {
+        Some(_) => args.images.min(args.baseline_images),
+        None => args.images,
+    };
+    current.clear_walks();
+    if let Some(node) = baseline.as_mut() {
+        node.clear_walks();
+    }
+    eprintln!(
+        "memory: {} rounds of walks over {compared} layers",
+        args.walk_rounds
+    );
+    for _ in 0..args.walk_rounds {
+        for i in 0..compared {
+            current.walk(i)?;
+            if let Some(node) = baseline.as_mut() {
+                node.walk(i)?;
+            }
+        }
+    }
+
+    // Idle: this build's idle period, then its sweep (every quarter of it, at least every
+    // second), for both (the baseline keeps everything whatever the wait).
+    let wait = Duration::from_secs(args.idle_seconds + (args.idle_seconds / 4).max(1) + 2);
+    eprintln!("memory: idle for {} s", wait.as_secs());
+    std::thread::sleep(wait);
+    current.idle(wait, 10)?;
+    if let Some(node) = baseline.as_mut() {
+        node.idle(wait, 10)?;
+    }
+    current.restarts(args.restarts)?;
+    if let Some(node) = baseline.as_mut() {
+        node.restarts(args.restarts)?;
+    }
+    let current = current.report;
+    let baseline = baseline.map(|node| node.report);
     report::print(&args, &current, baseline.as_ref(), started.elapsed());
     Ok(())
 }

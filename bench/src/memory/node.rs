@@ -23,7 +23,7 @@ pub struct Contender {
     pub idle_seconds: Option<u64>,
 }
 
-/// What one image cost and how fast its layer was walked.
+/// What one image cost.
 #[derive(Clone, Copy, Debug)]
 pub struct ImageSample {
     /// VmRSS after the pull (the layer mounted, nothing read yet).
@@ -31,37 +31,40 @@ pub struct ImageSample {
     /// VmRSS after the walks (every entry looked up and stat'ed).
     pub rss_walked: u64,
     pub pull: Duration,
-    /// lstat of every entry after dropping the kernel's caches, then again.
-    pub walk: Option<(Duration, Duration)>,
 }
 
 #[derive(Debug, Default)]
 pub struct NodeReport {
     pub label: String,
     pub images: usize,
-    /// Entries walked in each layer (the generated entries and the layer root).
+    /// Entries found by a walk of one layer.
     pub walked_entries: u64,
     pub rss_start: u64,
     pub samples: Vec<ImageSample>,
     pub rss_all: u64,
     pub hwm: u64,
     pub metadata_all: Option<f64>,
+    /// lstat of every entry of a layer, the kernel's caches dropped, then again (hot).
+    pub cold: Vec<Duration>,
+    pub hot: Vec<Duration>,
     pub idle_wait: Duration,
     pub rss_idle: u64,
     pub metadata_idle: Option<f64>,
-    /// First lookup of a file (3 names deep) after the caches were dropped: with the layer's
-    /// metadata dropped for idleness (a reload), and again with it loaded.
+    /// A lookup of a name the kernel has not cached, in a layer whose metadata was dropped for
+    /// idleness: with the index file in the page cache, and with the caches dropped; and in a
+    /// layer whose metadata is loaded.
     pub lookup_after_idle: Vec<Duration>,
+    pub lookup_after_idle_cold: Vec<Duration>,
     pub lookup_loaded: Vec<Duration>,
+    /// `streamsnap_fuse_metadata_load_duration_seconds`: (count, sum) before the restarts.
+    pub loads: Option<(f64, f64)>,
     /// From SIGTERM's end to the new daemon accepting calls, all layers served again.
     pub restarts: Vec<Duration>,
     /// The daemon's own count of the same (its `mounts_restore_duration` metric), when it has it.
     pub restore_metric: Vec<f64>,
-    /// The first lookup through a layer after each restart (caches dropped).
+    /// The first lookup through a layer after each restart (a name not cached).
     pub lookup_after_restart: Vec<Duration>,
     pub rss_after_restart: u64,
-    /// `streamsnap_fuse_metadata_load_duration_seconds`: (count, sum) before the restarts.
-    pub loads: Option<(f64, f64)>,
 }
 
 /// A `kB` field of /proc/PID/status, in bytes.
@@ -107,142 +110,191 @@ fn cri_pull(containerd: &Containerd, image: &str) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
-fn scrape(daemon: &Snapshotterd) -> Option<Scrape> {
-    Scrape::fetch(daemon.metrics_address()?).ok()
-}
-
-/// `streamsnap_fuse_metadata_bytes`, for builds that have it.
-fn metadata_bytes(contender: &Contender, daemon: &Snapshotterd) -> Option<f64> {
-    contender.binary.is_none().then_some(())?;
-    Some(scrape(daemon)?.sum("streamsnap_fuse_metadata_bytes", &[]))
-}
-
-/// Time of a first lookup of a file three names deep in `mount`, the kernel's caches dropped.
-fn first_lookup(mount: &Path) -> anyhow::Result<Duration> {
-    drop_caches()?;
-    let path = mount.join("app/d0000/file000000.py");
+/// Time of a lookup of `name` (not cached by the kernel: it does not exist) in `mount`'s
+/// directory `app`: one request to the daemon.
+fn lookup(mount: &Path, name: &str) -> Duration {
+    let path = mount.join("app").join(name);
     let started = Instant::now();
-    std::fs::symlink_metadata(&path).with_context(|| format!("stat {}", path.display()))?;
-    Ok(started.elapsed())
+    let missing = std::fs::symlink_metadata(&path).is_err();
+    let took = started.elapsed();
+    debug_assert!(missing);
+    took
 }
 
-pub fn run_node(
-    contender: &Contender,
-    registry: &Registry,
-    images: &[String],
-    entries: usize,
-    walk_every: usize,
-    restarts: usize,
-) -> anyhow::Result<NodeReport> {
-    let mut options = SnapshotterdOptions::default().with_metrics();
-    if let Some(idle) = contender.idle_seconds {
-        options.extra_config = format!("[fuse]\nmetadata_idle_seconds = {idle}\n");
-    }
-    let mut daemon = Snapshotterd::start(options)?;
-    if let Some(binary) = &contender.binary {
-        daemon.terminate(Duration::from_secs(10))?;
-        daemon.set_binary(binary);
-        daemon.restart()?;
-    }
-    let containerd = Containerd::start(
-        ContainerdOptions::default()
-            .with_proxy_snapshotter(SNAPSHOTTER, daemon.socket())
-            .with_cri(SNAPSHOTTER)
-            .with_plain_http(&registry.addr()),
-    )?;
-    eprintln!("memory: {}: {} images", contender.label, images.len());
-    let root = daemon.root();
-    let mut report = NodeReport {
-        label: contender.label.clone(),
-        images: images.len(),
-        rss_start: status_bytes(daemon.pid(), "VmRSS")?,
-        ..NodeReport::default()
-    };
-    let mut mounts = Vec::new();
-    for (i, image) in images.iter().enumerate() {
-        let before = layer_mounts(&root)?;
-        let pull = cri_pull(&containerd, image)?;
-        let new: Vec<PathBuf> = layer_mounts(&root)?.difference(&before).cloned().collect();
-        ensure!(
-            new.len() == 1,
-            "pulling {image} mounted {} layers, not 1 (did it fall back to a normal pull?); \
-             daemon log:\n{}",
-            new.len(),
-            daemon.log_tail(20)
-        );
-        let mount = new.into_iter().next().expect("one");
-        let rss_pulled = status_bytes(daemon.pid(), "VmRSS")?;
-        let walk = if i % walk_every.max(1) == 0 {
-            drop_caches()?;
-            let (count, cold) = stat_tree(&mount)?;
-            let (_, hot) = stat_tree(&mount)?;
-            report.walked_entries = count;
-            Some((cold, hot))
-        } else {
-            None
-        };
-        report.samples.push(ImageSample {
-            rss_pulled,
-            rss_walked: status_bytes(daemon.pid(), "VmRSS")?,
-            pull,
-            walk,
-        });
-        mounts.push(mount);
-        if (i + 1) % 10 == 0 || i + 1 == images.len() {
-            eprintln!(
-                "memory: {}: {} images, VmRSS {:.1} MiB",
-                contender.label,
-                i + 1,
-                report.samples[i].rss_walked as f64 / (1 << 20) as f64
-            );
+/// A contender's daemon and containerd, and the layers it mounted.
+pub struct Node {
+    contender: Contender,
+    daemon: Snapshotterd,
+    containerd: Containerd,
+    mounts: Vec<PathBuf>,
+    lookups: usize,
+    pub report: NodeReport,
+}
+
+impl Node {
+    pub fn start(contender: &Contender, registry: &Registry) -> anyhow::Result<Self> {
+        let mut options = SnapshotterdOptions::default().with_metrics();
+        if let Some(idle) = contender.idle_seconds {
+            options.extra_config = format!("[fuse]\nmetadata_idle_seconds = {idle}\n");
         }
+        let mut daemon = Snapshotterd::start(options)?;
+        if let Some(binary) = &contender.binary {
+            daemon.terminate(Duration::from_secs(10))?;
+            daemon.set_binary(binary);
+            daemon.restart()?;
+        }
+        let containerd = Containerd::start(
+            ContainerdOptions::default()
+                .with_proxy_snapshotter(SNAPSHOTTER, daemon.socket())
+                .with_cri(SNAPSHOTTER)
+                .with_plain_http(&registry.addr()),
+        )?;
+        let report = NodeReport {
+            label: contender.label.clone(),
+            rss_start: status_bytes(daemon.pid(), "VmRSS")?,
+            ..NodeReport::default()
+        };
+        Ok(Self {
+            contender: contender.clone(),
+            daemon,
+            containerd,
+            mounts: Vec::new(),
+            lookups: 0,
+            report,
+        })
     }
-    ensure!(
-        report.walked_entries as usize >= entries.saturating_sub(1),
-        "walked {} entries of {entries}",
-        report.walked_entries
-    );
-    report.rss_all = status_bytes(daemon.pid(), "VmRSS")?;
-    report.hwm = status_bytes(daemon.pid(), "VmHWM")?;
-    report.metadata_all = metadata_bytes(contender, &daemon);
 
-    // Idle: the idle period, then a sweep (every quarter of it, at least every second).
-    let idle = contender.idle_seconds.unwrap_or(20);
-    report.idle_wait = Duration::from_secs(idle + (idle / 4).max(1) + 2);
-    std::thread::sleep(report.idle_wait);
-    report.rss_idle = status_bytes(daemon.pid(), "VmRSS")?;
-    report.metadata_idle = metadata_bytes(contender, &daemon);
-
-    for mount in mounts.iter().take(5) {
-        report.lookup_after_idle.push(first_lookup(mount)?);
-        report.lookup_loaded.push(first_lookup(mount)?);
-    }
-    if let Some(scrape) = scrape(&daemon) {
-        let count = scrape.sum("streamsnap_fuse_metadata_load_duration_seconds_count", &[]);
-        let sum = scrape.sum("streamsnap_fuse_metadata_load_duration_seconds_sum", &[]);
-        report.loads = (count > 0.0).then_some((count, sum));
+    fn rss(&self) -> anyhow::Result<u64> {
+        status_bytes(self.daemon.pid(), "VmRSS")
     }
 
-    for _ in 0..restarts {
-        daemon.terminate(Duration::from_secs(60))?;
-        let started = Instant::now();
-        daemon.restart()?;
-        report.restarts.push(started.elapsed());
-        if let Some(scrape) = scrape(&daemon) {
-            let value = scrape.sum(
-                "streamsnap_snapshotter_mounts_restore_duration_seconds",
-                &[],
+    fn scrape(&self) -> Option<Scrape> {
+        Scrape::fetch(self.daemon.metrics_address()?).ok()
+    }
+
+    /// `streamsnap_fuse_metadata_bytes`, for builds that have it.
+    fn metadata_bytes(&self) -> Option<f64> {
+        self.contender.binary.is_none().then_some(())?;
+        Some(self.scrape()?.sum("streamsnap_fuse_metadata_bytes", &[]))
+    }
+
+    /// Pulls each image, then walks its layer once (cold, then hot), reading VmRSS after each.
+    pub fn pull_all(&mut self, images: &[String], entries: usize) -> anyhow::Result<()> {
+        eprintln!("memory: {}: {} images", self.contender.label, images.len());
+        let root = self.daemon.root();
+        for (i, image) in images.iter().enumerate() {
+            let before = layer_mounts(&root)?;
+            let pull = cri_pull(&self.containerd, image)?;
+            let new: Vec<PathBuf> = layer_mounts(&root)?.difference(&before).cloned().collect();
+            ensure!(
+                new.len() == 1,
+                "pulling {image} mounted {} layers, not 1 (did it fall back to a normal pull?); \
+                 daemon log:\n{}",
+                new.len(),
+                self.daemon.log_tail(20)
             );
-            if value > 0.0 {
-                report.restore_metric.push(value);
+            self.mounts.extend(new);
+            let rss_pulled = self.rss()?;
+            self.walk(i)?;
+            self.report.samples.push(ImageSample {
+                rss_pulled,
+                rss_walked: self.rss()?,
+                pull,
+            });
+            if (i + 1) % 10 == 0 || i + 1 == images.len() {
+                eprintln!(
+                    "memory: {}: {} images, VmRSS {:.1} MiB",
+                    self.contender.label,
+                    i + 1,
+                    self.rss()? as f64 / (1 << 20) as f64
+                );
             }
         }
-        report
-            .lookup_after_restart
-            .push(first_lookup(mounts.last().expect("an image"))?);
+        ensure!(
+            self.report.walked_entries as usize >= entries.saturating_sub(1),
+            "walked {} entries of {entries}",
+            self.report.walked_entries
+        );
+        self.report.images = images.len();
+        self.report.rss_all = self.rss()?;
+        self.report.hwm = status_bytes(self.daemon.pid(), "VmHWM")?;
+        self.report.metadata_all = self.metadata_bytes();
+        Ok(())
     }
-    report.rss_after_restart = status_bytes(daemon.pid(), "VmRSS")?;
-    drop(containerd);
-    drop(daemon);
-    Ok(report)
+
+    /// lstat of every entry of layer `i`, the kernel's caches dropped, then again.
+    pub fn walk(&mut self, i: usize) -> anyhow::Result<()> {
+        drop_caches()?;
+        let (count, cold) = stat_tree(&self.mounts[i])?;
+        let (_, hot) = stat_tree(&self.mounts[i])?;
+        self.report.walked_entries = count;
+        self.report.cold.push(cold);
+        self.report.hot.push(hot);
+        Ok(())
+    }
+
+    /// Forgets the walks so far (those of the pulls), keeping the ones to come.
+    pub fn clear_walks(&mut self) {
+        self.report.cold.clear();
+        self.report.hot.clear();
+    }
+
+    fn next_lookup(&mut self, mount: usize) -> Duration {
+        self.lookups += 1;
+        lookup(&self.mounts[mount], &format!("absent-{}", self.lookups))
+    }
+
+    /// Waits `wait`, reads VmRSS, then times lookups in `probes` layers whose metadata was
+    /// dropped meanwhile (half with the index files in the page cache, half after dropping the
+    /// caches) and again with it loaded.
+    pub fn idle(&mut self, wait: Duration, probes: usize) -> anyhow::Result<()> {
+        self.report.idle_wait = wait;
+        self.report.rss_idle = self.rss()?;
+        self.report.metadata_idle = self.metadata_bytes();
+        let probes = probes.min(self.mounts.len());
+        let half = probes / 2;
+        for i in 0..half {
+            let took = self.next_lookup(i);
+            self.report.lookup_after_idle.push(took);
+        }
+        drop_caches()?;
+        for i in half..probes {
+            let took = self.next_lookup(i);
+            self.report.lookup_after_idle_cold.push(took);
+        }
+        for i in 0..probes {
+            let took = self.next_lookup(i);
+            self.report.lookup_loaded.push(took);
+        }
+        if let Some(scrape) = self.scrape() {
+            let count = scrape.sum("streamsnap_fuse_metadata_load_duration_seconds_count", &[]);
+            let sum = scrape.sum("streamsnap_fuse_metadata_load_duration_seconds_sum", &[]);
+            self.report.loads = (count > 0.0).then_some((count, sum));
+        }
+        Ok(())
+    }
+
+    /// Restarts the daemon `count` times (SIGTERM, a new daemon on the same root).
+    pub fn restarts(&mut self, count: usize) -> anyhow::Result<()> {
+        for _ in 0..count {
+            self.daemon.terminate(Duration::from_secs(60))?;
+            let started = Instant::now();
+            self.daemon.restart()?;
+            self.report.restarts.push(started.elapsed());
+            if let Some(scrape) = self.scrape() {
+                let value = scrape.sum(
+                    "streamsnap_snapshotter_mounts_restore_duration_seconds",
+                    &[],
+                );
+                if value > 0.0 {
+                    self.report.restore_metric.push(value);
+                }
+            }
+            let last = self.mounts.len() - 1;
+            let took = self.next_lookup(last);
+            self.report.lookup_after_restart.push(took);
+        }
+        self.report.rss_after_restart = self.rss()?;
+        Ok(())
+    }
 }

@@ -44,12 +44,13 @@ fn per_entry(node: &NodeReport, rss: u64) -> f64 {
     rss.saturating_sub(node.rss_start) as f64 / entries.max(1.0)
 }
 
-fn walks(node: &NodeReport, images: usize) -> (Vec<Duration>, Vec<Duration>) {
-    node.samples
-        .iter()
-        .take(images)
-        .filter_map(|s| s.walk)
-        .unzip()
+/// `a`'s median over `b`'s, as "1.05x".
+fn ratio(a: &[Duration], b: &[Duration]) -> String {
+    if a.is_empty() || b.is_empty() {
+        return "-".into();
+    }
+    let (a, b) = (Summary::of(a).median, Summary::of(b).median);
+    format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64().max(1e-9))
 }
 
 pub fn print(args: &Args, current: &NodeReport, baseline: Option<&NodeReport>, took: Duration) {
@@ -111,44 +112,47 @@ pub fn print(args: &Args, current: &NodeReport, baseline: Option<&NodeReport>, t
         println!("| {} | {} |", i + 1, cells.join(" | "));
     }
     println!();
-    let compared = nodes.iter().map(|n| n.samples.len()).min().unwrap_or(0);
     println!(
-        "lstat of every entry of an image's layer (its FUSE mount), per image, over the first {compared} images:"
+        "lstat of every entry of a layer (its FUSE mount), {} rounds over the first {} layers, \
+         the daemons in turn on each layer; cold: the kernel's caches dropped before the walk:",
+        args.walk_rounds,
+        current.cold.len() / args.walk_rounds.max(1)
     );
     println!();
-    println!("| daemon | cold (caches dropped) | hot | pull (CRI) |");
+    println!("| daemon | cold | hot | pull (CRI), all its images |");
     println!("| --- | --- | --- | --- |");
     for node in &nodes {
-        let (cold, hot) = walks(node, compared);
-        let pulls: Vec<Duration> = node.samples.iter().take(compared).map(|s| s.pull).collect();
+        let pulls: Vec<Duration> = node.samples.iter().map(|s| s.pull).collect();
         println!(
             "| {} | {} | {} | {} |",
             node.label,
-            seconds(&cold),
-            seconds(&hot),
+            seconds(&node.cold),
+            seconds(&node.hot),
             seconds(&pulls)
         );
     }
-    if baseline.is_some() && current.samples.len() > compared {
-        let (cold, hot) = walks(current, usize::MAX);
+    if let Some(baseline) = baseline {
         println!(
-            "| {} (all {} images) | {} | {} | |",
-            current.label,
-            current.samples.len(),
-            seconds(&cold),
-            seconds(&hot)
+            "| this build / baseline (medians) | {} | {} | |",
+            ratio(&current.cold, &baseline.cold),
+            ratio(&current.hot, &baseline.hot)
         );
     }
     println!();
-    println!("first lookup of a file 3 names deep, caches dropped (5 images):");
+    println!(
+        "a lookup of a name the kernel has not cached, after the idle period (one request each):"
+    );
     println!();
-    println!("| daemon | after idle | metadata loaded |");
-    println!("| --- | --- | --- |");
+    println!(
+        "| daemon | metadata dropped, index in the page cache | dropped, caches dropped | loaded |"
+    );
+    println!("| --- | --- | --- | --- |");
     for node in &nodes {
         println!(
-            "| {} | {} | {} |",
+            "| {} | {} | {} | {} |",
             node.label,
             millis(&node.lookup_after_idle),
+            millis(&node.lookup_after_idle_cold),
             millis(&node.lookup_loaded)
         );
     }
