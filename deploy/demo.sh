@@ -11,7 +11,8 @@
 # only the four binaries the demo runs (release mode; the first build takes about 6 minutes on 2
 # cores, later ones seconds), and runs everything on private ports, sockets and temp dirs, so it
 # does not touch a containerd or registry the machine already has. Needs Rust 1.88 or newer
-# (https://rustup.rs); CARGO_TARGET_DIR is honoured.
+# (https://rustup.rs); CARGO_TARGET_DIR is honoured. STREAMSNAP_DEMO_PROFILE=dev builds the
+# debug binaries instead (what CI does: the tests build them anyway; the figures are slower).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +20,7 @@ state_dir=/run/streamsnap-demo
 min_rust=1.88
 binaries=(streamsnap-demo streamsnap streamsnap-snapshotterd streamsnap-fuse-holder)
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'demo.sh: %s\n' "$*" >&2; exit 1; }
 
@@ -89,14 +90,18 @@ bash .ci/install-packages deploy/demo.packages
 target_dir=$(cargo metadata --format-version 1 --no-deps --locked |
   sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 [ -n "$target_dir" ] || die "cannot find cargo's target directory (cargo metadata)"
-bin_dir=$target_dir/release
+case "${STREAMSNAP_DEMO_PROFILE:-release}" in
+  release) profile=release; profile_flag=--release; bin_dir=$target_dir/release ;;
+  dev|debug) profile=dev; profile_flag=; bin_dir=$target_dir/debug ;;
+  *) die "STREAMSNAP_DEMO_PROFILE is release (the default) or dev, not ${STREAMSNAP_DEMO_PROFILE}" ;;
+esac
 if [ -x "$bin_dir/streamsnap-demo" ]; then
-  say "building ${binaries[*]} (release, into $bin_dir; up to date in seconds)"
+  say "building ${binaries[*]} ($profile, into $bin_dir; up to date in seconds)"
 else
-  say "building ${binaries[*]} (release, into $bin_dir): the first build takes about 6 minutes on 2 cores"
+  say "building ${binaries[*]} ($profile, into $bin_dir): the first build takes about 6 minutes on 2 cores"
 fi
 started=$(date +%s)
-cargo build --release --locked \
+cargo build $profile_flag --locked \
   -p streamsnap-e2e --bin streamsnap-demo \
   -p streamsnap-cli --bin streamsnap \
   -p streamsnap-snapshotter --bin streamsnap-snapshotterd \
