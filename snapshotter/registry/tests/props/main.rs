@@ -11,6 +11,8 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod credentials_props;
+// One generator of hostile JSON for every crate that parses registry documents.
+#[path = "../../../format/tests/props/json.rs"]
 mod json;
 mod range_props;
 mod reference_props;

@@ -7,6 +7,8 @@
 //! every target, `STREAMSNAP_PROPTEST_SCALE` multiplies the defaults.
 
 mod events_props;
+// One generator of hostile JSON for every crate that parses registry documents.
+#[path = "../../../format/tests/props/json.rs"]
 mod json;
 
 use proptest::test_runner::Config;
