@@ -37,11 +37,7 @@ pub const KEEP_ENV: &str = "STREAMSNAP_E2E_KEEP";
 /// A running `docker-registry`. See the module doc.
 #[derive(Debug)]
 pub struct Registry {
-    child: Child,
-    addr: String,
-    dir: Option<TempDir>,
-    log_path: PathBuf,
-    barriers: AtomicU64,
+    process: Process,
 }
 
 /// One line of the registry's access log.
@@ -78,37 +74,39 @@ enum StartError {
     Failed(anyhow::Error),
 }
 
-impl Registry {
-    /// Starts a registry with filesystem storage and deletes enabled.
-    pub fn start() -> anyhow::Result<Self> {
-        Self::start_with_config_extra("")
-    }
+/// A `docker-registry` process and its temp dir, for [`Registry`] and
+/// [`crate::secure_registry::SecureRegistry`]: started on a free port (again on another when a
+/// process took it first), stopped by PID on drop, its log printed when a test panics, its dir
+/// removed (kept with [`KEEP_ENV`]).
+#[derive(Debug)]
+pub(crate) struct Process {
+    child: Child,
+    addr: String,
+    dir: Option<TempDir>,
+    log_path: PathBuf,
+    barriers: AtomicU64,
+}
 
-    /// Starts a registry whose config.yml ends with `yaml_fragment`: top-level keys such as a
-    /// `notifications:` section. It must not repeat the keys written here (`version`, `log`,
-    /// `storage`, `http`).
-    pub fn start_with_config_extra(yaml_fragment: &str) -> anyhow::Result<Self> {
-        Self::start_on_ports(yaml_fragment, free_port)
-    }
-
-    /// Starts on the first port `pick_port` gives that the registry manages to bind.
-    fn start_on_ports(
-        yaml_fragment: &str,
+impl Process {
+    /// Starts `docker-registry serve` with its config and log in `dir`, on the first port
+    /// `pick_port` gives that it manages to bind, with the config `config(addr)` gives. Ready
+    /// when the log says it listens on `addr` (so the listener is ours, not a process that took
+    /// the port) and `ready(addr)` holds (`ready_what` says what that is, for the error).
+    pub(crate) fn start(
+        dir: TempDir,
         mut pick_port: impl FnMut() -> anyhow::Result<u16>,
+        config: impl Fn(&str) -> String,
+        ready: impl Fn(&str) -> bool,
+        ready_what: &str,
     ) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("streamsnap-e2e-registry.")
-            .tempdir()
-            .context("creating a temp dir for the registry")?;
         let log_path = dir.path().join("registry.log");
         let config_path = dir.path().join("config.yml");
         for _ in 0..PORT_ATTEMPTS {
             let addr = format!("127.0.0.1:{}", pick_port()?);
-            let config = config_yaml(&dir.path().join("storage"), &addr, yaml_fragment);
-            fs::write(&config_path, config)
+            fs::write(&config_path, config(&addr))
                 .with_context(|| format!("writing {}", config_path.display()))?;
             let mut child = spawn(&config_path, &log_path)?;
-            match wait_ready(&mut child, &addr, &log_path) {
+            match wait_ready(&mut child, &addr, &log_path, &ready, ready_what) {
                 Ok(()) => {
                     return Ok(Self {
                         child,
@@ -130,58 +128,35 @@ impl Registry {
         bail!("docker-registry could not bind a free port in {PORT_ATTEMPTS} attempts")
     }
 
-    /// `127.0.0.1:PORT`, for image references (`{addr}/repo:tag`) and [`http::get`].
-    pub fn addr(&self) -> String {
-        self.addr.clone()
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
     }
 
-    /// `http://127.0.0.1:PORT`.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// The registry's stdout and stderr (logrus lines and the access log).
-    pub fn log_path(&self) -> &Path {
+    pub(crate) fn log_path(&self) -> &Path {
         &self.log_path
     }
 
-    /// The temp dir holding config.yml, the log and the storage (`storage/`).
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         self.dir.as_ref().expect("dir is only taken on drop").path()
     }
 
-    /// The registry's process ID.
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    /// Every access log line so far. Requests that completed (from the client's point of view)
-    /// before this call are included: it first sends a barrier request and waits for it to be
-    /// logged.
-    pub fn access_log(&self) -> anyhow::Result<Vec<AccessLogEntry>> {
-        let log = self.barrier()?;
-        Ok(parse_access_log(&log))
-    }
-
-    /// Total bytes the registry wrote answering blob GETs (status 200 and 206, i.e. full and
-    /// ranged downloads) since it started. Take it before and after an operation and subtract.
-    pub fn served_blob_bytes(&self) -> anyhow::Result<u64> {
-        Ok(self
-            .access_log()?
-            .iter()
-            .filter(|e| e.is_served_blob())
-            .map(|e| e.bytes)
-            .sum())
-    }
-
-    /// Sends a uniquely numbered `GET /v2/?…` and waits until the registry logged it; returns the
-    /// whole log then. The registry logs a request after its handler returned, a moment after the
-    /// client saw the last byte; the barrier closes that gap for requests that already finished.
-    fn barrier(&self) -> anyhow::Result<String> {
+    /// Sends a uniquely numbered `GET /v2/?…` with `get`, which must answer one of `statuses`,
+    /// and waits until the registry logged it; returns the whole log then. The registry logs a
+    /// request after its handler returned, a moment after the client saw the last byte; the
+    /// barrier closes that gap for requests that already finished.
+    pub(crate) fn barrier(
+        &self,
+        get: impl Fn(&str) -> anyhow::Result<http::Response>,
+        statuses: &[u16],
+    ) -> anyhow::Result<String> {
         let n = self.barriers.fetch_add(1, Ordering::Relaxed);
         let marker = format!("/v2/?streamsnap-e2e-barrier={n} ");
-        let response = http::get(&self.addr, marker.trim_end(), &[])?;
-        if response.status != 200 {
+        let response = get(marker.trim_end())?;
+        if !statuses.contains(&response.status) {
             bail!("registry barrier request answered {}", response.status);
         }
         let deadline = Instant::now() + BARRIER_TIMEOUT;
@@ -204,7 +179,7 @@ impl Registry {
     }
 }
 
-impl Drop for Registry {
+impl Drop for Process {
     fn drop(&mut self) {
         stop(&mut self.child);
         if thread::panicking() {
@@ -224,6 +199,90 @@ impl Drop for Registry {
     }
 }
 
+impl Registry {
+    /// Starts a registry with filesystem storage and deletes enabled.
+    pub fn start() -> anyhow::Result<Self> {
+        Self::start_with_config_extra("")
+    }
+
+    /// Starts a registry whose config.yml ends with `yaml_fragment`: top-level keys such as a
+    /// `notifications:` section. It must not repeat the keys written here (`version`, `log`,
+    /// `storage`, `http`).
+    pub fn start_with_config_extra(yaml_fragment: &str) -> anyhow::Result<Self> {
+        Self::start_on_ports(yaml_fragment, free_port)
+    }
+
+    /// Starts on the first port `pick_port` gives that the registry manages to bind.
+    fn start_on_ports(
+        yaml_fragment: &str,
+        pick_port: impl FnMut() -> anyhow::Result<u16>,
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("streamsnap-e2e-registry.")
+            .tempdir()
+            .context("creating a temp dir for the registry")?;
+        let storage = dir.path().join("storage");
+        let process = Process::start(
+            dir,
+            pick_port,
+            |addr| config_yaml(&storage, addr, yaml_fragment),
+            |addr| http::get(addr, "/v2/", &[]).is_ok_and(|r| r.status == 200),
+            "GET http:///v2/ answering 200",
+        )?;
+        Ok(Self { process })
+    }
+
+    /// `127.0.0.1:PORT`, for image references (`{addr}/repo:tag`) and [`http::get`].
+    pub fn addr(&self) -> String {
+        self.process.addr().to_owned()
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.process.addr())
+    }
+
+    /// The registry's stdout and stderr (logrus lines and the access log).
+    pub fn log_path(&self) -> &Path {
+        self.process.log_path()
+    }
+
+    /// The temp dir holding config.yml, the log and the storage (`storage/`).
+    pub fn dir(&self) -> &Path {
+        self.process.dir()
+    }
+
+    /// The registry's process ID.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Every access log line so far. Requests that completed (from the client's point of view)
+    /// before this call are included: it first sends a barrier request and waits for it to be
+    /// logged.
+    pub fn access_log(&self) -> anyhow::Result<Vec<AccessLogEntry>> {
+        let log = self.barrier()?;
+        Ok(parse_access_log(&log))
+    }
+
+    /// Total bytes the registry wrote answering blob GETs (status 200 and 206, i.e. full and
+    /// ranged downloads) since it started. Take it before and after an operation and subtract.
+    pub fn served_blob_bytes(&self) -> anyhow::Result<u64> {
+        Ok(self
+            .access_log()?
+            .iter()
+            .filter(|e| e.is_served_blob())
+            .map(|e| e.bytes)
+            .sum())
+    }
+
+    fn barrier(&self) -> anyhow::Result<String> {
+        let addr = self.process.addr();
+        self.process
+            .barrier(|path| http::get(addr, path, &[]), &[200])
+    }
+}
+
 fn config_yaml(storage: &Path, addr: &str, extra: &str) -> String {
     format!(
         "version: 0.1\n\
@@ -237,7 +296,7 @@ fn config_yaml(storage: &Path, addr: &str, extra: &str) -> String {
 
 /// A port that was free a moment ago: bind port 0, read it, close. Another process may take it
 /// before the registry binds it; [`Registry::start`] retries then.
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
@@ -261,9 +320,13 @@ fn spawn(config: &Path, log_path: &Path) -> anyhow::Result<Child> {
     }
 }
 
-/// Ready when the log says it listens on `addr` (so the listener is ours, not a process that
-/// took the port) and `GET /v2/` answers 200.
-fn wait_ready(child: &mut Child, addr: &str, log_path: &Path) -> Result<(), StartError> {
+fn wait_ready(
+    child: &mut Child,
+    addr: &str,
+    log_path: &Path,
+    ready: impl Fn(&str) -> bool,
+    ready_what: &str,
+) -> Result<(), StartError> {
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     let listening = format!("listening on {addr}");
     loop {
@@ -285,12 +348,12 @@ fn wait_ready(child: &mut Child, addr: &str, log_path: &Path) -> Result<(), Star
             }
         }
         let log = fs::read_to_string(log_path).unwrap_or_default();
-        if log.contains(&listening) && http::get(addr, "/v2/", &[]).is_ok_and(|r| r.status == 200) {
+        if log.contains(&listening) && ready(addr) {
             return Ok(());
         }
         if Instant::now() > deadline {
             return Err(StartError::Failed(anyhow::anyhow!(
-                "docker-registry did not answer GET http://{addr}/v2/ within \
+                "docker-registry on {addr} was not ready ({ready_what}) within \
                  {STARTUP_TIMEOUT:?}; its log:\n{}",
                 log_tail(log_path, 40)
             )));

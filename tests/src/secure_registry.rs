@@ -49,34 +49,21 @@
 //! The rig's own tests (`tests/tests/secure_registry.rs`) check it with curl, skopeo and `ctr`,
 //! independently of streamsnap's registry client.
 
-use std::fs::{self, File};
-use std::net::TcpListener;
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use tempfile::TempDir;
 
 use crate::bins::run;
-use crate::registry::{AccessLogEntry, KEEP_ENV, parse_access_log};
+use crate::registry::{AccessLogEntry, Process, free_port, parse_access_log};
 use crate::test_ca::TestCa;
 use crate::token_server::{TOKEN_ISSUER, TOKEN_SERVICE, TokenServer};
 use crate::{http, https};
 
-/// How long the registry may take to answer `GET /v2/` after it is spawned.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a SIGTERM'd registry may take to exit before it gets SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Spawn attempts when another process takes the chosen port before the registry binds it.
-const PORT_ATTEMPTS: usize = 5;
-/// How long to wait for a barrier request to show up in the log.
-const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
-const POLL: Duration = Duration::from_millis(20);
 /// The realm of the registry's Basic auth challenge.
 pub const BASIC_REALM: &str = "streamsnap-e2e";
 
@@ -128,20 +115,11 @@ impl RegistryAuth {
 /// A running HTTPS `docker-registry` with auth. See the module doc.
 #[derive(Debug)]
 pub struct SecureRegistry {
-    child: Child,
-    addr: String,
+    // Dropped in this order: the registry and its temp dir, the token server, the CA.
+    process: Process,
     auth: RegistryAuth,
-    // Dropped in this order: the registry (in Drop), the token server, the temp dir, the CA.
     token_server: Option<TokenServer>,
-    dir: Option<TempDir>,
     ca: TestCa,
-    log_path: PathBuf,
-    barriers: AtomicU64,
-}
-
-enum StartError {
-    PortTaken,
-    Failed(anyhow::Error),
 }
 
 impl SecureRegistry {
@@ -181,61 +159,50 @@ impl SecureRegistry {
                 )
             }
         };
-        let log_path = dir.path().join("registry.log");
-        let config_path = dir.path().join("config.yml");
-        for _ in 0..PORT_ATTEMPTS {
-            let addr = format!("127.0.0.1:{}", free_port()?);
-            let config = format!(
-                "version: 0.1\n\
-                 log:\n  level: info\n  accesslog:\n    disabled: false\n\
-                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: {addr}\n  tls:\n    certificate: {}\n    key: {}\n\
-                 {auth_yaml}",
-                dir.path().join("storage").display(),
-                ca.server().cert.display(),
-                ca.server().key.display(),
-            );
-            fs::write(&config_path, config)
-                .with_context(|| format!("writing {}", config_path.display()))?;
-            let mut child = spawn(&config_path, &log_path)?;
-            match wait_ready(&mut child, &ca, &addr, &log_path) {
-                Ok(()) => {
-                    return Ok(Self {
-                        child,
-                        addr,
-                        auth,
-                        token_server,
-                        dir: Some(dir),
-                        ca,
-                        log_path,
-                        barriers: AtomicU64::new(0),
-                    });
-                }
-                Err(e) => {
-                    stop(&mut child);
-                    match e {
-                        StartError::PortTaken => continue,
-                        StartError::Failed(e) => return Err(e),
-                    }
-                }
-            }
-        }
-        bail!("docker-registry could not bind a free port in {PORT_ATTEMPTS} attempts")
+        let storage = dir.path().join("storage");
+        let process = Process::start(
+            dir,
+            free_port,
+            |addr| {
+                format!(
+                    "version: 0.1\n\
+                     log:\n  level: info\n  accesslog:\n    disabled: false\n\
+                     storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+                     http:\n  addr: {addr}\n  tls:\n    certificate: {}\n    key: {}\n\
+                     {auth_yaml}",
+                    storage.display(),
+                    ca.server().cert.display(),
+                    ca.server().key.display(),
+                )
+            },
+            // 200 without auth, 401 with.
+            |addr| {
+                https::https_get(&ca, addr, "/v2/", &[])
+                    .is_ok_and(|r| matches!(r.status, 200 | 401))
+            },
+            "GET https:///v2/ answering 200 or 401",
+        )?;
+        Ok(Self {
+            process,
+            auth,
+            token_server,
+            ca,
+        })
     }
 
     /// `127.0.0.1:PORT`, for image references.
     pub fn addr(&self) -> String {
-        self.addr.clone()
+        self.process.addr().to_owned()
     }
 
     /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("https://{}", self.addr)
+        format!("https://{}", self.process.addr())
     }
 
     /// `127.0.0.1:PORT/{name}` for `name` = `repo:tag` or `repo@sha256:...`.
     pub fn image_ref(&self, name: &str) -> String {
-        format!("{}/{name}", self.addr)
+        format!("{}/{name}", self.process.addr())
     }
 
     /// The auth the registry was started with (the password as last set).
@@ -284,7 +251,7 @@ impl SecureRegistry {
     /// holding `creds` for this registry, for clients that read docker credentials.
     pub fn docker_config_json(&self, creds: (&str, &str)) -> serde_json::Value {
         let auth = STANDARD.encode(format!("{}:{}", creds.0, creds.1));
-        serde_json::json!({"auths": {self.addr.clone(): {"auth": auth}}})
+        serde_json::json!({"auths": {self.process.addr().to_owned(): {"auth": auth}}})
     }
 
     /// A containerd `hosts.toml` (for `certs.d/127.0.0.1:PORT/hosts.toml` under the CRI
@@ -293,7 +260,7 @@ impl SecureRegistry {
         format!(
             "server = \"https://{addr}\"\n\n[host.\"https://{addr}\"]\n  \
              capabilities = [\"pull\", \"resolve\", \"push\"]\n  ca = \"{ca}\"\n",
-            addr = self.addr,
+            addr = self.process.addr(),
             ca = self.ca_cert_path().display()
         )
     }
@@ -322,23 +289,23 @@ impl SecureRegistry {
 
     /// The registry's stdout and stderr (logrus lines and the access log).
     pub fn log_path(&self) -> &Path {
-        &self.log_path
+        self.process.log_path()
     }
 
     /// The temp dir holding config.yml, htpasswd, the log and the storage (`storage/`).
     pub fn dir(&self) -> &Path {
-        self.dir.as_ref().expect("dir is only taken on drop").path()
+        self.process.dir()
     }
 
     /// The registry's process ID.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// `GET https://{addr}{path}` trusting the test CA, with extra headers (e.g.
     /// `Authorization`).
     pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<http::Response> {
-        https::https_get(&self.ca, &self.addr, path, headers)
+        https::https_get(&self.ca, self.process.addr(), path, headers)
     }
 
     /// Every access log line so far, including requests that completed before this call.
@@ -356,51 +323,10 @@ impl SecureRegistry {
             .sum())
     }
 
-    /// Sends a uniquely numbered `GET /v2/?…` and waits until the registry logged it; returns
-    /// the whole log then. Without credentials it is answered 401, and logged all the same.
+    /// Without credentials the barrier request is answered 401, and logged all the same.
     fn barrier(&self) -> anyhow::Result<String> {
-        let n = self.barriers.fetch_add(1, Ordering::Relaxed);
-        let marker = format!("/v2/?streamsnap-e2e-barrier={n} ");
-        let response = self.get(marker.trim_end(), &[])?;
-        if !matches!(response.status, 200 | 401) {
-            bail!("registry barrier request answered {}", response.status);
-        }
-        let deadline = Instant::now() + BARRIER_TIMEOUT;
-        loop {
-            let log = fs::read(&self.log_path)
-                .with_context(|| format!("reading {}", self.log_path.display()))?;
-            let log = String::from_utf8_lossy(&log).into_owned();
-            if log.contains(&marker) {
-                return Ok(log);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the registry did not log request {marker:?} within {BARRIER_TIMEOUT:?}; see {}",
-                    self.log_path.display()
-                );
-            }
-            thread::sleep(POLL);
-        }
-    }
-}
-
-impl Drop for SecureRegistry {
-    fn drop(&mut self) {
-        stop(&mut self.child);
-        if thread::panicking() {
-            eprintln!(
-                "--- last lines of the registry log {} ---\n{}",
-                self.log_path.display(),
-                log_tail(&self.log_path, 40)
-            );
-        }
-        if let Some(dir) = self.dir.take() {
-            if std::env::var_os(KEEP_ENV).is_some() {
-                eprintln!("keeping registry dir {}", dir.keep().display());
-            } else if let Err(e) = dir.close() {
-                eprintln!("warning: removing the registry's temp dir: {e}");
-            }
-        }
+        self.process
+            .barrier(|path| self.get(path, &[]), &[200, 401])
     }
 }
 
@@ -412,94 +338,4 @@ fn write_htpasswd(path: &Path, user: &str, password: &str) -> anyhow::Result<()>
     let tmp = path.with_extension("new");
     fs::write(&tmp, &output.stdout).with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
-fn spawn(config: &Path, log_path: &Path) -> anyhow::Result<Child> {
-    let log = File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    Command::new("docker-registry")
-        .arg("serve")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context(
-            "spawning docker-registry (install the Debian package docker-registry if it is \
-             missing)",
-        )
-}
-
-/// Ready when the log says it listens on `addr` (the listener is ours) and `GET /v2/` over HTTPS
-/// answers (200 without auth, 401 with).
-fn wait_ready(
-    child: &mut Child,
-    ca: &TestCa,
-    addr: &str,
-    log_path: &Path,
-) -> Result<(), StartError> {
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    let listening = format!("listening on {addr}");
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) if log_tail(log_path, 40).contains("address already in use") => {
-                return Err(StartError::PortTaken);
-            }
-            Ok(Some(status)) => {
-                return Err(StartError::Failed(anyhow::anyhow!(
-                    "docker-registry exited at start with {status}; its log:\n{}",
-                    log_tail(log_path, 40)
-                )));
-            }
-            Ok(None) => {}
-            Err(e) => {
-                return Err(StartError::Failed(
-                    anyhow::Error::new(e).context("waiting for docker-registry"),
-                ));
-            }
-        }
-        let log = fs::read_to_string(log_path).unwrap_or_default();
-        if log.contains(&listening)
-            && https::https_get(ca, addr, "/v2/", &[]).is_ok_and(|r| matches!(r.status, 200 | 401))
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(StartError::Failed(anyhow::anyhow!(
-                "docker-registry did not answer GET https://{addr}/v2/ within \
-                 {STARTUP_TIMEOUT:?}; its log:\n{}",
-                log_tail(log_path, 40)
-            )));
-        }
-        thread::sleep(POLL);
-    }
-}
-
-/// SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]; always reaps the child.
-fn stop(child: &mut Child) {
-    if matches!(child.try_wait(), Ok(None)) {
-        let pid = libc::pid_t::try_from(child.id()).expect("pids fit in pid_t");
-        // SAFETY: kill(2) takes no pointers. The child has not been reaped yet (try_wait just
-        // returned None), so its pid cannot have been reused by another process.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            thread::sleep(POLL);
-        }
-        if matches!(child.try_wait(), Ok(None)) {
-            let _ = child.kill();
-        }
-    }
-    let _ = child.wait();
-}
-
-fn log_tail(path: &Path, lines: usize) -> String {
-    let text = fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
