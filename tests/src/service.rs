@@ -3,6 +3,9 @@
 //! ([`ServiceHome`], which outlives restarts; kept with `STREAMSNAP_E2E_KEEP=1`), and the process ([`ServiceProcess`]: killed with
 //! SIGKILL or stopped with SIGTERM by PID, its log printed when a test panics).
 //!
+//! [`ServiceHome::replica`] makes another replica of the same service (same token, secret and
+//! PostgreSQL store: [`ServiceHome::use_postgres`]), on its own port and state dir.
+//!
 //! [`WebhookRelay`] sits between the registry and the service when a test needs to see, or
 //! disturb, the deliveries: it forwards every notification to the service and can answer the
 //! registry 500 for the first delivery of chosen events *after* the service handled it, so the
@@ -129,6 +132,23 @@ impl ServiceHome {
              [application/octet-stream]\n        actions: [pull]\n",
             self.secret
         )
+    }
+
+    /// The registry config's `notifications:` section with one endpoint per URL (each gets
+    /// every event: the replicas of one service, each notified of every push), sending the
+    /// secret; blob events and pulls are not sent.
+    pub fn notifications_yaml_for_all(&self, urls: &[String]) -> String {
+        let mut yaml = String::from("notifications:\n  endpoints:\n");
+        for (i, url) in urls.iter().enumerate() {
+            yaml.push_str(&format!(
+                "    - name: streamsnap-{i}\n      url: {url}\n      headers:\n        \
+                 Authorization: [Bearer {}]\n      timeout: 10s\n      threshold: 3\n      \
+                 backoff: 100ms\n      ignore:\n        mediatypes: \
+                 [application/octet-stream]\n        actions: [pull]\n",
+                self.secret
+            ));
+        }
+        yaml
     }
 
     /// Starts `streamsnap serve` for `registry` (`127.0.0.1:PORT`) and waits until
@@ -493,4 +513,49 @@ fn random_hex() -> anyhow::Result<String> {
     let mut bytes = [0u8; 16];
     File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Pushes an image by tag with the registry client (its layers, its config, then its OCI
+/// manifest); returns the manifest digest.
+pub async fn push_image(
+    client: &streamsnap_registry::Client,
+    repo: &streamsnap_registry::Repository,
+    tag: &str,
+    spec: &crate::ImageSpec,
+) -> anyhow::Result<streamsnap_format::Digest> {
+    use streamsnap_format::media;
+    use streamsnap_format::oci::{Descriptor, ImageManifest};
+    let mut layers = Vec::new();
+    for layer in &spec.layers {
+        let blob = layer.compressed()?;
+        let descriptor = Descriptor::of(layer.media_type(), &blob);
+        client
+            .push_blob(repo, &descriptor.digest, blob.into())
+            .await?;
+        layers.push(descriptor);
+    }
+    let diff_ids: Vec<_> = spec.layers.iter().map(crate::LayerBlob::diff_id).collect();
+    let config = spec.config_json(&diff_ids);
+    let config_descriptor = Descriptor::of(media::OCI_CONFIG, &config);
+    client
+        .push_blob(repo, &config_descriptor.digest, config.into())
+        .await?;
+    let manifest = ImageManifest {
+        schema_version: 2,
+        media_type: Some(media::OCI_MANIFEST.into()),
+        artifact_type: None,
+        config: config_descriptor,
+        layers,
+        subject: None,
+        annotations: Default::default(),
+    };
+    let put = client
+        .put_manifest(
+            repo,
+            tag,
+            media::OCI_MANIFEST,
+            serde_json::to_vec(&manifest)?.into(),
+        )
+        .await?;
+    Ok(put.digest)
 }
