@@ -4,6 +4,8 @@
 //! Python's jsonschema on the values helm-template coalesces, as Helm does; helm-template itself
 //! does not validate); the update strategy, the config checksum, the pod values, templates that
 //! take null for every optional value, and NOTES whose health check needs nothing in the image.
+//! The conversion service's part (off by default) and its own plain manifests:
+//! `conversion_service`.
 //!
 //! helm-template renders NOTES.txt but does not print it, and prints no values: the tests render a
 //! copy of the chart with one more template that puts both into the output ([`ChartUnderTest`]).
@@ -26,6 +28,9 @@ use streamsnap_e2e::k8s_tools::{
     validate_manifests, workspace_root, yaml_documents,
 };
 use streamsnap_e2e::{http, sys, workspace_bin};
+
+#[path = "chart/conversion_service.rs"]
+mod conversion_service;
 
 const WAIT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(100);
@@ -362,9 +367,10 @@ fn daemon_serves_config(
 // values.schema.json
 
 /// Kubernetes objects the chart passes through unchanged: the API server checks them.
-const KUBERNETES_OBJECTS: [&str; 4] = [
+const KUBERNETES_OBJECTS: [&str; 5] = [
     "affinity",
     "resources",
+    "conversionService/resources",
     "tolerations/items",
     "extraEnv/items/valueFrom",
 ];
