@@ -239,7 +239,7 @@ impl Client {
 }
 
 /// The `rel="next"` target of a `Link` header, resolved against the answering URL.
-fn next_link(response: &crate::transport::Response) -> Result<Option<http::Uri>> {
+pub(crate) fn next_link(response: &crate::transport::Response) -> Result<Option<http::Uri>> {
     for value in response.headers.get_all(header::LINK) {
         let Ok(value) = value.to_str() else { continue };
         for link in value.split(',') {
