@@ -2,7 +2,8 @@
 //! states, conversion operations run by a bounded worker pool, and the registry's push and
 //! delete notifications (auto-conversion of new images in Active repositories, cascade
 //! delete of artifacts whose image was deleted). Served as a versioned HTTP JSON API
-//! (`/v1/...`, see `docs/service.md`), persisted in an embedded store (redb, one machine) or
+//! (`/v1/...`, see `docs/service.md`) with a web console beside it at `/`
+//! (`docs/console.md`), persisted in an embedded store (redb, one machine) or
 //! in PostgreSQL shared by several replicas; plus the API's client.
 //!
 //! This layer drives the converter (`streamsnap-convert`) and the registry client; it knows
@@ -12,6 +13,7 @@
 pub mod api;
 mod auth;
 mod client;
+mod console;
 mod error;
 pub mod events;
 mod ids;

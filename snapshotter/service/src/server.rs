@@ -24,9 +24,9 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::routes;
 use crate::service::{Service, ServiceConfig};
 use crate::store::{Reap, Store};
+use crate::{console, routes};
 use crate::{ids, worker};
 
 /// A client must send its request head within this time.
@@ -162,6 +162,7 @@ impl Server {
             workers,
         } = self;
         let graceful = GracefulShutdown::new();
+        let console = Arc::new(console::Console::new(&service));
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -177,11 +178,15 @@ impl Server {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let service = service.clone();
+            let (service, console) = (service.clone(), console.clone());
             let handler = hyper::service::service_fn(move |request| {
-                let service = service.clone();
+                let (service, console) = (service.clone(), console.clone());
                 async move {
-                    Ok::<_, std::convert::Infallible>(routes::handle(&service, peer, request).await)
+                    Ok::<_, std::convert::Infallible>(if console::owns(request.uri().path()) {
+                        console::handle(&service, &console, peer, request).await
+                    } else {
+                        routes::handle(&service, peer, request).await
+                    })
                 }
             });
             let connection = http1::Builder::new()
