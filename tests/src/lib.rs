@@ -12,6 +12,7 @@
 //! calls [`require_root_tools`] first so a missing package is a clear error.
 
 pub mod bins;
+pub mod browser;
 pub mod busybox;
 pub mod container;
 pub mod containerd;
