@@ -251,3 +251,54 @@ pub async fn cancel(ctx: &Ctx<'_>, name: &str, id: &str) -> Reply {
         Err(e) => ctx.error_page("The operation was not canceled", &e, &path),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{OperationOptions, Progress, Timestamp, Trigger};
+
+    fn op(state: OperationState, error: &str) -> Operation {
+        Operation {
+            id: "0123456789abcdef".into(),
+            repository: "team/app".into(),
+            reference: "<b>v1</b>".into(),
+            manifest_digest: streamsnap_format::Digest::sha256(b"m"),
+            state,
+            progress: Progress {
+                done: 1 << 20,
+                total: 4 << 20,
+            },
+            error: Some(error.into()),
+            artifact_digest: None,
+            subject_digest: None,
+            trigger: Trigger::Push,
+            options: OperationOptions::default(),
+            interruptions: 0,
+            cancel_requested: false,
+            worker: Some("<w>".into()),
+            created: Timestamp(0),
+            updated: Timestamp(0),
+            seq: 1,
+        }
+    }
+
+    #[test]
+    fn operation_rows_escape_what_they_show_and_offer_cancel_while_live() {
+        let hostile = "layer \"x\"><script>alert(1)</script>";
+        let running = table(&[op(OperationState::Running, hostile)], "tok", true);
+        assert!(!running.contains("<script>") && !running.contains("<b>"));
+        assert!(running.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(running.contains("team/app:&lt;b&gt;v1&lt;/b&gt;"));
+        assert!(running.contains("/repositories/team%2Fapp/operations/0123456789abcdef/cancel"));
+        assert!(running.contains("1.0 MiB of 4.0 MiB (25%)"));
+        assert!(running.contains("name=\"csrf\" value=\"tok\""));
+        let failed = table(&[op(OperationState::Failed, "x")], "tok", false);
+        assert!(
+            !failed.contains("/cancel"),
+            "no Cancel for a final operation"
+        );
+        let mut canceling = op(OperationState::Running, "");
+        canceling.cancel_requested = true;
+        assert!(table(&[canceling], "tok", false).contains("canceling"));
+    }
+}

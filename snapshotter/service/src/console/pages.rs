@@ -454,7 +454,7 @@ async fn images_table(
     .await;
     let mut out = String::from(
         "<h2>Images</h2><table><caption>Tags and what their images have</caption><thead><tr>\
-         <th scope=\"col\">Tag</th><th scope=\"col\">Manifest</th><th scope=\"col\">Size</th>\
+         <th scope=\"col\">Tag</th><th scope=\"col\">Manifest</th><th scope=\"col\">Size (compressed)</th>\
          <th scope=\"col\">Streaming artifact</th><th scope=\"col\">Signature</th>\
          <th scope=\"col\">Start-up profile</th></tr></thead><tbody>",
     );
@@ -467,7 +467,7 @@ async fn images_table(
                     html::short_digest(&d.digest.to_string()),
                     esc(kind_of(&d.media_type))
                 ),
-                html::bytes(d.size),
+                row.image_size.map(html::bytes).unwrap_or_default(),
             ),
             Err(e) => (
                 format!("<span class=\"error\">cannot be read: {}</span>", esc(e)),

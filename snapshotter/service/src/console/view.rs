@@ -28,6 +28,9 @@ pub struct TagRow {
     /// Whether a streaming artifact refers to the image (or, for an index, to the entry an
     /// operation converted).
     pub artifact: Option<Digest>,
+    /// Compressed size of an image (config and layers); `None` for an index or when the
+    /// manifest could not be parsed.
+    pub image_size: Option<u64>,
     pub signature: bool,
     pub profile: bool,
     /// Why the referrers could not be read, if they could not.
@@ -90,6 +93,7 @@ async fn tag_row(client: &Client, repo: &Repository, tag: String, ops: &[Operati
         manifest: Err(String::new()),
         tag,
         artifact: None,
+        image_size: None,
         signature: false,
         profile: false,
         referrers_error: None,
@@ -106,6 +110,12 @@ async fn tag_row(client: &Client, repo: &Repository, tag: String, ops: &[Operati
         }
     };
     let subject = subject_of(&manifest.digest, ops);
+    if matches!(
+        manifest.media_type.as_str(),
+        media::OCI_MANIFEST | media::DOCKER_MANIFEST
+    ) {
+        row.image_size = image_size(client, repo, &manifest.digest).await;
+    }
     row.manifest = Ok(manifest);
     match flags(client, repo, &subject).await {
         Ok((artifact, signature, profile)) => {
@@ -149,6 +159,14 @@ pub async fn flags(
             .is_ok_and(|r| !r.manifests.is_empty());
     }
     Ok((artifact, signature, profile))
+}
+
+/// Compressed size of an image manifest's config and layers (what a pull downloads).
+async fn image_size(client: &Client, repo: &Repository, digest: &Digest) -> Option<u64> {
+    let manifest = client.get_manifest(repo, &digest.to_string()).await.ok()?;
+    let parsed: streamsnap_format::oci::ImageManifest =
+        serde_json::from_slice(&manifest.bytes).ok()?;
+    Some(parsed.config.size + parsed.layers.iter().map(|l| l.size).sum::<u64>())
 }
 
 /// Bytes a streaming artifact adds to the registry: its manifest, config and layers.
