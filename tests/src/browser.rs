@@ -396,7 +396,9 @@ impl Browser {
         fs::write(path, png).with_context(|| format!("writing {}", path.display()))
     }
 
-    /// Polls `check` until it answers `Some`, for at most `timeout`.
+    /// Polls `check` until it answers `Some`, for at most `timeout`. An error of `check` counts
+    /// as "not yet" (a page that reloads between two WebDriver calls makes an element stale);
+    /// the last one is reported if time runs out.
     pub fn wait_for<T>(
         &self,
         what: &str,
@@ -404,13 +406,17 @@ impl Browser {
         mut check: impl FnMut(&Self) -> anyhow::Result<Option<T>>,
     ) -> anyhow::Result<T> {
         let deadline = Instant::now() + timeout;
+        let mut last_error = None;
         loop {
-            if let Some(found) = check(self)? {
-                return Ok(found);
+            match check(self) {
+                Ok(Some(found)) => return Ok(found),
+                Ok(None) => {}
+                Err(e) => last_error = Some(e),
             }
             if Instant::now() > deadline {
                 bail!(
-                    "waited {timeout:?} for {what}; the page ({}) says:\n{}",
+                    "waited {timeout:?} for {what} (last error: {}); the page ({}) says:\n{}",
+                    last_error.map_or_else(|| "none".to_owned(), |e| format!("{e:#}")),
                     self.url().unwrap_or_default(),
                     self.body_text().unwrap_or_default()
                 );

@@ -279,6 +279,7 @@ fn an_operator_manages_artifact_streaming_from_the_console() -> anyhow::Result<(
         let cell = b.text_of("tr[data-tag='new'] td[data-artifact]")?;
         Ok(cell.contains("Yes").then_some(()))
     })?;
+    screenshot_if_asked(&b, "repository")?;
     ensure!(
         b.text_of("tr[data-tag='old'] td[data-artifact]")?
             .contains("Create streaming artifact"),
