@@ -5,6 +5,7 @@
 mod convert;
 mod memory;
 mod realistic;
+mod service;
 mod startup;
 mod stats;
 
@@ -32,6 +33,9 @@ enum Bench {
     /// Daemon memory as images pile up (VmRSS per mounted entry, idle, restart), and the lstat
     /// of every entry, against another build of the daemon.
     Memory(memory::Args),
+    /// Conversions per minute of 1, 2 and 3 replicas of `streamsnap serve` sharing one
+    /// PostgreSQL database.
+    Service(service::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,5 +44,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Startup(args) => startup::run(args),
         Bench::Realistic(args) => realistic::run(args),
         Bench::Memory(args) => memory::run(args),
+        Bench::Service(args) => service::run(args),
     }
 }
