@@ -296,10 +296,10 @@ fn an_operator_manages_artifact_streaming_from_the_console() -> anyhow::Result<(
         let text = b.text_of(".op-progress .progress-text").unwrap_or_default();
         let mark = b.execute("return window.streamsnapMark || 0;", json!([]))?;
         if state == "Running" && text != first_progress && text.contains('%') && mark == 42 {
+            if !live_running {
+                screenshot_if_asked(b, "operation-running")?;
+            }
             live_running = true;
-        }
-        if state == "Running" && live_running {
-            screenshot_if_asked(b, "operation-running")?;
         }
         Ok((state == "Succeeded").then_some(()))
     })?;

@@ -29,6 +29,8 @@
       .then(function (s) {
         update(el, s);
         if (s.terminal) {
+          var cancels = el.querySelectorAll("form[action$='/cancel']");
+          for (var i = 0; i < cancels.length; i++) { cancels[i].remove(); }
           setTimeout(function () { window.location.reload(); }, 500);
         } else {
           setTimeout(function () { poll(el); }, 1000);
