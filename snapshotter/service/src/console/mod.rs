@@ -293,24 +293,27 @@ fn forbidden(ctx: &Ctx<'_>, why: &str) -> Reply {
     ctx.page(StatusCode::FORBIDDEN, "Refused", Nav::None, &body)
 }
 
-/// Whether a request names an `Origin` (or, without one, a `Referer`) other than its `Host`.
+/// Whether a request names an `Origin` (or, without one, a `Referer`) whose host is neither
+/// its `Host` nor the `X-Forwarded-Host` a proxy in front set.
 fn is_cross_origin(headers: &http::HeaderMap) -> bool {
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
-    let origin = headers
-        .get(header::ORIGIN)
-        .or_else(|| headers.get(header::REFERER))
-        .and_then(|v| v.to_str().ok());
-    match (host, origin) {
-        (_, None) | (_, Some("null")) => false,
-        (Some(host), Some(origin)) => {
-            let rest = origin
-                .strip_prefix("http://")
-                .or_else(|| origin.strip_prefix("https://"))
-                .unwrap_or(origin);
-            rest.split('/').next() != Some(host)
-        }
-        (None, Some(_)) => true,
-    }
+    let header_str = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let origin = header_str("origin").or_else(|| header_str("referer"));
+    let Some(origin) = origin.filter(|o| *o != "null") else {
+        return false;
+    };
+    let rest = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .unwrap_or(origin);
+    let origin_host = rest.split('/').next().unwrap_or_default();
+    let forwarded = header_str("x-forwarded-host")
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim);
+    !header_str("host")
+        .into_iter()
+        .chain(forwarded)
+        .any(|host| host.eq_ignore_ascii_case(origin_host))
 }
 
 /// Decodes `a=1&b=x+y` (queries and urlencoded forms).
@@ -475,6 +478,23 @@ mod tests {
         h.insert(
             header::ORIGIN,
             HeaderValue::from_static("http://evil.example"),
+        );
+        assert!(is_cross_origin(&h));
+        // Behind a proxy that rewrites Host and says which host it served.
+        h.insert(
+            "x-forwarded-host",
+            HeaderValue::from_static("console.example"),
+        );
+        assert!(is_cross_origin(&h));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://console.example"),
+        );
+        assert!(!is_cross_origin(&h));
+        h.remove(header::ORIGIN);
+        h.insert(
+            header::REFERER,
+            HeaderValue::from_static("https://evil.example/x"),
         );
         assert!(is_cross_origin(&h));
     }
