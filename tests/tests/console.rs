@@ -441,6 +441,21 @@ fn an_operator_manages_artifact_streaming_from_the_console() -> anyhow::Result<(
             && b.execute("return window.pwned || 0;", json!([]))? == 0
     );
 
+    // Pages read without JavaScript: the server's HTML already holds what the browser showed.
+    let page = http::get(
+        &env.home.addr(),
+        "/repositories/app",
+        &[("Cookie", &session_cookie)],
+    )?;
+    let html = String::from_utf8_lossy(&page.body);
+    ensure!(
+        page.status == 200
+            && html.contains("data-tag=\"new\"")
+            && html.contains("data-streaming=\"Active\""),
+        "the repository page needs a script to show its images: {} {html}",
+        page.status
+    );
+
     // Log out: the console is closed again, and the old cookie no longer opens it.
     b.goto(&env.url("/"))?;
     screenshot_if_asked(&b, "overview")?;
