@@ -4,7 +4,9 @@
 //! database, pushes the images into a fresh repository (untimed), then creates one operation
 //! per image, spread over the replicas in turn as a load balancer would, and times from the
 //! first create to the last Succeeded. Figures: conversions per minute and MB/s of uncompressed
-//! layer data (median, min, max over runs), and how busy the machine's cores were.
+//! layer data (median, min, max over runs), how busy the machine's cores were, and the CPU time
+//! the replicas, the registry and the database spent per conversion, with the ceiling that cost
+//! puts on the machine's cores (a figure that other programs on the machine do not skew).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -80,14 +82,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.concurrency,
     );
     println!(
-        "{:<10} {:>26}  {:>24}  {:>16}  operations per replica (last run)",
-        "replicas", "conversions/min [min..max]", "MB/s [min..max]", "CPU busy"
+        "{:<10} {:>26}  {:>24}  {:>16}  {:>8}  {:>8}  operations per replica (last run)",
+        "replicas",
+        "conversions/min [min..max]",
+        "MB/s [min..max]",
+        "CPU busy",
+        "CPU/conv",
+        "ceiling"
     );
     for &replicas in &args.replicas {
         ensure!(replicas > 0, "--replicas takes counts of at least 1");
         let mut times = Vec::new();
         let mut busy = Vec::new();
         let mut spread = BTreeMap::new();
+        let mut cpu_per_conversion = Vec::new();
         for run in 0..args.runs {
             let database = format!("bench_{replicas}r_{run}");
             postgres.create_database(&database)?;
@@ -129,6 +137,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 Ok::<_, anyhow::Error>(())
             })?;
 
+            let mut pids: Vec<i32> = services.iter().map(|s| s.pid() as i32).collect();
+            pids.push(registry.pid() as i32);
+            pids.push(postgres.pid());
+            let own_before = process_ticks(&pids);
             let cpu_before = cpu_times()?;
             let started = Instant::now();
             for i in 0..images.len() {
@@ -153,6 +165,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             wait_all_succeeded(&homes[0], &repo, images.len())?;
             let elapsed = started.elapsed();
             busy.push(cpu_busy(&cpu_before, &cpu_times()?));
+            let own = process_ticks(&pids).saturating_sub(own_before);
+            cpu_per_conversion.push(own as f64 / ticks_per_second() / images.len() as f64);
             times.push(elapsed);
             spread = operations_per_replica(&homes[0], &repo, &services)?;
             for service in &mut services {
@@ -163,8 +177,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let per_min = |d: Duration| images.len() as f64 * 60.0 / d.as_secs_f64();
         let mbps = |d: Duration| uncompressed as f64 / 1e6 / d.as_secs_f64();
         busy.sort_by(f64::total_cmp);
+        cpu_per_conversion.sort_by(f64::total_cmp);
+        let cpu = cpu_per_conversion[cpu_per_conversion.len() / 2];
         println!(
-            "{replicas:<10} {:>9.0} [{:.0} .. {:.0}]{:>8}  {:>7.1} [{:.1} .. {:.1}]{:>6}  {:>5.0}% of {cores}  {:?}",
+            "{replicas:<10} {:>9.0} [{:.0} .. {:.0}]{:>8}  {:>7.1} [{:.1} .. {:.1}]{:>6}  {:>5.0}% of {cores}  {:>6.2} s  {:>8.0}  {:?}",
             per_min(s.median),
             per_min(s.max),
             per_min(s.min),
@@ -174,9 +190,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             mbps(s.min),
             "",
             busy[busy.len() / 2] * 100.0,
+            cpu,
+            cores as f64 * 60.0 / cpu,
             spread.values().collect::<Vec<_>>(),
         );
     }
+    println!(
+        "load average at the end (other programs too): {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "CPU/conv: CPU time of the replicas, the registry and the PostgreSQL server per \
+         conversion (median); ceiling: conversions per minute that {cores} cores give at that \
+         cost, whatever the replica count. CPU busy: the whole machine, other programs included."
+    );
     Ok(())
 }
 
@@ -299,6 +331,52 @@ fn cpu_times() -> anyhow::Result<(u64, u64)> {
     // idle and iowait
     let idle = fields[3] + fields[4];
     Ok((total - idle, total))
+}
+
+/// CPU time (user + system, clock ticks) of the processes `roots` and of their children that
+/// are still running (the PostgreSQL server's backends), from /proc.
+fn process_ticks(roots: &[i32]) -> u64 {
+    let mut total = 0;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the command's closing parenthesis: state, ppid, ..., utime (14th field of
+        // the line), stime (15th).
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ppid: i32 = fields.get(1).and_then(|f| f.parse().ok()).unwrap_or(0);
+        if !roots.contains(&pid) && !roots.contains(&ppid) {
+            continue;
+        }
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        total += ticks(11) + ticks(12);
+    }
+    total
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`).
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf takes no pointers.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
 }
 
 /// The share of the machine's CPU time that was busy between two [`cpu_times`].
