@@ -445,6 +445,26 @@ fn a_new_repository_is_inactive_and_enabling_it_converts_only_new_pushes(
     );
     let shown = env.cli_json(&["show", "--repository", "app"])?;
     ensure!(shown["streaming"] == "Inactive" && shown["operations"]["Succeeded"] == 1);
+
+    // The metrics, without a token: this replica's conversions and events, and the store's
+    // counts (the harness's barrier repository adds conversions of its own: compare the two).
+    let metrics = http::get(&env.home.addr(), "/metrics", &[])?;
+    let text = String::from_utf8_lossy(&metrics.body);
+    ensure!(metrics.status == 200, "GET /metrics: {}", metrics.status);
+    let value = |series: &str| -> anyhow::Result<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .with_context(|| format!("no {series} in /metrics:\n{text}"))
+    };
+    let succeeded = value("streamsnap_service_conversions_total{outcome=\"succeeded\"}")?;
+    ensure!(
+        succeeded >= 1
+            && succeeded == value("streamsnap_service_operations{state=\"Succeeded\"}")?
+            && value("streamsnap_service_conversions_total{outcome=\"failed\"}")? == 0
+            && value("streamsnap_service_webhook_events_total{result=\"created\"}")? >= 1
+            && value("streamsnap_service_repositories{streaming=\"inactive\"}")? >= 1,
+        "/metrics:\n{text}"
+    );
     Ok(())
 }
 

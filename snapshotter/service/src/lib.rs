@@ -17,6 +17,7 @@ mod console;
 mod error;
 pub mod events;
 mod ids;
+mod metrics;
 mod routes;
 mod server;
 mod service;

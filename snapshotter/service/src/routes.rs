@@ -5,6 +5,7 @@
 //! | method | path | |
 //! | --- | --- | --- |
 //! | GET | /v1/healthz | liveness, no token |
+//! | GET | /metrics | Prometheus metrics (counts only), no token |
 //! | POST | /v1/registry-events | registry notifications, webhook secret |
 //! | GET | /v1/repositories | states and counts |
 //! | GET, PUT | /v1/repositories/{name} | one state; set it |
@@ -28,6 +29,7 @@ use crate::api::{
 use crate::auth;
 use crate::error::{Error, Result, chain};
 use crate::events::Envelope;
+use crate::metrics::METRICS_PATH;
 use crate::service::Service;
 
 /// Largest request body read (webhook envelopes and API calls are small).
@@ -79,6 +81,18 @@ async fn route(
     if path == api::HEALTH_PATH {
         return only(&method, &[Method::GET, Method::HEAD])
             .map(|()| json(StatusCode::OK, &serde_json::json!({"status": "ok"})));
+    }
+    if path == METRICS_PATH {
+        only(&method, &[Method::GET])?;
+        let repositories = service.repositories(None).await?;
+        let mut response = Response::new(Full::new(Bytes::from(
+            service.metrics.render(&repositories),
+        )));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        return Ok(response);
     }
     if path == api::WEBHOOK_PATH {
         only(&method, &[Method::POST])?;

@@ -130,6 +130,7 @@ impl Server {
             stopping: watch::Sender::new(false),
             finished: watch::Sender::new(0),
             work_dir,
+            metrics: crate::metrics::Metrics::new(),
         });
         let mut workers = worker::spawn(service.clone());
         workers.push(tokio::spawn(prune_events(service.clone())));

@@ -178,6 +178,7 @@ pub(crate) struct Service {
     /// Bumped whenever an operation reaches its final state (or goes back to the queue).
     pub finished: watch::Sender<u64>,
     pub work_dir: PathBuf,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Service {
@@ -439,6 +440,7 @@ impl Service {
                 }
             }
         }
+        self.metrics.webhook(&summary);
         Ok(summary)
     }
 

@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{Operation, OperationState, Progress};
 use crate::error::chain;
+use crate::metrics::Ended;
 use crate::service::{Live, OperationLimits, Service, log_error};
 use crate::store::{Lease, Reap, Recovered};
 
@@ -204,6 +205,7 @@ async fn run(service: &Arc<Service>, op: Operation) {
     let span =
         tracing::info_span!("operation", id, image = %op.image(), digest = %op.manifest_digest);
     tracing::info!(parent: &span, "conversion started");
+    let started = Instant::now();
     let repo = Repository::new(service.config.registry.clone(), op.repository.clone());
     let reference = Reference {
         repository: repo.clone(),
@@ -257,6 +259,9 @@ async fn run(service: &Arc<Service>, op: Operation) {
             // Not ours any more: whatever the conversion did, the worker that took it over
             // records the end (a conversion pushes the same artifact each time).
             tracing::warn!(parent: &span, "conversion dropped: this replica lost its lease on the operation (another replica takes it over)");
+            service
+                .metrics
+                .conversion_ended(Ended::LostLease, started.elapsed());
             service.finished.send_modify(|n| *n += 1);
             return;
         }
@@ -299,6 +304,13 @@ async fn run(service: &Arc<Service>, op: Operation) {
             Err(e) => Outcome::Failed(chain(&e)),
         },
     };
+    let ended = match &outcome {
+        Outcome::Succeeded { .. } => Ended::Succeeded,
+        Outcome::Failed(_) => Ended::Failed,
+        Outcome::Canceled(_) => Ended::Canceled,
+        Outcome::Requeue => Ended::Requeued,
+    };
+    service.metrics.conversion_ended(ended, started.elapsed());
     match &outcome {
         Outcome::Succeeded { artifact, .. } => {
             tracing::info!(parent: &span, %artifact, "conversion succeeded")

@@ -40,7 +40,7 @@ const JS: &str = include_str!("assets/console.js");
 
 /// Whether a path belongs to the console (everything but the API).
 pub(crate) fn owns(path: &str) -> bool {
-    path != api::PREFIX && !path.starts_with("/v1/")
+    path != api::PREFIX && !path.starts_with("/v1/") && path != crate::metrics::METRICS_PATH
 }
 
 /// The console's state: the session keys, and sizes of artifacts already looked up (they are
@@ -440,6 +440,7 @@ mod tests {
         assert!(!owns("/v1"));
         assert!(!owns("/v1/repositories"));
         assert!(!owns("/v1/healthz"));
+        assert!(!owns("/metrics"));
     }
 
     #[test]

@@ -137,8 +137,9 @@ pub async fn overview(ctx: &Ctx<'_>) -> Reply {
          <dt>Conversions at once</dt><dd>{concurrency}</dd>\
          <dt>Store</dt><dd>{store}</dd>\
          <dt>Worker</dt><dd><code>{worker}</code></dd></dl>\
-         <p>Health: <a href=\"/v1/healthz\">/v1/healthz</a>. Metrics: this service exports none \
-         yet; the node daemon's are described in <code>docs/metrics.md</code>.</p></section>",
+         <p>Health: <a href=\"/v1/healthz\">/v1/healthz</a>. Metrics (Prometheus, this \
+         replica's conversions and the store's counts): <a href=\"/metrics\">/metrics</a>, \
+         described in <code>docs/metrics.md</code>.</p></section>",
         registry = esc(&service.config.registry),
         concurrency = service.config.concurrency,
         store = if service.store.is_shared() {
