@@ -152,7 +152,7 @@ fn init_logging(verbose: u8) {
     let spec = std::env::var("STREAMSNAP_LOG")
         .ok()
         .filter(|s| !s.is_empty());
-    let parsed = spec.as_deref().map(parse_filter);
+    let parsed = spec.as_deref().map(streamsnap_log::parse_filter);
     let filter = match &parsed {
         Some(Some(targets)) => targets.clone(),
         _ => Targets::new().with_default(default),
@@ -163,7 +163,7 @@ fn init_logging(verbose: u8) {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
-                .with_ansi(colour_on_stderr())
+                .with_ansi(streamsnap_log::colour_on_stderr())
                 .with_target(false),
         )
         .with(filter)
@@ -174,28 +174,6 @@ fn init_logging(verbose: u8) {
              or target=level pairs separated by commas): ignored"
         );
     }
-}
-
-/// `info`, `debug,h2=info`, ... A directive without `=` must be a level: a typo such as `inf`
-/// would otherwise parse as a target name and switch every log line off.
-fn parse_filter(spec: &str) -> Option<tracing_subscriber::filter::Targets> {
-    use tracing_subscriber::filter::LevelFilter;
-    let levels_ok = spec
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty() && !d.contains('='))
-        .all(|d| d.parse::<LevelFilter>().is_ok());
-    if !levels_ok {
-        return None;
-    }
-    spec.parse().ok()
-}
-
-/// Colours only for a person at a terminal: not in a file, journald or `kubectl logs`, and not
-/// when NO_COLOR is set (https://no-color.org).
-fn colour_on_stderr() -> bool {
-    use std::io::IsTerminal;
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 #[cfg(test)]
@@ -238,12 +216,5 @@ mod tests {
         let mut missing = Vec::new();
         walk(&command, "", &mut missing);
         assert!(missing.is_empty(), "{}", missing.join("\n"));
-    }
-
-    #[test]
-    fn log_filters_are_levels_or_target_level_pairs() {
-        assert!(parse_filter("debug").is_some());
-        assert!(parse_filter("warn,streamsnap_registry=trace").is_some());
-        assert!(parse_filter("inf").is_none(), "a misspelt level is refused");
     }
 }

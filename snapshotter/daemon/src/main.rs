@@ -508,7 +508,7 @@ fn init_logging(filter: &str) {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let parsed = parse_filter(filter);
+    let parsed = streamsnap_log::parse_filter(filter);
     let invalid = parsed.is_none();
     let mut targets = parsed.unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
     // A bare level ("debug") is about streamsnap: keep the HTTP/2 and gRPC plumbing at info.
@@ -521,7 +521,7 @@ fn init_logging(filter: &str) {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
-                .with_ansi(colour_on_stderr()),
+                .with_ansi(streamsnap_log::colour_on_stderr()),
         )
         .with(targets)
         .init();
@@ -533,40 +533,9 @@ fn init_logging(filter: &str) {
     }
 }
 
-/// `info`, `debug,streamsnap_cache=trace`, ... A directive without `=` must be a level: a typo
-/// such as `inf` would otherwise parse as a target name and switch every log line off.
-fn parse_filter(spec: &str) -> Option<tracing_subscriber::filter::Targets> {
-    use tracing_subscriber::filter::LevelFilter;
-    let levels_ok = spec
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty() && !d.contains('='))
-        .all(|d| d.parse::<LevelFilter>().is_ok());
-    if !levels_ok {
-        return None;
-    }
-    spec.parse().ok()
-}
-
-/// Colours only for a person at a terminal: not in a file, journald or `kubectl logs`, and not
-/// when NO_COLOR is set (https://no-color.org).
-fn colour_on_stderr() -> bool {
-    use std::io::IsTerminal;
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn log_filters_are_levels_or_target_level_pairs() {
-        assert!(parse_filter("info").is_some());
-        assert!(parse_filter("debug,h2=info").is_some());
-        assert!(parse_filter("streamsnap_snapshotter=debug").is_some());
-        assert!(parse_filter("inf").is_none(), "a misspelt level is refused");
-        assert!(parse_filter("info,verbose").is_none());
-    }
 
     #[tokio::test]
     async fn the_api_socket_has_its_mode_whatever_the_umask() {
