@@ -14,7 +14,7 @@ use anyhow::{Context, ensure};
 use serde_json::{Value, json};
 use streamsnap_e2e::browser::{Browser, screenshot_if_asked};
 use streamsnap_e2e::image::{Compression, ImageSpec, LayerBlob, OciLayout};
-use streamsnap_e2e::service::{ServiceHome, request_with_body};
+use streamsnap_e2e::service::{ServiceHome, push_image, request_with_body};
 use streamsnap_e2e::targen::XorShift;
 use streamsnap_e2e::{
     LinkShape, Registry, ShapingProxy, TarGen, http, require_root_tools, skopeo_push,
@@ -66,44 +66,6 @@ impl Env {
             .manifests)
     }
 }
-
-async fn push_image(
-    client: &Client,
-    repo: &Repository,
-    tag: &str,
-    spec: &ImageSpec,
-) -> anyhow::Result<Digest> {
-    let mut layers = Vec::new();
-    for layer in &spec.layers {
-        let blob = layer.compressed()?;
-        let descriptor = Descriptor::of(layer.media_type(), &blob);
-        client
-            .push_blob(repo, &descriptor.digest, blob.into())
-            .await?;
-        layers.push(descriptor);
-    }
-    let diff_ids: Vec<Digest> = spec.layers.iter().map(LayerBlob::diff_id).collect();
-    let config = spec.config_json(&diff_ids);
-    let config_descriptor = Descriptor::of(media::OCI_CONFIG, &config);
-    client
-        .push_blob(repo, &config_descriptor.digest, config.into())
-        .await?;
-    let manifest = ImageManifest {
-        schema_version: 2,
-        media_type: Some(media::OCI_MANIFEST.into()),
-        artifact_type: None,
-        config: config_descriptor,
-        layers,
-        subject: None,
-        annotations: Default::default(),
-    };
-    let body = serde_json::to_vec(&manifest)?;
-    Ok(client
-        .put_manifest(repo, tag, media::OCI_MANIFEST, body.into())
-        .await?
-        .digest)
-}
-
 /// A referrer of `subject` whose artifact type and creation time carry markup.
 async fn push_hostile_referrer(
     client: &Client,

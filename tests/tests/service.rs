@@ -16,7 +16,7 @@ use serde_json::Value;
 use streamsnap_e2e::image::{Compression, ImageSpec, LayerBlob, OciLayout};
 use streamsnap_e2e::postgres::{DATABASE, PgCluster};
 use streamsnap_e2e::service::{
-    FailFirst, ServiceHome, ServiceProcess, WebhookRelay, request_with_body,
+    FailFirst, ServiceHome, ServiceProcess, WebhookRelay, push_image, request_with_body,
 };
 use streamsnap_e2e::targen::XorShift;
 use streamsnap_e2e::{Registry, TarGen, http, require_root_tools, skopeo_push, workspace_bin};
@@ -258,48 +258,6 @@ fn digest_of(value: &Value) -> anyhow::Result<Digest> {
         .context("not a string")?
         .parse()
         .context("not a digest")
-}
-
-/// Pushes a one-layer image by tag with the registry client; returns its manifest digest.
-async fn push_image(
-    client: &Client,
-    repo: &Repository,
-    tag: &str,
-    spec: &ImageSpec,
-) -> anyhow::Result<Digest> {
-    let mut layers = Vec::new();
-    for layer in &spec.layers {
-        let blob = layer.compressed()?;
-        let descriptor = Descriptor::of(layer.media_type(), &blob);
-        client
-            .push_blob(repo, &descriptor.digest, blob.into())
-            .await?;
-        layers.push(descriptor);
-    }
-    let diff_ids: Vec<Digest> = spec.layers.iter().map(LayerBlob::diff_id).collect();
-    let config = spec.config_json(&diff_ids);
-    let config_descriptor = Descriptor::of(media::OCI_CONFIG, &config);
-    client
-        .push_blob(repo, &config_descriptor.digest, config.into())
-        .await?;
-    let manifest = ImageManifest {
-        schema_version: 2,
-        media_type: Some(media::OCI_MANIFEST.into()),
-        artifact_type: None,
-        config: config_descriptor,
-        layers,
-        subject: None,
-        annotations: Default::default(),
-    };
-    let put = client
-        .put_manifest(
-            repo,
-            tag,
-            media::OCI_MANIFEST,
-            serde_json::to_vec(&manifest)?.into(),
-        )
-        .await?;
-    Ok(put.digest)
 }
 
 fn small_spec(content: &str) -> ImageSpec {
