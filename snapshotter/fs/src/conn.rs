@@ -125,6 +125,13 @@ impl FuseConnection {
     /// Whether the kernel can resend requests a dead daemon had taken (Linux 6.9+), as it said
     /// in its INIT request.
     pub fn resend_supported(&self) -> bool {
+        self.offered() & (u64::from(FUSE_HAS_RESEND_IN_FLAGS2) << 32) != 0
+    }
+
+    /// The capabilities the kernel offered in its INIT request: `flags`, and `flags2` in the
+    /// upper half when `FUSE_INIT_EXT` announces it (see
+    /// [`KernelFeatures::describe`](crate::KernelFeatures::describe)).
+    pub fn offered(&self) -> u64 {
         // fuse_in_header (40 bytes), then fuse_init_in: major, minor, max_readahead, flags,
         // flags2 (u32 each).
         let word = |offset: usize| {
@@ -133,8 +140,12 @@ impl FuseConnection {
                 .map(|b| u32::from_ne_bytes(b.try_into().expect("4 bytes")))
         };
         let flags = word(40 + 12).unwrap_or(0);
-        let flags2 = word(40 + 16).unwrap_or(0);
-        flags & FUSE_INIT_EXT != 0 && flags2 & FUSE_HAS_RESEND_IN_FLAGS2 != 0
+        let flags2 = if flags & FUSE_INIT_EXT != 0 {
+            word(40 + 16).unwrap_or(0)
+        } else {
+            0
+        };
+        u64::from(flags) | u64::from(flags2) << 32
     }
 
     /// Asks the kernel to queue again every request a previous daemon took and did not answer
@@ -185,5 +196,28 @@ mod tests {
         );
         let fd = std::fs::File::open("/dev/null").unwrap().into();
         assert!(FuseConnection::from_parts(fd, vec![0; 10]).is_err());
+    }
+
+    #[test]
+    fn offered_features_are_read_from_the_init_flags() {
+        use crate::{KernelFeature, KernelFeatures};
+        let fd = std::fs::File::open("/dev/null").unwrap().into();
+        let all = FuseConnection::from_parts(
+            fd,
+            init_request(FUSE_INIT_EXT | 1 << 13 | 1 << 17, FUSE_HAS_RESEND_IN_FLAGS2),
+        )
+        .unwrap();
+        assert_eq!(
+            KernelFeatures::without([KernelFeature::ZeroMessageOpen]).describe(Some(all.offered())),
+            "readdirplus: used, zero_message_open: off (config), resend: used, passthrough: not \
+             implemented"
+        );
+        let fd = std::fs::File::open("/dev/null").unwrap().into();
+        let old = FuseConnection::from_parts(fd, init_request(1 << 13, 0)).unwrap();
+        assert_eq!(
+            KernelFeatures::all().describe(Some(old.offered())),
+            "readdirplus: used, zero_message_open: not offered by the kernel, resend: not offered \
+             by the kernel, passthrough: not implemented"
+        );
     }
 }

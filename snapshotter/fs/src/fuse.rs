@@ -11,7 +11,8 @@
 //! attributes (READDIRPLUS, so looking a listed name up costs nothing), opens of files take no
 //! request at all where the kernel supports it (the answer would always be "read-only, keep the
 //! cache"), and a layer without any xattr says so once (ENOSYS) instead of answering the xattr
-//! queries overlayfs makes for every directory.
+//! queries overlayfs makes for every directory. Each of those kernel features can be turned off
+//! ([`KernelFeatures`]); the adapter then answers the plain requests the kernel sends instead.
 
 use std::ffi::OsStr;
 use std::io;
@@ -31,6 +32,7 @@ use nix::errno::Errno;
 use tokio::runtime::Handle;
 use tracing::Instrument as _;
 
+use crate::features::{KernelFeature, KernelFeatures};
 use crate::index::LayerIndex;
 use crate::layer::{Attr, FileKind};
 use crate::metadata::Layer;
@@ -49,6 +51,19 @@ const WANTED_CAPABILITIES: InitFlags = InitFlags::FUSE_ASYNC_READ
     .union(InitFlags::FUSE_CACHE_SYMLINKS)
     .union(InitFlags::FUSE_MAX_PAGES)
     .union(InitFlags::FUSE_DO_READDIRPLUS);
+
+/// What a session asks of a kernel offering `offered`, and whether it answers opens of files
+/// ENOSYS so the kernel stops sending them (FUSE_NO_OPEN_SUPPORT): only what the kernel offers
+/// and `features` allows.
+pub(crate) fn negotiate(offered: InitFlags, features: KernelFeatures) -> (InitFlags, bool) {
+    let mut wanted = WANTED_CAPABILITIES & offered;
+    if !features.allows(KernelFeature::Readdirplus) {
+        wanted.remove(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+    }
+    let zero_message_open = features.allows(KernelFeature::ZeroMessageOpen)
+        && offered.contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
+    (wanted, zero_message_open)
+}
 
 /// Counts a request from the moment it is taken until its reply is sent (or the task ends).
 struct InFlight(Arc<AtomicUsize>);
@@ -81,6 +96,8 @@ pub struct FuseLayer {
     in_flight: Arc<AtomicUsize>,
     /// The kernel opens files without asking once told ENOSYS (FUSE_NO_OPEN_SUPPORT).
     zero_message_open: bool,
+    /// The optional kernel features this layer may use.
+    features: KernelFeatures,
 }
 
 impl FuseLayer {
@@ -96,7 +113,14 @@ impl FuseLayer {
             load_warnings: RateLimit::new(READ_WARNING_INTERVAL),
             in_flight: Arc::default(),
             zero_message_open: false,
+            features: KernelFeatures::default(),
         }
+    }
+
+    /// Uses only the optional kernel features `features` allows (all by default).
+    pub fn with_kernel_features(mut self, features: KernelFeatures) -> Self {
+        self.features = features;
+        self
     }
 
     /// The count of reads in flight, shared with the mount so a handover can wait for them.
@@ -251,10 +275,11 @@ fn read_failed(
 impl Filesystem for FuseLayer {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let offered = config.capabilities();
+        let (wanted, zero_message_open) = negotiate(offered, self.features);
         // Only asks for what the kernel offers, so this cannot fail.
-        let _ = config.add_capabilities(WANTED_CAPABILITIES & offered);
+        let _ = config.add_capabilities(wanted);
         // Runs in every process that serves the connection (a handover replays the kept INIT).
-        self.zero_message_open = offered.contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
+        self.zero_message_open = zero_message_open;
         if let Err(kernel_max) = config.set_max_readahead(MAX_READAHEAD) {
             let _ = config.set_max_readahead(kernel_max);
         }
@@ -262,7 +287,8 @@ impl Filesystem for FuseLayer {
         let _ = config.set_congestion_threshold(MAX_BACKGROUND / 4 * 3);
         tracing::debug!(
             layer = %self.layer.digest(),
-            capabilities = ?(WANTED_CAPABILITIES & offered),
+            capabilities = ?wanted,
+            zero_message_open,
             "fuse session initialised"
         );
         Ok(())
@@ -471,7 +497,7 @@ impl Filesystem for FuseLayer {
         let index = match self.index() {
             Ok(index) => index,
             Err(error) => {
-                self.metrics.observe(Op::Readdir, started, Some(error));
+                self.metrics.observe(Op::Readdirplus, started, Some(error));
                 reply.error(errno(error));
                 return;
             }
@@ -498,14 +524,14 @@ impl Filesystem for FuseLayer {
                         break;
                     }
                 }
-                self.metrics.observe(Op::Readdir, started, failed);
+                self.metrics.observe(Op::Readdirplus, started, failed);
                 match failed {
                     None => reply.ok(),
                     Some(error) => reply.error(errno(error)),
                 }
             }
             Err(error) => {
-                self.metrics.observe(Op::Readdir, started, Some(error));
+                self.metrics.observe(Op::Readdirplus, started, Some(error));
                 reply.error(errno(error));
             }
         }
@@ -768,6 +794,43 @@ impl Filesystem for FuseLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_features_turned_off_are_neither_asked_for_nor_used() {
+        let offered = WANTED_CAPABILITIES
+            | InitFlags::FUSE_NO_OPEN_SUPPORT
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_HAS_RESEND;
+        let (wanted, zero) = negotiate(offered, KernelFeatures::all());
+        assert_eq!(wanted, WANTED_CAPABILITIES);
+        assert!(zero);
+        // Only what the kernel offers.
+        let (wanted, zero) = negotiate(InitFlags::FUSE_ASYNC_READ, KernelFeatures::all());
+        assert_eq!(wanted, InitFlags::FUSE_ASYNC_READ);
+        assert!(!zero);
+
+        let (wanted, zero) = negotiate(
+            offered,
+            KernelFeatures::without([KernelFeature::Readdirplus]),
+        );
+        assert!(
+            !wanted.intersects(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO)
+        );
+        assert_eq!(wanted | InitFlags::FUSE_DO_READDIRPLUS, WANTED_CAPABILITIES);
+        assert!(zero);
+
+        let (wanted, zero) = negotiate(
+            offered,
+            KernelFeatures::without([KernelFeature::ZeroMessageOpen]),
+        );
+        assert_eq!(wanted, WANTED_CAPABILITIES);
+        assert!(!zero);
+
+        // Resend is not negotiated: the daemon decides whether to send FUSE_NOTIFY_RESEND.
+        let (wanted, zero) = negotiate(offered, KernelFeatures::without([KernelFeature::Resend]));
+        assert_eq!(wanted, WANTED_CAPABILITIES);
+        assert!(zero);
+    }
 
     #[test]
     fn errno_mapping_keeps_the_code() {

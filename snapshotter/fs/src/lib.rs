@@ -22,6 +22,7 @@
 
 mod conn;
 mod error;
+mod features;
 mod fuse;
 mod handover;
 mod index;
@@ -42,6 +43,7 @@ use std::pin::Pin;
 
 pub use conn::{ConnectionOptions, FuseConnection};
 pub use error::Error;
+pub use features::{KernelFeature, KernelFeatures};
 pub use fuse::FuseLayer;
 pub use handover::{HandoverReport, handover};
 pub use index::{ChunkInfo, ChunkTable, IndexError, LayerIndex};

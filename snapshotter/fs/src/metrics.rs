@@ -253,6 +253,8 @@ pub(crate) enum Op {
     Read,
     Opendir,
     Readdir,
+    /// A listing with attributes (READDIRPLUS): `readdir` when that is turned off.
+    Readdirplus,
     Statfs,
     Getxattr,
     Listxattr,
@@ -262,7 +264,7 @@ pub(crate) enum Op {
 }
 
 impl Op {
-    const ALL: [Self; 12] = [
+    const ALL: [Self; 13] = [
         Self::Lookup,
         Self::Getattr,
         Self::Readlink,
@@ -270,6 +272,7 @@ impl Op {
         Self::Read,
         Self::Opendir,
         Self::Readdir,
+        Self::Readdirplus,
         Self::Statfs,
         Self::Getxattr,
         Self::Listxattr,
@@ -286,6 +289,7 @@ impl Op {
             Self::Read => "read",
             Self::Opendir => "opendir",
             Self::Readdir => "readdir",
+            Self::Readdirplus => "readdirplus",
             Self::Statfs => "statfs",
             Self::Getxattr => "getxattr",
             Self::Listxattr => "listxattr",

@@ -14,6 +14,7 @@ use nix::mount::MntFlags;
 use tokio::runtime::Handle;
 
 use crate::conn::{ConnectionOptions, FuseConnection};
+use crate::features::KernelFeatures;
 use crate::fuse::FuseLayer;
 use crate::layer::LayerFs;
 use crate::metadata::Layer;
@@ -59,6 +60,10 @@ pub struct MountOptions {
     /// share one among all the mounts. `None`: handles registered nowhere (see
     /// [`Metrics::register`] to export them).
     pub metrics: Option<Arc<Metrics>>,
+    /// The optional kernel features the mount may use where the kernel offers them (all by
+    /// default). A connection taken back from the holder keeps what its first INIT answer
+    /// asked for (READDIRPLUS); zero-message opens follow this on every serve.
+    pub kernel_features: KernelFeatures,
 }
 
 impl Default for MountOptions {
@@ -70,6 +75,7 @@ impl Default for MountOptions {
             ttl: Duration::from_secs(3600),
             readahead_bytes: DEFAULT_READAHEAD_BYTES,
             metrics: None,
+            kernel_features: KernelFeatures::default(),
         }
     }
 }
@@ -142,7 +148,8 @@ pub fn serve(
     // tasks, so one loop is not a bottleneck.
     config.n_threads = Some(1);
     config.clone_fd = false;
-    let mut layer = FuseLayer::new(fs, handle, options.ttl);
+    let mut layer =
+        FuseLayer::new(fs, handle, options.ttl).with_kernel_features(options.kernel_features);
     if let Some(metrics) = &options.metrics {
         layer = layer.with_metrics(Arc::clone(metrics));
     }
