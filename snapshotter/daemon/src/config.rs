@@ -92,6 +92,31 @@ pub struct FuseSection {
     /// Most bytes of layer metadata (indexes) in memory at once; the least recently used are
     /// dropped past it (0: no limit). One layer's metadata is always loaded when it is used.
     pub metadata_cache_bytes: u64,
+    /// Optional kernel FUSE features not to use even where the kernel offers them (a
+    /// workaround for a kernel bug): each has a slower fallback that is always correct.
+    pub kernel_features_off: Vec<KernelFeatureName>,
+}
+
+/// An optional kernel FUSE feature, as named in `[fuse] kernel_features_off`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelFeatureName {
+    /// Listings with attributes: off, plain READDIR and a lookup per name the kernel needs.
+    Readdirplus,
+    /// Opens without a request: off, every open of a file is a request.
+    ZeroMessageOpen,
+    /// Resending what a crashed daemon took: off, a crash remounts the layers afresh.
+    Resend,
+}
+
+impl From<KernelFeatureName> for streamsnap_fs::KernelFeature {
+    fn from(name: KernelFeatureName) -> Self {
+        match name {
+            KernelFeatureName::Readdirplus => Self::Readdirplus,
+            KernelFeatureName::ZeroMessageOpen => Self::ZeroMessageOpen,
+            KernelFeatureName::Resend => Self::Resend,
+        }
+    }
 }
 
 /// Fetching the rest of a layer after it is mounted, so later reads are local.
@@ -264,11 +289,19 @@ impl Default for FuseSection {
             readahead_bytes: streamsnap_fs::DEFAULT_READAHEAD_BYTES,
             metadata_idle_seconds: streamsnap_fs::MetadataConfig::DEFAULT_IDLE.as_secs(),
             metadata_cache_bytes: streamsnap_fs::MetadataConfig::DEFAULT_MAX_BYTES,
+            kernel_features_off: Vec::new(),
         }
     }
 }
 
 impl FuseSection {
+    /// The optional kernel features the layers may use: all but `kernel_features_off`.
+    pub fn kernel_features(&self) -> streamsnap_fs::KernelFeatures {
+        streamsnap_fs::KernelFeatures::without(
+            self.kernel_features_off.iter().map(|&name| name.into()),
+        )
+    }
+
     /// How long unused layers keep their metadata in memory, and how much all may keep.
     pub fn metadata(&self) -> streamsnap_fs::MetadataConfig {
         streamsnap_fs::MetadataConfig {
@@ -339,6 +372,31 @@ mod tests {
             Config::parse("[fuse]\nmetadata_idle_seconds = 0\nmetadata_cache_bytes = 0\n").unwrap();
         assert_eq!(config.fuse.metadata().idle, None, "0: never for idleness");
         assert_eq!(config.fuse.metadata().max_bytes, 0);
+    }
+
+    #[test]
+    fn kernel_features_are_turned_off_by_name_and_unknown_names_refused() {
+        use streamsnap_fs::KernelFeature;
+        let features = Config::parse("").unwrap().fuse.kernel_features();
+        assert!(KernelFeature::ALL.iter().all(|&f| features.allows(f)));
+        let config = Config::parse(
+            "[fuse]\nkernel_features_off = [\"readdirplus\", \"zero_message_open\", \"resend\"]\n",
+        )
+        .unwrap();
+        let features = config.fuse.kernel_features();
+        assert!(KernelFeature::ALL.iter().all(|&f| !features.allows(f)));
+        let features = Config::parse("[fuse]\nkernel_features_off = [\"resend\"]\n")
+            .unwrap()
+            .fuse
+            .kernel_features();
+        assert!(!features.allows(KernelFeature::Resend));
+        assert!(features.allows(KernelFeature::Readdirplus));
+        let error = Config::parse("[fuse]\nkernel_features_off = [\"passthrough\"]\n").unwrap_err();
+        let message = format!("{error:#}");
+        for valid in ["readdirplus", "zero_message_open", "resend"] {
+            assert!(message.contains(valid), "{message}");
+        }
+        assert!(message.contains("passthrough"), "{message}");
     }
 
     #[test]

@@ -263,6 +263,7 @@ fn build_remote(
             ttl: Duration::from_secs(config.fuse.attr_timeout_seconds),
             readahead_bytes: config.fuse.readahead_bytes,
             metrics: Some(Arc::new(fs_metrics)),
+            kernel_features: config.fuse.kernel_features(),
             ..Default::default()
         },
     );
@@ -285,7 +286,13 @@ fn build_remote(
         config.fetch.prefetch_max_bytes,
     )
     .with_metadata(metadata)
-    .with_trust(trust);
+    .with_trust(trust)
+    .with_kernel_features(config.fuse.kernel_features());
+    // What the kernel offers is known at the first mount, which logs what is really used.
+    tracing::info!(
+        "fuse kernel features: {}",
+        config.fuse.kernel_features().describe(None)
+    );
     if config.fuse.holder {
         let socket = config
             .fuse

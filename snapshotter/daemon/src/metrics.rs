@@ -56,7 +56,8 @@ pub struct Metrics {
     /// FUSE_NOTIFY_RESEND notifications sent (each makes the kernel resend every request the
     /// dead daemon took on that connection and did not answer).
     pub fuse_resends: IntCounter,
-    /// 1 when the kernel can resend requests (Linux 6.9+), so a crash loses nothing in flight.
+    /// 1 when the kernel can resend requests (Linux 6.9+) and the config lets the daemon ask it
+    /// to, so a crash loses nothing in flight.
     pub fuse_resend_supported: IntGauge,
     /// 1 when a holder keeps the FUSE connections (mounts survive a daemon restart).
     pub fuse_holder: IntGauge,
@@ -141,7 +142,8 @@ impl Metrics {
         )?;
         let fuse_resend_supported = IntGauge::new(
             "streamsnap_snapshotter_fuse_resend_supported",
-            "1 when the kernel resends requests a dead daemon took (Linux 6.9+)",
+            "1 when the kernel resends requests a dead daemon took (Linux 6.9+) and [fuse] \
+             kernel_features_off does not turn that off",
         )?;
         let fuse_holder = IntGauge::new(
             "streamsnap_snapshotter_fuse_holder",

@@ -44,7 +44,8 @@ pub const HANDED_OVER: &str = "handed-over";
 /// Serves every remote snapshot again before the socket accepts calls. Connections the holder
 /// kept are taken over (their mounts never went away, running containers keep reading); after a
 /// crash the kernel is asked to resend what the dead daemon took, and where it cannot (Linux
-/// before 6.9) the layer is mounted afresh instead. Snapshots without a kept connection are
+/// before 6.9, or `[fuse] kernel_features_off` lists `resend`) the layer is mounted afresh
+/// instead. Snapshots without a kept connection are
 /// mounted afresh. No layer's metadata is read here: each loads its saved index when its first
 /// request comes, so this takes the same time whatever the images' sizes. A snapshot that
 /// cannot be served is logged and left in place: containers using it fail to read, the rest of
@@ -83,9 +84,16 @@ pub fn remount_remote_snapshots(
         };
         let (connection, resend, kind) = match held.remove(&record.id) {
             Some(connection) if clean => (Some(connection), false, "graceful"),
-            Some(connection) if connection.resend_supported() => (Some(connection), true, "crash"),
+            Some(connection) if connection.resend_supported() && remote.resend_allowed() => {
+                (Some(connection), true, "crash")
+            }
             Some(_) => {
-                if !cannot_resend_logged {
+                if !cannot_resend_logged && !remote.resend_allowed() {
+                    tracing::warn!(
+                        "[fuse] kernel_features_off lists resend: after this crash, layers are mounted afresh and containers that were reading them may see errors"
+                    );
+                    cannot_resend_logged = true;
+                } else if !cannot_resend_logged {
                     tracing::warn!(
                         "this kernel cannot resend FUSE requests (Linux 6.9+ can): after a crash, layers are mounted afresh and containers that were reading them may see errors"
                     );

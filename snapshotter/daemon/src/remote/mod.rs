@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use streamsnap_cache::{ChunkCache, ChunkRef};
 use streamsnap_format::{Digest, LayerProfile, Profile, Toc};
 use streamsnap_fs::{
-    ChunkTable, FsOptions, FuseConnection, IndexFile, Layer, LayerIndex, MetadataCache,
-    MetadataConfig,
+    ChunkTable, FsOptions, FuseConnection, IndexFile, KernelFeature, KernelFeatures, Layer,
+    LayerIndex, MetadataCache, MetadataConfig,
 };
 use streamsnap_holder::HolderClient;
 use streamsnap_registry::{Client, Repository};
@@ -131,6 +131,12 @@ pub struct RemoteLayers {
     toc_decodes: tokio::sync::Semaphore,
     /// The mounted layers' metadata in memory: loaded when used, dropped when idle.
     metadata: Arc<MetadataCache>,
+    /// The optional kernel FUSE features the daemon may use (the mounter's mounts use the
+    /// same); here for RESEND, which the daemon itself sends.
+    kernel_features: KernelFeatures,
+    /// Whether the features in use were logged (once, at the first mount: only a mount tells
+    /// what the kernel offers).
+    features_logged: AtomicBool,
 }
 
 impl std::fmt::Debug for RemoteLayers {
@@ -171,7 +177,22 @@ impl RemoteLayers {
                 MetadataConfig::default(),
                 streamsnap_fs::Metrics::unregistered(),
             ),
+            kernel_features: KernelFeatures::all(),
+            features_logged: AtomicBool::new(false),
         }
+    }
+
+    /// Uses only the optional kernel FUSE features `features` allows; give the mounter the
+    /// same in its `MountOptions`.
+    pub fn with_kernel_features(mut self, features: KernelFeatures) -> Self {
+        self.kernel_features = features;
+        self
+    }
+
+    /// Whether a takeover after a crash may ask the kernel to resend (where it can): off, the
+    /// layers are mounted afresh as on a kernel without RESEND.
+    pub fn resend_allowed(&self) -> bool {
+        self.kernel_features.allows(KernelFeature::Resend)
     }
 
     /// Keeps the mounted layers' metadata in `cache` (its idle period and budget), instead of
@@ -467,9 +488,15 @@ impl RemoteLayers {
             source: e,
         })?;
         if let Ok(connection) = mounted.connection() {
-            self.metrics
-                .fuse_resend_supported
-                .set(i64::from(connection.resend_supported()));
+            self.metrics.fuse_resend_supported.set(i64::from(
+                connection.resend_supported() && self.resend_allowed(),
+            ));
+            if !self.features_logged.swap(true, Ordering::Relaxed) {
+                tracing::info!(
+                    "fuse kernel features: {}",
+                    self.kernel_features.describe(Some(connection.offered()))
+                );
+            }
         }
         if fresh && let Some(holder) = &self.holder {
             // Without the holder's copy the mount still works; it just dies with this process.
