@@ -1,0 +1,278 @@
+//! Every optional kernel FUSE feature has a fallback that works (issue 14): with each of
+//! READDIRPLUS, zero-message opens and RESEND turned off by `[fuse] kernel_features_off` (and all
+//! at once), a converted image is pulled lazily, a container lists and checks its files, and the
+//! daemon is killed (SIGKILL) while a second container reads and restarted. The request counts by
+//! op show the feature really was off: plain `readdir` instead of `readdirplus`, an `open` per
+//! opened file instead of none, and after the crash a fresh mount of every layer instead of a
+//! takeover with the kernel resending. A run with nothing off validates the test itself. FUSE
+//! passthrough is not used, so it has nothing to turn off.
+
+use std::process::{Child, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use streamsnap_e2e::SnapshotterdOptions;
+use streamsnap_e2e::container::run_container;
+use streamsnap_e2e::streaming_node::{FILES, StreamingNode, metric};
+
+/// Seconds the reader container reads during the crash.
+const READ_SECONDS: u64 = 5;
+
+/// What a lazy start and a crash showed with some features off.
+#[derive(Debug)]
+struct Observed {
+    /// FUSE requests by op over the start and the first container (before the crash).
+    readdir: f64,
+    readdirplus: f64,
+    /// FUSE opens made by the listing container alone.
+    opens_by_lister: f64,
+    /// Passes the reader checked right, and passes (or errors) it saw fail, across the crash.
+    reader_passes: usize,
+    reader_failed: bool,
+    /// The restarted daemon's takeover: layers taken over with a resend, layers mounted afresh.
+    crash_takeovers: f64,
+    remounts: f64,
+    resends: f64,
+    resend_supported: f64,
+}
+
+fn op_count(metrics: &str, op: &str) -> f64 {
+    metric(
+        metrics,
+        "streamsnap_fuse_op_duration_seconds_count",
+        &[&format!("op=\"{op}\"")],
+    )
+}
+
+/// A container checking every data file's digest in a loop for [`READ_SECONDS`], with the
+/// page cache dropped before each pass so its reads reach FUSE.
+fn start_reader(node: &StreamingNode) -> anyhow::Result<Child> {
+    let script = format!(
+        "end=$(( $(cut -d. -f1 /proc/uptime) + {READ_SECONDS} )); \
+         while [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do \
+           if sha256sum -c -s /data/sums; then echo ok; else echo FAIL; fi; \
+         done"
+    );
+    node.containerd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "streamsnap",
+            &node.image,
+            "reader",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the reader container")
+}
+
+fn drop_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3\n");
+}
+
+/// Pulls the node's image lazily with `off` turned off, runs a container that lists and checks
+/// the image's files, then kills the daemon while another container reads, restarts it and
+/// checks the files from a new container.
+fn lazy_start_with_off(off: &[&str]) -> anyhow::Result<Observed> {
+    let started = Instant::now();
+    let list = off
+        .iter()
+        .map(|name| format!("{name:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let options = SnapshotterdOptions {
+        extra_config: format!("[fuse]\nkernel_features_off = [{list}]\n"),
+        ..SnapshotterdOptions::default().with_metrics()
+    };
+    let mut node = StreamingNode::start(options)?;
+    let before = node.metrics()?;
+    // Directories of both layers listed, every data file opened and checked.
+    let out = run_container(
+        &node.containerd,
+        &node.image,
+        "streamsnap",
+        "lister",
+        &[
+            "sh",
+            "-c",
+            "ls -la / /bin /etc /data > /dev/null && sha256sum -c /data/sums",
+        ],
+    )?;
+    for (path, _) in &node.files {
+        ensure!(
+            out.contains(&format!("{path}: OK")),
+            "{path} did not check out:\n{out}"
+        );
+    }
+    let after = node.metrics()?;
+    let opens_by_lister = op_count(&after, "open") - op_count(&before, "open");
+
+    // A crash while a container reads.
+    let reader = start_reader(&node)?;
+    thread::sleep(Duration::from_millis(1500));
+    drop_caches();
+    node.daemon.kill9()?;
+    thread::sleep(Duration::from_millis(200));
+    node.daemon.restart()?;
+    drop_caches();
+    let output = reader.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let reader_passes = stdout.lines().filter(|l| *l == "ok").count();
+    let reader_failed = stdout.contains("FAIL") || !stderr.trim().is_empty();
+    if reader_failed {
+        eprintln!(
+            "{off:?}: the reader saw failures after the crash:\n{stdout}\n{}",
+            stderr.trim()
+        );
+    }
+    // A new container reads right bytes (containerd reconnects to the daemon within seconds).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match node.check_digests("after-crash", &node.files) {
+            Ok(()) => break,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("{off:?}: retrying: {error:#}");
+                thread::sleep(Duration::from_millis(500));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    let restarted = node.metrics()?;
+    let observed = Observed {
+        readdir: op_count(&after, "readdir"),
+        readdirplus: op_count(&after, "readdirplus"),
+        opens_by_lister,
+        reader_passes,
+        reader_failed,
+        crash_takeovers: metric(
+            &restarted,
+            "streamsnap_snapshotter_handovers_total",
+            &["crash"],
+        ),
+        remounts: metric(
+            &restarted,
+            "streamsnap_snapshotter_handovers_total",
+            &["remount"],
+        ),
+        resends: metric(&restarted, "streamsnap_snapshotter_fuse_resends_total", &[]),
+        resend_supported: metric(
+            &restarted,
+            "streamsnap_snapshotter_fuse_resend_supported",
+            &[],
+        ),
+    };
+    eprintln!(
+        "{off:?} off: {observed:?}, lookups {}, in {:.1} s",
+        op_count(&after, "lookup"),
+        started.elapsed().as_secs_f64()
+    );
+    let log = std::fs::read_to_string(node.daemon.log_path()).unwrap_or_default();
+    for name in off {
+        ensure!(
+            log.contains(&format!("{name}: off (config)")),
+            "the daemon did not log {name} as off:\n{}",
+            node.daemon.log_tail(40)
+        );
+    }
+    Ok(observed)
+}
+
+/// READDIRPLUS on: listings come with attributes, never as plain readdir.
+fn check_readdirplus_used(o: &Observed) -> anyhow::Result<()> {
+    ensure!(o.readdirplus > 0.0 && o.readdir == 0.0, "{o:?}");
+    Ok(())
+}
+
+fn check_readdirplus_off(o: &Observed) -> anyhow::Result<()> {
+    ensure!(o.readdir > 0.0 && o.readdirplus == 0.0, "{o:?}");
+    Ok(())
+}
+
+/// Zero-message opens on: the kernel stopped sending opens after the first per layer (the
+/// warm-up container's), so checking every file takes at most one per layer more.
+fn check_zero_message_open_used(o: &Observed) -> anyhow::Result<()> {
+    ensure!(o.opens_by_lister <= 2.0, "{o:?}");
+    Ok(())
+}
+
+/// Off: an open per file opened (the sums and every data file at least).
+fn check_zero_message_open_off(o: &Observed) -> anyhow::Result<()> {
+    ensure!(o.opens_by_lister >= (FILES + 1) as f64, "{o:?}");
+    Ok(())
+}
+
+/// RESEND on (this kernel has it): the layers were taken over with a resend and the reader
+/// never saw an error.
+fn check_resend_used(o: &Observed) -> anyhow::Result<()> {
+    if o.resend_supported == 0.0 && o.resends == 0.0 {
+        eprintln!("this kernel has no RESEND (Linux 6.9+ has): only its fallback can be checked");
+        return check_resend_off(o);
+    }
+    ensure!(
+        o.resend_supported == 1.0 && o.resends >= 2.0 && o.crash_takeovers >= 2.0,
+        "{o:?}"
+    );
+    ensure!(
+        o.remounts == 0.0 && !o.reader_failed && o.reader_passes >= 1,
+        "{o:?}"
+    );
+    Ok(())
+}
+
+/// Off: no resend, every layer mounted afresh as on a kernel without RESEND (a container
+/// reading through the crash may see errors; new ones read right, checked above).
+fn check_resend_off(o: &Observed) -> anyhow::Result<()> {
+    ensure!(
+        o.resend_supported == 0.0 && o.resends == 0.0 && o.crash_takeovers == 0.0,
+        "{o:?}"
+    );
+    ensure!(o.remounts >= 2.0, "{o:?}");
+    Ok(())
+}
+
+#[test]
+fn with_every_feature_on_each_is_used() -> anyhow::Result<()> {
+    let o = lazy_start_with_off(&[])?;
+    check_readdirplus_used(&o)?;
+    check_zero_message_open_used(&o)?;
+    check_resend_used(&o)
+}
+
+#[test]
+fn without_readdirplus_listings_are_plain_readdir() -> anyhow::Result<()> {
+    let o = lazy_start_with_off(&["readdirplus"])?;
+    check_readdirplus_off(&o)?;
+    check_zero_message_open_used(&o)?;
+    check_resend_used(&o)
+}
+
+#[test]
+fn without_zero_message_opens_every_open_is_a_request() -> anyhow::Result<()> {
+    let o = lazy_start_with_off(&["zero_message_open"])?;
+    check_readdirplus_used(&o)?;
+    check_zero_message_open_off(&o)?;
+    check_resend_used(&o)
+}
+
+#[test]
+fn without_resend_a_crash_mounts_the_layers_afresh() -> anyhow::Result<()> {
+    let o = lazy_start_with_off(&["resend"])?;
+    check_readdirplus_used(&o)?;
+    check_zero_message_open_used(&o)?;
+    check_resend_off(&o)
+}
+
+#[test]
+fn with_every_feature_off_the_lazy_start_works() -> anyhow::Result<()> {
+    let o = lazy_start_with_off(&["readdirplus", "zero_message_open", "resend"])?;
+    check_readdirplus_off(&o)?;
+    check_zero_message_open_off(&o)?;
+    check_resend_off(&o)
+}
