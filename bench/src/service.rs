@@ -162,7 +162,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     String::from_utf8_lossy(&response.body)
                 );
             }
-            wait_all_succeeded(&homes[0], &repo, images.len())?;
+            if let Err(e) = wait_all_succeeded(&homes[0], &repo, images.len()) {
+                for (i, service) in services.iter().enumerate() {
+                    let log = service.log();
+                    let lines: Vec<&str> = log.lines().collect();
+                    eprintln!(
+                        "--- replica {i}: last lines of {} ---\n{}",
+                        service.log_path().display(),
+                        lines[lines.len().saturating_sub(40)..].join("\n")
+                    );
+                }
+                return Err(e);
+            }
             let elapsed = started.elapsed();
             busy.push(cpu_busy(&cpu_before, &cpu_times()?));
             let own = process_ticks(&pids).saturating_sub(own_before);
@@ -282,7 +293,18 @@ fn wait_all_succeeded(home: &ServiceHome, repo: &str, count: usize) -> anyhow::R
         let shown = get_json(home, &format!("/v1/repositories/{}", encode(repo)))?;
         let counts = &shown["operations"];
         if counts["Failed"].as_u64() > Some(0) || counts["Canceled"].as_u64() > Some(0) {
-            bail!("operations did not succeed: {shown}");
+            let list = get_json(
+                home,
+                &format!("/v1/repositories/{}/operations", encode(repo)),
+            )?;
+            let errors: Vec<String> = list["operations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|op| op["error"].is_string())
+                .map(|op| format!("{} {}: {}", op["reference"], op["state"], op["error"]))
+                .collect();
+            bail!("operations did not succeed: {shown}; {errors:#?}");
         }
         if counts["Succeeded"].as_u64() == Some(count as u64) {
             return Ok(());
