@@ -37,6 +37,26 @@ pub struct PutManifest {
 const OCI_SUBJECT: &str = "oci-subject";
 const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 
+/// Tries of a manifest PUT whose blob the registry says it does not have, after the first.
+const BLOB_RACE_RETRIES: u32 = 3;
+/// Half the wait before the first of those (then doubled: 0.2, 0.4, 0.8 s).
+const BLOB_RACE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A 400 for a blob of the manifest the registry does not know (`MANIFEST_BLOB_UNKNOWN`,
+/// `BLOB_UNKNOWN`, or the `DIGEST_INVALID` it may put first). Pushed blobs are there, so this
+/// is the registry still committing one: distribution 2.8 on a filesystem answers so when two
+/// uploads of the same blob (e.g. the empty config `{}` of two artifacts converted at once)
+/// race with the PUT. It passes within a moment; a blob really missing still fails after
+/// about 1.4 s.
+fn blob_race(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Status { status, code: Some(code), .. }
+            if *status == StatusCode::BAD_REQUEST
+                && matches!(code.as_str(), "MANIFEST_BLOB_UNKNOWN" | "BLOB_UNKNOWN" | "DIGEST_INVALID")
+    )
+}
+
 impl Client {
     /// GETs a manifest by tag or digest, accepting every manifest and index media type. A body
     /// over 4 MiB is refused; a digest reference is verified against the body.
@@ -155,10 +175,22 @@ impl Client {
             });
         }
         let mut retry = Retry::new(self.config().retries);
-        let response = self.execute(&call, &mut retry).await?;
-        let response = response
-            .expect(&[StatusCode::CREATED, StatusCode::OK])
-            .await?;
+        let mut blob_retries = 0;
+        let response = loop {
+            let response = self.execute(&call, &mut retry).await?;
+            match response
+                .expect(&[StatusCode::CREATED, StatusCode::OK])
+                .await
+            {
+                Err(e) if blob_race(&e) && blob_retries < BLOB_RACE_RETRIES => {
+                    blob_retries += 1;
+                    let wait = BLOB_RACE_WAIT * (1 << blob_retries);
+                    tracing::debug!(error = %e, ?wait, "manifest PUT: a blob it names is not visible yet; trying again");
+                    tokio::time::sleep(wait).await;
+                }
+                result => break result?,
+            }
+        };
         if let Some(stored) = response
             .headers
             .get(DOCKER_CONTENT_DIGEST)

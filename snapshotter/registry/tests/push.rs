@@ -463,3 +463,66 @@ async fn push_referrer_requires_a_subject() {
         .unwrap_err();
     assert!(matches!(e, Error::MissingSubject), "{e:?}");
 }
+
+/// distribution 2.8 answers a manifest PUT 400 when a blob it names is still being committed by
+/// a concurrent upload of the same blob; the PUT is tried again a few times, then fails.
+#[tokio::test]
+async fn a_manifest_put_racing_a_blob_commit_is_tried_again() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let refusals = std::sync::Arc::new(AtomicU32::new(2));
+    let left = refusals.clone();
+    let server = Server::start(move |r| {
+        if r.method != Method::PUT {
+            return status(404);
+        }
+        if left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return respond(
+                400,
+                &[("content-type", "application/json")],
+                full(r#"{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry"}]}"#),
+            );
+        }
+        respond(201, &[], empty())
+    })
+    .await;
+    let repo = Repository::new(server.registry(), "a/b");
+    let c = client(|_| {});
+    let put = c
+        .put_manifest(&repo, "v1", media::OCI_MANIFEST, Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    assert_eq!(put.digest, Digest::sha256(b"{}"));
+    assert_eq!(server.requests_to(&Method::PUT, "/manifests/").len(), 3);
+
+    // A blob that stays unknown: the fourth answer is the error.
+    refusals.store(u32::MAX, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let error = c
+        .put_manifest(&repo, "v1", media::OCI_MANIFEST, Bytes::from_static(b"{}"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::Status { code: Some(code), .. } if code == "MANIFEST_BLOB_UNKNOWN"),
+        "{error}"
+    );
+    assert_eq!(server.requests_to(&Method::PUT, "/manifests/").len(), 3 + 4);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+
+    // Other 400s are not tried again.
+    let server = Server::start(|_| {
+        respond(
+            400,
+            &[],
+            full(r#"{"errors":[{"code":"MANIFEST_INVALID","message":"manifest invalid"}]}"#),
+        )
+    })
+    .await;
+    let repo = Repository::new(server.registry(), "a/b");
+    c.put_manifest(&repo, "v1", media::OCI_MANIFEST, Bytes::from_static(b"{}"))
+        .await
+        .unwrap_err();
+    assert_eq!(server.requests().len(), 1);
+}
