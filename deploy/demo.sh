@@ -8,7 +8,7 @@
 #   bash deploy/demo.sh --help     this text
 #
 # It installs only the Debian packages in deploy/demo.packages (apt-get, when missing), builds
-# only the four binaries the demo runs (release mode; the first build takes about 6 minutes on 2
+# only the four binaries the demo runs (release mode; the first build takes about 5 minutes on 2
 # cores, later ones seconds), and runs everything on private ports, sockets and temp dirs, so it
 # does not touch a containerd or registry the machine already has. Needs Rust 1.88 or newer
 # (https://rustup.rs); CARGO_TARGET_DIR is honoured. STREAMSNAP_DEMO_PROFILE=dev builds the
@@ -98,7 +98,7 @@ esac
 if [ -x "$bin_dir/streamsnap-demo" ]; then
   say "building ${binaries[*]} ($profile, into $bin_dir; up to date in seconds)"
 else
-  say "building ${binaries[*]} ($profile, into $bin_dir): the first build takes about 6 minutes on 2 cores"
+  say "building ${binaries[*]} ($profile, into $bin_dir): the first build takes about 5 minutes on 2 cores"
 fi
 started=$(date +%s)
 cargo build $profile_flag --locked \
