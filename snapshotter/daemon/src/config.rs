@@ -63,6 +63,10 @@ pub struct FetchSection {
     /// than a quarter of the cache's capacity. Only chunks of the image's own layers are
     /// fetched, whatever the profile lists.
     pub prefetch_max_bytes: u64,
+    /// A mirror that answers a range read with the whole blob (a pull-through cache that has
+    /// not cached the blob yet) is read through at most this many bytes before the range;
+    /// reads further into the blob go to the next mirror or the registry itself.
+    pub mirror_max_skip_bytes: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -273,6 +277,7 @@ impl Default for FetchSection {
             readahead_bytes: 4 << 20,
             prefetch_profile: true,
             prefetch_max_bytes: crate::remote::DEFAULT_PREFETCH_MAX_BYTES,
+            mirror_max_skip_bytes: crate::remote::DEFAULT_MIRROR_MAX_SKIP,
         }
     }
 }

@@ -224,11 +224,31 @@ impl Client {
         offset: u64,
         len: u64,
     ) -> Result<Bytes> {
+        self.read_range_within(repo, digest, offset, len, u64::MAX)
+            .await
+    }
+
+    /// [`read_range`](Self::read_range) from a server that may answer a range with the whole
+    /// blob when reading elsewhere is cheaper than reading through it: a 200 is sliced only
+    /// when the range starts within `max_skip` bytes of the blob's start; otherwise the read
+    /// ends at the response headers with [`Error::RangeIgnored`], none of the body read. The
+    /// distribution registry as a pull-through cache answers so for a blob it has not cached
+    /// yet (docs/snapshotter.md, "Mirrors").
+    pub async fn read_range_within(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        max_skip: u64,
+    ) -> Result<Bytes> {
         if len == 0 {
             return Ok(Bytes::new());
         }
         let started = Instant::now();
-        let result = self.read_range_retrying(repo, digest, offset, len).await;
+        let result = self
+            .read_range_retrying(repo, digest, offset, len, max_skip)
+            .await;
         self.metrics()
             .range_read(Outcome::of(&result), started.elapsed().as_secs_f64());
         result
@@ -240,6 +260,7 @@ impl Client {
         digest: &Digest,
         offset: u64,
         len: u64,
+        max_skip: u64,
     ) -> Result<Bytes> {
         let last = offset
             .checked_add(len - 1)
@@ -256,7 +277,9 @@ impl Client {
         };
         let mut retry = Retry::new(self.config().retries);
         loop {
-            let result = self.read_range_once(&call, &mut retry, offset, len).await;
+            let result = self
+                .read_range_once(&call, &mut retry, offset, len, max_skip)
+                .await;
             match result {
                 Err(e) if is_transient(&e) => match retry.backoff(None) {
                     Some(delay) => {
@@ -277,6 +300,7 @@ impl Client {
         retry: &mut Retry,
         offset: u64,
         len: u64,
+        max_skip: u64,
     ) -> Result<Bytes> {
         let response = self.execute(call, retry).await?;
         match response.status {
@@ -304,6 +328,20 @@ impl Client {
                     .counting(counter)
                     .read_slice(0, len)
                     .await
+            }
+            StatusCode::OK if offset > max_skip => {
+                // Dropping the response closes the connection: nothing more of the body comes.
+                tracing::debug!(
+                    offset,
+                    len,
+                    max_skip,
+                    "server ignored Range, not reading through the body"
+                );
+                Err(Error::RangeIgnored {
+                    url: response.url(),
+                    offset,
+                    max_skip,
+                })
             }
             StatusCode::OK => {
                 tracing::debug!(offset, len, "server ignored Range, slicing the full body");

@@ -146,6 +146,17 @@ pub enum Error {
         limit: usize,
     },
 
+    #[error(
+        "{url}: the server ignored Range and answered with the whole blob; bytes from {offset} \
+         are past the {max_skip} bytes a read may skip: read them from another source (a \
+         pull-through cache answers so until it has cached the blob)"
+    )]
+    RangeIgnored {
+        url: String,
+        offset: u64,
+        max_skip: u64,
+    },
+
     #[error("{url}: body is larger than the limit of {limit} bytes")]
     TooLarge { url: String, limit: u64 },
 

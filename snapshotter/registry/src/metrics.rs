@@ -240,10 +240,13 @@ pub(crate) enum Outcome {
     /// An answer that breaks the protocol: wrong Content-Range, bad JSON, redirect loop, body
     /// over its limit, content not matching its digest.
     InvalidResponse,
+    /// A range read answered with the whole blob, the range too far into it to read through
+    /// ([`Error::RangeIgnored`]).
+    RangeIgnored,
 }
 
 impl Outcome {
-    const ALL: [Self; 9] = [
+    const ALL: [Self; 10] = [
         Self::Ok,
         Self::NotFound,
         Self::Unauthorized,
@@ -253,6 +256,7 @@ impl Outcome {
         Self::Transport,
         Self::ShortBody,
         Self::InvalidResponse,
+        Self::RangeIgnored,
     ];
 
     fn as_str(self) -> &'static str {
@@ -266,6 +270,7 @@ impl Outcome {
             Self::Transport => "transport",
             Self::ShortBody => "short_body",
             Self::InvalidResponse => "invalid_response",
+            Self::RangeIgnored => "range_ignored",
         }
     }
 
@@ -288,6 +293,7 @@ impl Outcome {
             Error::Unauthorized { .. } => Self::Unauthorized,
             Error::NotFound { .. } => Self::NotFound,
             Error::Status { status, .. } => Self::of_status(*status),
+            Error::RangeIgnored { .. } => Self::RangeIgnored,
             _ => Self::InvalidResponse,
         }
     }

@@ -97,6 +97,92 @@ async fn range_read_slices_a_full_200_when_range_is_ignored() {
     assert!(e.to_string().contains("past the end"), "{e}");
 }
 
+/// A pull-through cache that has not cached the blob yet answers a range with the whole blob
+/// (distribution in proxy mode: 200 and every byte); this one sends the first 64 KiB of a
+/// 1 GiB body, then stalls.
+fn whole_blob_then_stall(prefix: Bytes) -> impl Fn(&Recorded) -> http::Response<Body> {
+    move |_| {
+        respond(
+            200,
+            &[("content-length", &(1u64 << 30).to_string())],
+            stalled_after(prefix.clone()),
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_whole_blob_answer_is_not_read_through_past_the_bound() {
+    let prefix = blob_data(64 << 10);
+    let server = Server::start(whole_blob_then_stall(prefix.clone())).await;
+    let repo = Repository::new(server.registry(), "a");
+    let digest = Digest::sha256(b"x");
+    let (c, registry) = metered_client(|c| c.retries = 2);
+    // Far into the blob: the read ends at the headers, without waiting for the body (which
+    // would stall for the request timeout) and without retrying.
+    let started = Instant::now();
+    let e = c
+        .read_range_within(&repo, &digest, 512 << 20, 4096, 4 << 20)
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(2), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::RangeIgnored {
+                offset: 536_870_912,
+                max_skip: 4_194_304,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("ignored Range"), "{e}");
+    assert!(!e.is_transient());
+    assert_eq!(server.requests().len(), 1, "not retried");
+    assert_eq!(
+        server.requests()[0].header("range"),
+        Some("bytes=536870912-536875007")
+    );
+    let requests = |outcome| {
+        metric(
+            &registry,
+            "streamsnap_registry_requests_total",
+            &[("kind", "range"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(requests("range_ignored"), 1.0);
+    assert!(
+        metric(&registry, "streamsnap_registry_range_bytes_total", &[]) < (64 << 10) as f64,
+        "the body was not read"
+    );
+
+    // Within the bound the whole body is read through to the range, as before.
+    let got = c
+        .read_range_within(&repo, &digest, 1000, 2000, 4 << 20)
+        .await
+        .unwrap();
+    assert_eq!(got, prefix.slice(1000..3000));
+    // At the bound exactly, too: the bound is on the bytes skipped.
+    let got = c
+        .read_range_within(&repo, &digest, 60 << 10, 1024, 60 << 10)
+        .await
+        .unwrap();
+    assert_eq!(got, prefix.slice((60 << 10)..(61 << 10)));
+    assert_eq!(requests("ok"), 2.0);
+}
+
+#[tokio::test]
+async fn a_206_is_read_whatever_the_bound() {
+    let data = blob_data(1 << 20);
+    let server = Server::start(ranged(data.clone())).await;
+    let repo = Repository::new(server.registry(), "a");
+    let got = client(|_| {})
+        .read_range_within(&repo, &Digest::sha256(&data), 900_000, 1000, 0)
+        .await
+        .unwrap();
+    assert_eq!(got, data.slice(900_000..901_000));
+}
+
 #[tokio::test]
 async fn truncated_range_body_is_an_error_and_is_retried() {
     let data = blob_data(1000);

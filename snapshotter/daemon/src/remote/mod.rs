@@ -33,6 +33,7 @@ use self::background::Background;
 pub use self::background::BackgroundConfig;
 pub use self::labels::{LayerRequest, TARGET_LABEL};
 use self::profile::{AccessLog, LayerJob, Prefetcher};
+pub use self::source::DEFAULT_MIRROR_MAX_SKIP;
 use self::source::{CacheReader, RegistryBlob};
 pub use self::trust::TrustPolicy;
 use crate::metrics::Metrics;
@@ -112,6 +113,9 @@ pub struct RemoteLayers {
     artifacts: ArtifactCache,
     /// Mirrors by registry host, tried first for blob reads.
     mirrors: HashMap<String, Vec<String>>,
+    /// Most bytes of a mirror's whole-blob answer to a range read read through before the
+    /// range (`[fetch] mirror_max_skip_bytes`).
+    mirror_max_skip: u64,
     background: Background,
     mounts: Mutex<HashMap<u64, MountEntry>>,
     fallback_logged: Mutex<HashMap<String, Instant>>,
@@ -162,6 +166,7 @@ impl RemoteLayers {
             cache,
             mounter,
             mirrors,
+            mirror_max_skip: DEFAULT_MIRROR_MAX_SKIP,
             background: Background::new(background),
             mounts: Mutex::new(HashMap::new()),
             fallback_logged: Mutex::new(HashMap::new()),
@@ -264,6 +269,13 @@ impl RemoteLayers {
     /// chunks that follow in the background.
     pub fn with_readahead(mut self, bytes: u64) -> Self {
         self.readahead_bytes = bytes;
+        self
+    }
+
+    /// Reads through at most `bytes` of a mirror's whole-blob answer to a range read before
+    /// going to the next source.
+    pub fn with_mirror_max_skip(mut self, bytes: u64) -> Self {
+        self.mirror_max_skip = bytes;
         self
     }
 
@@ -450,12 +462,10 @@ impl RemoteLayers {
             .get(&repo.registry)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let blob: Arc<dyn streamsnap_cache::BlobSource> = Arc::new(RegistryBlob::new(
-            self.client.clone(),
-            repo,
-            mirrors,
-            source.data_digest,
-        ));
+        let blob: Arc<dyn streamsnap_cache::BlobSource> = Arc::new(
+            RegistryBlob::new(self.client.clone(), repo, mirrors, source.data_digest)
+                .with_max_skip(self.mirror_max_skip),
+        );
         let log = Arc::new(AccessLog::new(self.reads.clone()));
         let reader = Arc::new(
             CacheReader::new(

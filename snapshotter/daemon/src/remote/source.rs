@@ -16,11 +16,35 @@ use super::profile::AccessLog;
 
 /// A data blob in a registry, read by range: from its mirrors first (in order), then from the
 /// registry itself. Every byte is verified by the cache, so a mirror can fail or lag, never lie.
+///
+/// A mirror that answers a range with the whole blob (a pull-through cache that has not cached
+/// it yet) is read through only up to `max_skip` bytes before the range; past that the read
+/// goes to the next source, and the mirror is passed over for this blob for a while
+/// ([`FIRST_PASS_OVER`], doubling up to [`MAX_PASS_OVER`] while it keeps answering so), since
+/// such a cache fills itself in the background and answers 206 once it has the blob. The
+/// origin, the last source, is always read, through the whole prefix if it must.
 pub struct RegistryBlob {
     client: Client,
     /// The repository on each mirror, then on the origin registry (last).
     endpoints: Vec<Repository>,
     digest: Digest,
+    max_skip: u64,
+    /// Per mirror: until when it is passed over, and for how long the next time.
+    passed_over: Mutex<Vec<PassOver>>,
+}
+
+/// How long a mirror that answered a range of a blob with the whole blob is first passed over
+/// for that blob.
+pub const FIRST_PASS_OVER: Duration = Duration::from_secs(2);
+/// The longest it is passed over at once.
+pub const MAX_PASS_OVER: Duration = Duration::from_secs(60);
+/// The default of `[fetch] mirror_max_skip_bytes`.
+pub const DEFAULT_MIRROR_MAX_SKIP: u64 = 4 << 20;
+
+#[derive(Clone, Copy, Debug, Default)]
+struct PassOver {
+    until: Option<Instant>,
+    next: Duration,
 }
 
 impl RegistryBlob {
@@ -32,9 +56,49 @@ impl RegistryBlob {
         endpoints.push(origin);
         Self {
             client,
+            passed_over: Mutex::new(vec![PassOver::default(); endpoints.len() - 1]),
             endpoints,
             digest,
+            max_skip: DEFAULT_MIRROR_MAX_SKIP,
         }
+    }
+
+    /// Reads through at most `max_skip` bytes of a mirror's whole-blob answer.
+    pub fn with_max_skip(mut self, max_skip: u64) -> Self {
+        self.max_skip = max_skip;
+        self
+    }
+
+    fn passed_over(&self) -> std::sync::MutexGuard<'_, Vec<PassOver>> {
+        self.passed_over
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether mirror `i` is passed over now.
+    fn skipping(&self, i: usize) -> bool {
+        self.passed_over()[i]
+            .until
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Mirror `i` answered with the whole blob: pass it over for a while, longer each time.
+    fn pass_over(&self, i: usize) -> Duration {
+        let mut all = self.passed_over();
+        let state = &mut all[i];
+        let wait = if state.next.is_zero() {
+            FIRST_PASS_OVER
+        } else {
+            state.next
+        };
+        state.until = Some(Instant::now() + wait);
+        state.next = (wait * 2).min(MAX_PASS_OVER);
+        wait
+    }
+
+    /// Mirror `i` served a range: it is used again at once.
+    fn served(&self, i: usize) {
+        self.passed_over()[i] = PassOver::default();
     }
 }
 
@@ -45,13 +109,23 @@ impl BlobSource for RegistryBlob {
                 .endpoints
                 .split_last()
                 .expect("the origin is always last");
-            for mirror in mirrors {
+            for (i, mirror) in mirrors.iter().enumerate() {
+                if self.skipping(i) {
+                    continue;
+                }
                 match self
                     .client
-                    .read_range(mirror, &self.digest, offset, len)
+                    .read_range_within(mirror, &self.digest, offset, len, self.max_skip)
                     .await
                 {
-                    Ok(bytes) => return Ok(bytes),
+                    Ok(bytes) => {
+                        self.served(i);
+                        return Ok(bytes);
+                    }
+                    Err(error @ streamsnap_registry::Error::RangeIgnored { .. }) => {
+                        let wait = self.pass_over(i);
+                        tracing::debug!(%mirror, %error, ?wait, "mirror does not serve ranges of this blob yet; trying the next source");
+                    }
                     Err(error) => {
                         tracing::debug!(%mirror, %error, "mirror failed; trying the next source");
                     }
@@ -340,6 +414,26 @@ mod tests {
         assert_eq!(p.record(3, 3, 1 << 20), 0, "a jump back resets");
         assert_eq!(p.record(9, 9, 1 << 20), 0, "a jump forward resets");
         assert_eq!(p.record(10, 10, 1 << 20), FIRST_WINDOW);
+    }
+
+    #[test]
+    fn a_mirror_answering_whole_blobs_is_passed_over_longer_each_time_until_it_serves() {
+        let client = Client::new(streamsnap_registry::ClientConfig::default()).unwrap();
+        let origin = Repository::new("origin:5000", "r");
+        let mirrors = ["m1:5000".to_owned(), "m2:5000".to_owned()];
+        let blob = RegistryBlob::new(client, origin, &mirrors, Digest::sha256(b"blob"));
+        assert!(!blob.skipping(0) && !blob.skipping(1));
+        let waits: Vec<u64> = (0..7).map(|_| blob.pass_over(0).as_secs()).collect();
+        assert_eq!(waits, vec![2, 4, 8, 16, 32, 60, 60]);
+        assert!(blob.skipping(0));
+        assert!(!blob.skipping(1), "per mirror");
+        blob.served(0);
+        assert!(!blob.skipping(0));
+        assert_eq!(
+            blob.pass_over(0),
+            FIRST_PASS_OVER,
+            "a served range starts over"
+        );
     }
 
     struct Rig {
