@@ -35,6 +35,10 @@ use streamsnap_format::Digest;
 const FILLER: usize = 16 << 20;
 const SMALL: usize = 256 << 10;
 const PAIRS: usize = 4;
+/// More than the daemon passes over a mirror that answered a range with the whole blob, first
+/// (2 s) and after one HEAD that found it still filling (4 s: a slow machine's start may
+/// probe once before the mirror stored the layer).
+const PASS_OVER: Duration = Duration::from_millis(4500);
 /// How long the mirror may take to store the blobs it was asked for.
 const FILL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -234,6 +238,39 @@ fn a_cold_pull_through_mirror_costs_no_whole_blob_and_a_warm_one_serves_every_ch
         .filter(|e| e.bytes > layer_bytes / 2)
         .count();
     assert_eq!(whole, 1, "{origin_gets:?}");
+
+    // The first node passed the mirror over for this layer (2 s at first). After that, its
+    // next read asks the mirror with a HEAD, which now says `Accept-Ranges: bytes`, and gets a
+    // 206 from it.
+    thread::sleep(PASS_OVER);
+    let origin_mark = origin_log.len();
+    let mirror_mark = mirror.access_log().unwrap().len();
+    let expected = Digest::sha256(&pseudo_random_bytes(1602, FILLER)[..100_000]).hex();
+    let out = run_container(
+        &first.containerd,
+        &image,
+        "streamsnap",
+        "probe",
+        &["sh", "-c", "head -c 100000 /data/filler2.bin | sha256sum"],
+    )
+    .unwrap();
+    assert!(out.contains(&expected), "wrong bytes: {out}");
+    let mirror_log = mirror.access_log().unwrap();
+    let probe: Vec<(String, u16)> = mirror_log[mirror_mark..]
+        .iter()
+        .filter(|e| e.uri.contains("/blobs/"))
+        .map(|e| (e.method.clone(), e.status))
+        .collect();
+    eprintln!("after the pass-over, the first node's requests to the mirror: {probe:?}");
+    assert!(
+        probe.first() == Some(&("HEAD".to_owned(), 200))
+            && probe[1..].iter().all(|(m, s)| m == "GET" && *s == 206)
+            && probe.len() > 1,
+        "{probe:?}"
+    );
+    let origin_log = origin.registry.access_log().unwrap();
+    let after = blob_gets(&origin_log[origin_mark..], &data_blobs);
+    assert!(after.is_empty(), "the origin served the read: {after:?}");
 
     // A second node, after the mirror stored the blobs: every chunk read is a mirror hit.
     let origin_mark = origin_log.len();

@@ -182,6 +182,20 @@ impl Client {
         }
     }
 
+    /// Whether a HEAD of the blob says range reads of it are served (`Accept-Ranges: bytes`).
+    /// A pull-through cache (distribution in proxy mode) says so only once it has stored the
+    /// blob, and a HEAD does not make it fetch the blob: a cheap way to ask whether a range GET
+    /// would get a 206 now. A missing blob is [`Error::NotFound`].
+    pub async fn blob_accepts_ranges(&self, repo: &Repository, digest: &Digest) -> Result<bool> {
+        let call = self.blob_call(Method::HEAD, repo, digest)?;
+        let mut retry = Retry::new(self.config().retries);
+        let response = self.execute(&call, &mut retry).await?;
+        let response = response.expect(&[StatusCode::OK]).await?;
+        Ok(response
+            .header_str(header::ACCEPT_RANGES)
+            .is_some_and(|v| v.split(',').any(|u| u.trim().eq_ignore_ascii_case("bytes"))))
+    }
+
     /// Streams the blob. Redirects (to a CDN or object store) are followed; the caller verifies
     /// the digest while it reads.
     pub async fn get_blob(&self, repo: &Repository, digest: &Digest) -> Result<BlobStream> {

@@ -172,6 +172,35 @@ async fn a_whole_blob_answer_is_not_read_through_past_the_bound() {
 }
 
 #[tokio::test]
+async fn a_head_tells_whether_ranges_are_served() {
+    let server = Server::start(|r| match r.path() {
+        p if p.starts_with("/v2/cached/") => respond(
+            200,
+            &[("accept-ranges", "bytes"), ("content-length", "10")],
+            empty(),
+        ),
+        p if p.starts_with("/v2/cold/") => respond(200, &[("content-length", "10")], empty()),
+        _ => status(404),
+    })
+    .await;
+    let c = client(|_| {});
+    let repo = |name: &str| Repository::new(server.registry(), name);
+    let digest = Digest::sha256(b"x");
+    assert!(
+        c.blob_accepts_ranges(&repo("cached"), &digest)
+            .await
+            .unwrap()
+    );
+    assert!(!c.blob_accepts_ranges(&repo("cold"), &digest).await.unwrap());
+    let e = c
+        .blob_accepts_ranges(&repo("gone"), &digest)
+        .await
+        .unwrap_err();
+    assert!(e.is_not_found(), "{e:?}");
+    assert!(server.requests().iter().all(|r| r.method == Method::HEAD));
+}
+
+#[tokio::test]
 async fn a_206_is_read_whatever_the_bound() {
     let data = blob_data(1 << 20);
     let server = Server::start(ranged(data.clone())).await;

@@ -21,7 +21,11 @@ use super::profile::AccessLog;
 /// it yet) is read through only up to `max_skip` bytes before the range; past that the read
 /// goes to the next source, and the mirror is passed over for this blob for a while
 /// ([`FIRST_PASS_OVER`], doubling up to [`MAX_PASS_OVER`] while it keeps answering so), since
-/// such a cache fills itself in the background and answers 206 once it has the blob. The
+/// such a cache fills itself in the background and answers 206 once it has the blob. When a
+/// while is over, a HEAD asks first (`Accept-Ranges: bytes`: a pull-through cache says so only
+/// once it has the blob, and a HEAD neither costs the origin a stream nor starts a fill); after
+/// a [`MAX_PASS_OVER`] wait the range GET is sent whatever the HEAD would say, so a fill that
+/// failed is started again and a mirror that never says `Accept-Ranges` is still used. The
 /// origin, the last source, is always read, through the whole prefix if it must.
 pub struct RegistryBlob {
     client: Client,
@@ -44,7 +48,20 @@ pub const DEFAULT_MIRROR_MAX_SKIP: u64 = 4 << 20;
 #[derive(Clone, Copy, Debug, Default)]
 struct PassOver {
     until: Option<Instant>,
+    /// The last wait.
+    waited: Duration,
     next: Duration,
+}
+
+/// What a read does with a mirror.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Attempt {
+    /// Passed over: go to the next source.
+    Skip,
+    /// Ask with a HEAD whether it serves ranges of the blob now, read it if so.
+    Probe,
+    /// Read the range from it.
+    Read,
 }
 
 impl RegistryBlob {
@@ -75,23 +92,33 @@ impl RegistryBlob {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether mirror `i` is passed over now.
-    fn skipping(&self, i: usize) -> bool {
-        self.passed_over()[i]
-            .until
-            .is_some_and(|until| Instant::now() < until)
+    /// What a read does with mirror `i` now.
+    fn attempt(&self, i: usize) -> Attempt {
+        let state = self.passed_over()[i];
+        match state.until {
+            None => Attempt::Read,
+            Some(until) if Instant::now() < until => Attempt::Skip,
+            Some(_) if state.waited < MAX_PASS_OVER => Attempt::Probe,
+            Some(_) => Attempt::Read,
+        }
     }
 
-    /// Mirror `i` answered with the whole blob: pass it over for a while, longer each time.
+    /// Mirror `i` answered with the whole blob: pass it over for a while, longer each time
+    /// (reads that were in flight together, answered so together, count once).
     fn pass_over(&self, i: usize) -> Duration {
         let mut all = self.passed_over();
         let state = &mut all[i];
+        let now = Instant::now();
+        if let Some(until) = state.until.filter(|&until| now < until) {
+            return until - now;
+        }
         let wait = if state.next.is_zero() {
             FIRST_PASS_OVER
         } else {
             state.next
         };
-        state.until = Some(Instant::now() + wait);
+        state.until = Some(now + wait);
+        state.waited = wait;
         state.next = (wait * 2).min(MAX_PASS_OVER);
         wait
     }
@@ -110,8 +137,23 @@ impl BlobSource for RegistryBlob {
                 .split_last()
                 .expect("the origin is always last");
             for (i, mirror) in mirrors.iter().enumerate() {
-                if self.skipping(i) {
-                    continue;
+                match self.attempt(i) {
+                    Attempt::Skip => continue,
+                    Attempt::Read => {}
+                    Attempt::Probe => {
+                        match self.client.blob_accepts_ranges(mirror, &self.digest).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                let wait = self.pass_over(i);
+                                tracing::debug!(%mirror, ?wait, "mirror does not serve ranges of this blob yet (HEAD); trying the next source");
+                                continue;
+                            }
+                            Err(error) => {
+                                tracing::debug!(%mirror, %error, "mirror failed (HEAD); trying the next source");
+                                continue;
+                            }
+                        }
+                    }
                 }
                 match self
                     .client
@@ -417,18 +459,34 @@ mod tests {
     }
 
     #[test]
-    fn a_mirror_answering_whole_blobs_is_passed_over_longer_each_time_until_it_serves() {
+    fn a_mirror_answering_whole_blobs_is_passed_over_longer_each_time_then_asked_with_a_head() {
         let client = Client::new(streamsnap_registry::ClientConfig::default()).unwrap();
         let origin = Repository::new("origin:5000", "r");
         let mirrors = ["m1:5000".to_owned(), "m2:5000".to_owned()];
         let blob = RegistryBlob::new(client, origin, &mirrors, Digest::sha256(b"blob"));
-        assert!(!blob.skipping(0) && !blob.skipping(1));
-        let waits: Vec<u64> = (0..7).map(|_| blob.pass_over(0).as_secs()).collect();
+        assert_eq!(blob.attempt(0), Attempt::Read);
+        assert_eq!(blob.attempt(1), Attempt::Read);
+        let expire = |blob: &RegistryBlob| blob.passed_over()[0].until = Some(Instant::now());
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            waits.push(blob.pass_over(0).as_secs());
+            assert_eq!(blob.attempt(0), Attempt::Skip);
+            assert!(
+                blob.pass_over(0).as_secs() <= *waits.last().unwrap(),
+                "a read answered so meanwhile does not make the wait longer"
+            );
+            expire(&blob);
+            let after = if waits.last() == Some(&60) {
+                Attempt::Read
+            } else {
+                Attempt::Probe
+            };
+            assert_eq!(blob.attempt(0), after, "after waiting {waits:?}");
+        }
         assert_eq!(waits, vec![2, 4, 8, 16, 32, 60, 60]);
-        assert!(blob.skipping(0));
-        assert!(!blob.skipping(1), "per mirror");
+        assert_eq!(blob.attempt(1), Attempt::Read, "per mirror");
         blob.served(0);
-        assert!(!blob.skipping(0));
+        assert_eq!(blob.attempt(0), Attempt::Read);
         assert_eq!(
             blob.pass_over(0),
             FIRST_PASS_OVER,
