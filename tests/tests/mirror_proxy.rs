@@ -7,8 +7,10 @@
 //! starts a container that reads four small files spread through a 64 MiB layer at once (four
 //! concurrent first requests to the cold mirror): the bytes must be right and the node must not
 //! download the layer (it reads the chunks from the origin after the mirror's `200`). Once the
-//! mirror has stored the blobs, a second node does the same start and every one of its chunk
-//! reads is a `206` from the mirror: the origin serves it no blob byte.
+//! mirror has stored the blobs and the first node's pass-over of it ended, that node's next read
+//! asks the mirror with a HEAD (`Accept-Ranges: bytes` now) and gets a `206`; a second node does
+//! the same start as the first and every one of its chunk reads is a `206` from the mirror: the
+//! origin serves neither node a blob byte from then on.
 //!
 //! What each node receives is counted by a counting proxy in front of each registry; what the
 //! registries served, by their access logs. The binaries must be built first:
