@@ -559,3 +559,31 @@ pub async fn push_image(
         .await?;
     Ok(put.digest)
 }
+
+/// A repository name or a reference as one path segment of the API (`team%2Fapp`).
+pub fn encode_segment(s: &str) -> String {
+    s.replace('/', "%2F").replace(':', "%3A")
+}
+
+/// An API operation's `state` (empty if it has none).
+pub fn op_state(op: &serde_json::Value) -> &str {
+    op["state"].as_str().unwrap_or_default()
+}
+
+/// A digest field of an API answer.
+pub fn digest_field(value: &serde_json::Value) -> anyhow::Result<streamsnap_format::Digest> {
+    value
+        .as_str()
+        .context("not a string")?
+        .parse()
+        .context("not a digest")
+}
+
+/// A one-layer image whose one file, `id`, holds `content` (each content its own image).
+pub fn small_spec(content: &str) -> crate::ImageSpec {
+    crate::ImageSpec::linux_amd64(vec![crate::LayerBlob::gzip(
+        crate::TarGen::new()
+            .file("id", 0o644, content.as_bytes())
+            .finish(),
+    )])
+}

@@ -16,7 +16,8 @@ use serde_json::Value;
 use streamsnap_e2e::image::{Compression, ImageSpec, LayerBlob, OciLayout};
 use streamsnap_e2e::postgres::{DATABASE, PgCluster};
 use streamsnap_e2e::service::{
-    FailFirst, ServiceHome, ServiceProcess, WebhookRelay, push_image, request_with_body,
+    FailFirst, ServiceHome, ServiceProcess, WebhookRelay, digest_field as digest_of,
+    encode_segment as encode, op_state as state, push_image, request_with_body, small_spec,
 };
 use streamsnap_e2e::targen::XorShift;
 use streamsnap_e2e::{Registry, TarGen, http, require_root_tools, skopeo_push, workspace_bin};
@@ -242,28 +243,6 @@ impl Env {
         self.rt
             .block_on(push_image(&self.client, &self.repo(repo), tag, spec))
     }
-}
-
-fn encode(s: &str) -> String {
-    s.replace('/', "%2F").replace(':', "%3A")
-}
-
-fn state(op: &Value) -> &str {
-    op["state"].as_str().unwrap_or_default()
-}
-
-fn digest_of(value: &Value) -> anyhow::Result<Digest> {
-    value
-        .as_str()
-        .context("not a string")?
-        .parse()
-        .context("not a digest")
-}
-
-fn small_spec(content: &str) -> ImageSpec {
-    ImageSpec::linux_amd64(vec![LayerBlob::gzip(
-        TarGen::new().file("id", 0o644, content.as_bytes()).finish(),
-    )])
 }
 
 async fn push_small(

@@ -17,7 +17,10 @@ use anyhow::{Context, bail, ensure};
 use serde_json::Value;
 use streamsnap_e2e::image::{Compression, ImageSpec, LayerBlob};
 use streamsnap_e2e::postgres::{DATABASE, PgCluster};
-use streamsnap_e2e::service::{ServiceHome, ServiceProcess, WebhookRelay, push_image};
+use streamsnap_e2e::service::{
+    ServiceHome, ServiceProcess, WebhookRelay, digest_field as digest_of, encode_segment as encode,
+    op_state as state, push_image, small_spec,
+};
 use streamsnap_e2e::targen::XorShift;
 use streamsnap_e2e::{Registry, TarGen, http, require_root_tools, workspace_bin};
 use streamsnap_format::oci::ImageIndex;
@@ -277,28 +280,6 @@ impl Replicas {
         }
         Ok(())
     }
-}
-
-fn encode(s: &str) -> String {
-    s.replace('/', "%2F").replace(':', "%3A")
-}
-
-fn state(op: &Value) -> &str {
-    op["state"].as_str().unwrap_or_default()
-}
-
-fn digest_of(value: &Value) -> anyhow::Result<Digest> {
-    value
-        .as_str()
-        .context("not a string")?
-        .parse()
-        .context("not a digest")
-}
-
-fn small_spec(content: &str) -> ImageSpec {
-    ImageSpec::linux_amd64(vec![LayerBlob::gzip(
-        TarGen::new().file("id", 0o644, content.as_bytes()).finish(),
-    )])
 }
 
 /// An image whose conversion at zstd level 19 takes seconds: 40 MB of random lowercase text
