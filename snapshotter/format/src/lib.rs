@@ -27,4 +27,4 @@ pub use limits::{
 };
 pub use path::{normalize_tar_path, validate_path};
 pub use profile::{LayerProfile, MAX_PROFILE_BLOB, PROFILE_VERSION, Profile};
-pub use toc::{FORMAT_VERSION, Piece, Toc, encode_toc, tar_name};
+pub use toc::{FORMAT_VERSION, Piece, Toc, encode_toc, pieces_of_extents, tar_name};

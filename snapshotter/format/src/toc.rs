@@ -188,32 +188,45 @@ impl Toc {
         offset: u64,
         len: u64,
     ) -> impl Iterator<Item = Piece> + 'a {
-        let end = offset.saturating_add(len).min(entry.size);
-        let mut extent_start = 0u64;
-        let mut done = end <= offset;
-        entry
-            .extents
-            .iter()
-            .map_while(move |extent| {
-                if done {
-                    return None;
-                }
-                let extent_end = extent_start + u64::from(extent.length);
-                let piece = (extent_end > offset && extent_start < end).then(|| {
-                    let from = offset.max(extent_start) - extent_start;
-                    let to = end.min(extent_end) - extent_start;
-                    Piece {
-                        chunk: extent.chunk,
-                        offset: extent.offset + from as u32,
-                        len: (to - from) as u32,
-                    }
-                });
-                done = extent_end >= end;
-                extent_start = extent_end;
-                Some(piece)
-            })
-            .flatten()
+        let extents = entry.extents.iter().map(|e| (e.chunk, e.offset, e.length));
+        pieces_of_extents(extents, entry.size, offset, len)
     }
+}
+
+/// The pieces holding `len` bytes at `offset` of a file of `size` bytes whose content is
+/// `extents` in order, each `(chunk, offset in the chunk, length)`; clamped to the end of the
+/// file, lazily (the extents after the range are not visited). Shared by the TOC and the node's
+/// layer index, which keep extents in different forms.
+pub fn pieces_of_extents(
+    extents: impl IntoIterator<Item = (u32, u32, u32)>,
+    size: u64,
+    offset: u64,
+    len: u64,
+) -> impl Iterator<Item = Piece> {
+    let end = offset.saturating_add(len).min(size);
+    let mut extent_start = 0u64;
+    let mut done = end <= offset;
+    extents
+        .into_iter()
+        .map_while(move |(chunk, chunk_offset, length)| {
+            if done {
+                return None;
+            }
+            let extent_end = extent_start + u64::from(length);
+            let piece = (extent_end > offset && extent_start < end).then(|| {
+                let from = offset.max(extent_start) - extent_start;
+                let to = end.min(extent_end) - extent_start;
+                Piece {
+                    chunk,
+                    offset: chunk_offset + from as u32,
+                    len: (to - from) as u32,
+                }
+            });
+            done = extent_end >= end;
+            extent_start = extent_end;
+            Some(piece)
+        })
+        .flatten()
 }
 
 fn validate_chunks(raw: &api::Toc) -> Result<()> {

@@ -7,6 +7,8 @@ use std::os::unix::ffi::OsStrExt;
 
 use nix::errno::Errno;
 
+use streamsnap_format::{Piece, pieces_of_extents};
+
 use crate::ChunkReader;
 use crate::index::{ChunkTable, Extent, Kind, LayerIndex, Node};
 use crate::layer::{
@@ -16,14 +18,6 @@ use crate::layer::{
 /// Pieces of a read handled at once: a read of 1 MiB over a file of 1-byte extents has a
 /// million, each needing a slot while its chunk is found.
 const MAX_PIECES_AT_ONCE: usize = 64 << 10;
-
-/// `len` bytes at `offset` of decompressed chunk `chunk`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Piece {
-    chunk: u32,
-    offset: u32,
-    len: u32,
-}
 
 fn file_kind(kind: Kind) -> FileKind {
     match kind {
@@ -178,30 +172,10 @@ impl LayerIndex {
         offset: u64,
         len: u64,
     ) -> impl Iterator<Item = Piece> + 's {
-        let end = offset.saturating_add(len).min(node.size());
-        let mut extent_start = 0u64;
-        let mut done = end <= offset;
-        self.extents(node)
-            .map_while(move |extent: Extent| {
-                if done {
-                    return None;
-                }
-                let extent_end = extent_start + u64::from(extent.length);
-                let piece = (extent_end > offset && extent_start < end).then(|| {
-                    let from = offset.max(extent_start) - extent_start;
-                    let to = end.min(extent_end) - extent_start;
-                    Piece {
-                        chunk: extent.chunk,
-                        offset: extent.offset + from as u32,
-                        len: (to - from) as u32,
-                    }
-                });
-                done = extent_end >= end;
-                extent_start = extent_end;
-                Some(piece)
-            })
-            .flatten()
-            .filter(|piece| piece.len > 0)
+        let extents = self
+            .extents(node)
+            .map(|e: Extent| (e.chunk, e.offset, e.length));
+        pieces_of_extents(extents, node.size(), offset, len).filter(|piece| piece.len > 0)
     }
 }
 
