@@ -152,6 +152,18 @@ pub fn toc_views(
     toc: &Toc,
     mut fetch_frame: impl FnMut(&api::Chunk) -> anyhow::Result<Vec<u8>>,
 ) -> anyhow::Result<Vec<EntryView>> {
+    toc_views_decoded(toc, |_, chunk| {
+        let frame = fetch_frame(chunk)?;
+        Ok(decode_chunk(chunk, &frame)?)
+    })
+}
+
+/// [`toc_views`] for any codec: `decoded(index, chunk)` gives chunk `index`'s verified
+/// content (for the index kind: its gzip span, inflated from its checkpoint).
+pub fn toc_views_decoded(
+    toc: &Toc,
+    mut decoded: impl FnMut(u32, &api::Chunk) -> anyhow::Result<Vec<u8>>,
+) -> anyhow::Result<Vec<EntryView>> {
     let mut chunks: HashMap<u32, Vec<u8>> = HashMap::new();
     let mut views = Vec::with_capacity(toc.entries().len());
     for entry in toc.entries() {
@@ -161,8 +173,7 @@ pub fn toc_views(
                 std::collections::hash_map::Entry::Occupied(cached) => cached.into_mut(),
                 std::collections::hash_map::Entry::Vacant(slot) => {
                     let chunk = &toc.chunks()[piece.chunk as usize];
-                    let frame = fetch_frame(chunk)?;
-                    let data = decode_chunk(chunk, &frame)
+                    let data = decoded(piece.chunk, chunk)
                         .with_context(|| format!("verifying chunk {}", piece.chunk))?;
                     slot.insert(data)
                 }

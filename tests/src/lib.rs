@@ -52,7 +52,7 @@ pub use busybox::busybox_layer;
 pub use container::{RootfsGuard, mount_rootfs, pull, rpull, run_container, run_container_with};
 pub use containerd::{CRI_NAMESPACE, Containerd, ContainerdOptions};
 pub use image::{Compression, ImageSpec, LayerBlob, OciLayout, WrittenImage, WrittenIndex};
-pub use layer_view::{EntryView, diff_views, tar_views, toc_views};
+pub use layer_view::{EntryView, diff_views, tar_views, toc_views, toc_views_decoded};
 pub use layers::{every_entry_type_layer, upper_layers, upper_layers_view};
 pub use proxy::{CountingProxy, Fault};
 pub use registry::Registry;

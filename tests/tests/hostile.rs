@@ -446,6 +446,7 @@ fn frame_bomb_layer(seed: u32, genuine: &api::Toc) -> anyhow::Result<(Vec<u8>, O
                 (0..FRAMES).map(|c| extent((c, 0), FRAME_SIZE)).collect(),
             ),
         ],
+        ..Default::default()
     };
     Toc::from_raw(raw.clone()).context("the forged TOC must be valid")?;
     Ok((encode_toc(&raw), Some(data)))

@@ -36,6 +36,11 @@ pub enum Error {
     )]
     UnsupportedLayer { digest: Digest, media_type: String },
 
+    #[error(
+        "layer {digest}: {reason}; convert the image with the chunked kind (`--kind chunked`) instead"
+    )]
+    IndexUnsupported { digest: Digest, reason: String },
+
     #[error("layer {digest}: corrupt or truncated layer data")]
     CorruptLayer {
         digest: Digest,

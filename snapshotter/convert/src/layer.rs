@@ -25,6 +25,8 @@ pub struct ConvertOptions {
     pub max_chunk_size: u32,
     /// zstd level of the chunk frames.
     pub compression_level: i32,
+    /// The index kind: uncompressed bytes between two checkpoints (see [`crate::index`]).
+    pub span_size: u32,
     /// Compression threads.
     pub workers: usize,
     /// Refuse layers whose tar stream is larger than this (decompression bombs).
@@ -41,6 +43,7 @@ impl Default for ConvertOptions {
         Self {
             max_chunk_size: 1 << 20,
             compression_level: 3,
+            span_size: crate::index::DEFAULT_SPAN_SIZE,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_layer_size: 1 << 40,
             max_entries: 4 << 20,
@@ -162,6 +165,7 @@ pub fn convert_layer<R: Read, W: Write + Send>(
         max_chunk_size: options.max_chunk_size,
         chunks: blob.chunks,
         entries,
+        ..Default::default()
     };
     // The same validation a reader applies: never publish a TOC a node would refuse.
     let toc = Toc::from_raw(raw).map_err(|source_err| Error::InvalidOutput {

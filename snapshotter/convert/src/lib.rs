@@ -10,6 +10,7 @@ mod chunker;
 mod create;
 mod entry;
 mod error;
+pub mod index;
 mod layer;
 mod sign;
 mod source;
@@ -17,6 +18,7 @@ mod tarstream;
 
 pub use create::{CreateOptions, Created, LayerReport, Progress, create, find_existing};
 pub use error::{Error, Result};
+pub use index::{DEFAULT_SPAN_SIZE, IndexedLayer, index_layer};
 pub use layer::{ConvertOptions, ConvertedLayer, LayerSource, convert_layer};
 pub use sign::{push_signature, referrer_descriptor};
 pub use source::{PLATFORM_ARCHITECTURE, PLATFORM_OS, SourceImage, SourceLayer, resolve};

@@ -4,7 +4,7 @@
 
 use std::io::Write;
 
-use streamsnap_convert::{ConvertOptions, Error, LayerSource, convert_layer};
+use streamsnap_convert::{ConvertOptions, Error, LayerSource, convert_layer, index_layer};
 use streamsnap_e2e::{diff_views, every_entry_type_layer, tar_views, toc_views, upper_layers};
 use streamsnap_format::media::LayerCompression;
 use streamsnap_format::{Digest, Toc};
@@ -165,4 +165,112 @@ fn hostile_layers_are_refused_with_a_clear_error() {
     )
     .unwrap_err();
     assert!(matches!(err, Error::DiffIdMismatch { .. }), "{err}");
+}
+
+/// Reads every entry of an index-kind TOC back from the ORIGINAL gzip blob: each span inflated
+/// from its checkpoint (window from the checkpoints blob), as a node does.
+fn index_views(
+    toc: &Toc,
+    layer: &[u8],
+    checkpoints: &[u8],
+) -> anyhow::Result<Vec<streamsnap_e2e::EntryView>> {
+    streamsnap_e2e::toc_views_decoded(toc, |index, chunk| {
+        let checkpoint = toc.checkpoint(index).expect("one checkpoint per span");
+        let window = match checkpoint.window_size {
+            0 => Vec::new(),
+            size => streamsnap_format::gzip::decode_window(
+                &checkpoints[checkpoint.window_offset as usize..][..size as usize],
+            )?,
+        };
+        let frame = &layer[chunk.offset as usize..][..chunk.compressed_size as usize];
+        Ok(streamsnap_format::gzip::decode_span(
+            chunk, checkpoint, &window, frame,
+        )?)
+    })
+}
+
+fn index(
+    compressed: &[u8],
+    compression: LayerCompression,
+    tar: &[u8],
+    span_size: u32,
+) -> Result<(Toc, Vec<u8>), Error> {
+    let source = LayerSource {
+        digest: Digest::sha256(compressed),
+        compression,
+        diff_id: Digest::sha256(tar),
+    };
+    let options = ConvertOptions {
+        span_size,
+        ..ConvertOptions::default()
+    };
+    let mut checkpoints = Vec::new();
+    let indexed = index_layer(compressed, &source, &options, &mut checkpoints, &|_| {})?;
+    assert_eq!(indexed.uncompressed_size, tar.len() as u64);
+    assert_eq!(indexed.checkpoints_digest, Digest::sha256(&checkpoints));
+    Ok((indexed.toc, checkpoints))
+}
+
+#[test]
+fn every_entry_type_round_trips_through_the_index_of_its_gzip_layer() {
+    let tar = every_type_tar();
+    let original = tar_views(&tar).unwrap();
+    for level in [1, 6, 9] {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+        enc.write_all(&tar).unwrap();
+        let layer = enc.finish().unwrap();
+        for span_size in [64 << 10, 1 << 20, 4 << 20] {
+            let (toc, checkpoints) =
+                index(&layer, LayerCompression::Gzip, &tar, span_size).unwrap();
+            assert_eq!(toc.codec(), streamsnap_format::Codec::GzipSpans);
+            assert_eq!(toc.data_digest(), Digest::sha256(&layer));
+            assert!(toc.chunks().len() > 1, "{} spans", toc.chunks().len());
+            let views = index_views(&toc, &layer, &checkpoints).unwrap();
+            let differences = diff_views(&views, &original);
+            assert!(
+                differences.is_empty(),
+                "level {level}, span {span_size}: {differences:#?}"
+            );
+            // The TOC a node decodes is the one the converter validated.
+            let decoded = Toc::decode(&streamsnap_format::encode_toc(toc.raw())).unwrap();
+            assert_eq!(decoded.raw(), toc.raw());
+        }
+    }
+}
+
+#[test]
+fn the_index_kind_refuses_what_it_cannot_read_and_names_the_chunked_kind() {
+    let tar = every_type_tar();
+    for (compression, compressed) in [
+        (LayerCompression::None, tar.clone()),
+        (
+            LayerCompression::Zstd,
+            zstd::bulk::compress(&tar, 3).unwrap(),
+        ),
+    ] {
+        let error = index(&compressed, compression, &tar, 1 << 20).unwrap_err();
+        assert!(matches!(error, Error::IndexUnsupported { .. }), "{error}");
+        assert!(error.to_string().contains("--kind chunked"), "{error}");
+    }
+    // Two gzip members (pigz -i, or concatenated streams).
+    let half = tar.len() / 2;
+    let layer = [gzip(&tar[..half]), gzip(&tar[half..])].concat();
+    let error = index(&layer, LayerCompression::Gzip, &tar, 1 << 20).unwrap_err();
+    assert!(matches!(error, Error::IndexUnsupported { .. }), "{error}");
+    // A wrong diff ID is caught as in the chunked kind.
+    let layer = gzip(&tar);
+    let source = LayerSource {
+        digest: Digest::sha256(&layer),
+        compression: LayerCompression::Gzip,
+        diff_id: Digest::sha256(b"another tar"),
+    };
+    let error = index_layer(
+        layer.as_slice(),
+        &source,
+        &ConvertOptions::default(),
+        &mut Vec::new(),
+        &|_| {},
+    )
+    .unwrap_err();
+    assert!(matches!(error, Error::DiffIdMismatch { .. }), "{error}");
 }

@@ -31,6 +31,12 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("chunk {digest}: the gzip span does not inflate: {reason}")]
+    SpanDecompress { digest: Digest, reason: String },
+
+    #[error("checkpoint window: {0}")]
+    InvalidWindow(String),
+
     #[error("toc: unsupported format version {found} (this build reads version {supported})")]
     UnsupportedVersion { found: u32, supported: u32 },
 

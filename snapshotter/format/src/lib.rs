@@ -9,6 +9,7 @@ pub mod api;
 mod chunk;
 mod digest;
 mod error;
+pub mod gzip;
 mod limits;
 pub mod media;
 pub mod oci;
@@ -16,6 +17,7 @@ mod path;
 mod profile;
 mod toc;
 
+pub use api::Codec;
 pub use chunk::{
     MAX_CHUNK_RATIO, MAX_CHUNK_SIZE, compress_chunk, decode_chunk, max_compressed_size,
 };

@@ -86,11 +86,14 @@ pub(crate) struct Census {
     pub chunks: u64,
     pub extents: u64,
     pub xattrs: u64,
+    /// Gzip spans' checkpoints (one per chunk when valid).
+    pub checkpoints: u64,
 }
 
 /// Field numbers of `Toc` and `Entry` that hold repeated messages (proto/streamsnap/toc/v1).
 const TOC_CHUNKS: u64 = 7;
 const TOC_ENTRIES: u64 = 8;
+const TOC_CHECKPOINTS: u64 = 12;
 const ENTRY_XATTRS: u64 = 12;
 const ENTRY_EXTENTS: u64 = 15;
 const LEN: u8 = 2;
@@ -99,6 +102,7 @@ const LEN: u8 = 2;
 /// the struct, and allocator overhead for its few small buffers.
 const ENTRY_COST: u64 = size_of::<api::Entry>() as u64 + 64;
 const CHUNK_COST: u64 = size_of::<api::Chunk>() as u64 + 16;
+const CHECKPOINT_COST: u64 = size_of::<api::Checkpoint>() as u64;
 /// Nested vectors grow by doubling as `prost` pushes: twice the struct.
 const EXTENT_COST: u64 = 2 * size_of::<api::Extent>() as u64;
 const XATTR_COST: u64 = 2 * (size_of::<api::Xattr>() as u64 + 16);
@@ -111,6 +115,7 @@ impl Census {
         walk(raw, &mut |field, wire, payload| {
             match (field, wire) {
                 (TOC_CHUNKS, LEN) => census.chunks += 1,
+                (TOC_CHECKPOINTS, LEN) => census.checkpoints += 1,
                 (TOC_ENTRIES, LEN) => {
                     census.entries += 1;
                     walk(payload, &mut |field, wire, _| {
@@ -136,6 +141,7 @@ impl Census {
             + self.chunks * CHUNK_COST
             + self.extents * EXTENT_COST
             + self.xattrs * XATTR_COST
+            + self.checkpoints * CHECKPOINT_COST
     }
 
     /// Refuses counts over their caps and a decoded form too large for a blob of
@@ -143,6 +149,7 @@ impl Census {
     pub fn check(&self, raw_len: usize, blob_len: usize) -> Result<()> {
         check("entry count", self.entries, MAX_TOC_ENTRIES as u64)?;
         check("chunk count", self.chunks, MAX_TOC_CHUNKS as u64)?;
+        check("checkpoint count", self.checkpoints, MAX_TOC_CHUNKS as u64)?;
         check("extent count", self.extents, MAX_TOC_EXTENTS as u64)?;
         check("xattr count", self.xattrs, MAX_TOC_XATTRS as u64)?;
         let memory = self.memory(raw_len);
@@ -234,7 +241,8 @@ mod tests {
                 entries: 3,
                 chunks: 3,
                 extents: 2,
-                xattrs: 5
+                xattrs: 5,
+                checkpoints: 0
             }
         );
         assert!(census.memory(0) >= 3 * size_of::<api::Entry>() as u64);

@@ -3,10 +3,11 @@
 
 use prost::Message;
 
-use crate::api::{self, EntryType};
+use crate::api::{self, Codec, EntryType};
 use crate::chunk::{MAX_CHUNK_RATIO, MAX_CHUNK_SIZE, max_compressed_size};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::gzip::MAX_WINDOW_FRAME;
 use crate::limits::{
     self, Census, MAX_TOC_CHUNKS, MAX_TOC_ENTRIES, MAX_TOC_EXTENTS, MAX_TOC_XATTRS,
 };
@@ -58,6 +59,8 @@ pub struct Toc {
     layer_digest: Digest,
     diff_id: Digest,
     data_digest: Digest,
+    /// Gzip spans only: the checkpoints blob.
+    checkpoints_digest: Option<Digest>,
 }
 
 /// `len` bytes at `offset` of decompressed chunk `chunk`.
@@ -125,6 +128,7 @@ impl Toc {
             )));
         }
         validate_chunks(&raw)?;
+        let checkpoints_digest = validate_checkpoints(&raw, layer_digest, data_digest)?;
         for entry in &raw.entries {
             validate_entry(entry, &raw.chunks)?;
         }
@@ -133,6 +137,7 @@ impl Toc {
             layer_digest,
             diff_id,
             data_digest,
+            checkpoints_digest,
         })
     }
 
@@ -172,6 +177,23 @@ impl Toc {
 
     pub fn data_size(&self) -> u64 {
         self.raw.data_size
+    }
+
+    /// How the chunks are stored: zstd frames in a data blob of the artifact (the chunked
+    /// kind) or spans of the original gzip layer (the index kind).
+    pub fn codec(&self) -> Codec {
+        Codec::try_from(self.raw.codec).expect("validated: the codec is known")
+    }
+
+    /// Gzip spans: the checkpoints blob (digest, size). `None` for zstd frames.
+    pub fn checkpoints_blob(&self) -> Option<(Digest, u64)> {
+        self.checkpoints_digest
+            .map(|digest| (digest, self.raw.checkpoints_size))
+    }
+
+    /// Gzip spans: how to start inflating chunk `index`; `None` for zstd frames or past the end.
+    pub fn checkpoint(&self, index: u32) -> Option<&api::Checkpoint> {
+        self.raw.checkpoints.get(index as usize)
     }
 
     /// The chunk pieces that hold `len` bytes at `offset` of regular file `entry`, clamped to the
@@ -272,6 +294,73 @@ fn validate_chunks(raw: &api::Toc) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The checkpoints of gzip spans: one per chunk, each window frame inside the checkpoints blob
+/// and at most [`MAX_WINDOW_FRAME`] bytes, only the first chunk without a window, the data blob
+/// being the layer itself. Zstd frames have none. Returns the checkpoints blob's digest.
+fn validate_checkpoints(
+    raw: &api::Toc,
+    layer_digest: Digest,
+    data_digest: Digest,
+) -> Result<Option<Digest>> {
+    let codec = Codec::try_from(raw.codec)
+        .map_err(|_| Error::InvalidToc(format!("unknown codec {}", raw.codec)))?;
+    if codec == Codec::ZstdFrames {
+        if !raw.checkpoints.is_empty()
+            || !raw.checkpoints_digest.is_empty()
+            || raw.checkpoints_size != 0
+        {
+            return Err(Error::InvalidToc(
+                "zstd frames have no checkpoints".to_owned(),
+            ));
+        }
+        return Ok(None);
+    }
+    if data_digest != layer_digest {
+        return Err(Error::InvalidToc(format!(
+            "gzip spans are read from the layer {layer_digest}, not from {data_digest}"
+        )));
+    }
+    if raw.checkpoints.len() != raw.chunks.len() {
+        return Err(Error::InvalidToc(format!(
+            "{} checkpoints for {} chunks",
+            raw.checkpoints.len(),
+            raw.chunks.len()
+        )));
+    }
+    let digest: Digest = raw.checkpoints_digest.parse()?;
+    for (index, checkpoint) in raw.checkpoints.iter().enumerate() {
+        let bad = |reason: String| Error::InvalidChunk { index, reason };
+        if checkpoint.bits > 7 || checkpoint.prime >> checkpoint.bits != 0 {
+            return Err(bad(format!(
+                "checkpoint primes {} bits with {:#x}",
+                checkpoint.bits, checkpoint.prime
+            )));
+        }
+        if checkpoint.bits > 0 && raw.chunks[index].offset == 0 {
+            return Err(bad("checkpoint bits before the blob's start".to_owned()));
+        }
+        if (checkpoint.window_size == 0) != (index == 0)
+            || checkpoint.window_size > MAX_WINDOW_FRAME
+        {
+            return Err(bad(format!(
+                "window frame of {} bytes (only the first span has none, at most \
+                 {MAX_WINDOW_FRAME})",
+                checkpoint.window_size
+            )));
+        }
+        let end = checkpoint
+            .window_offset
+            .checked_add(u64::from(checkpoint.window_size));
+        if end.is_none_or(|end| end > raw.checkpoints_size) {
+            return Err(bad(format!(
+                "window at {}+{} ends past the checkpoints blob ({} bytes)",
+                checkpoint.window_offset, checkpoint.window_size, raw.checkpoints_size
+            )));
+        }
+    }
+    Ok(Some(digest))
 }
 
 fn validate_entry(entry: &api::Entry, chunks: &[api::Chunk]) -> Result<()> {
@@ -410,6 +499,7 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            ..Default::default()
         }
     }
 

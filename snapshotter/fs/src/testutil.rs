@@ -153,6 +153,7 @@ impl LayerBuilder {
             max_chunk_size: self.max_chunk,
             chunks: table,
             entries: self.entries,
+            ..Default::default()
         };
         let toc = Toc::from_raw(raw).expect("test TOC is valid");
         let reader = MemoryChunks::new(self.chunks.into_iter().map(Bytes::from).collect());

@@ -77,6 +77,7 @@ fn hostile_toc() -> Arc<Toc> {
             ),
             file("many", (0..MANY).map(|i| extent(many_extent(i))).collect()),
         ],
+        ..Default::default()
     };
     Arc::new(Toc::from_raw(raw).unwrap())
 }

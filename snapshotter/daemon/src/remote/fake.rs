@@ -70,6 +70,7 @@ pub fn layer(chunks: usize, size: usize, incompressible: bool) -> (Arc<Toc>, Arc
             mode: 0o755,
             ..Default::default()
         }],
+        ..Default::default()
     };
     (
         Arc::new(Toc::from_raw(toc).unwrap()),

@@ -133,6 +133,7 @@ fn seed_frame_bomb_is_bounded_by_the_chunk_ratio() {
             ..Default::default()
         }],
         chunks,
+        ..Default::default()
     };
     let accepted = Toc::from_raw(toc(chunks.clone())).expect("real frames are within the ratio");
     let decoded: u64 = accepted.chunks().iter().map(|c| u64::from(c.size)).sum();

@@ -160,6 +160,7 @@ pub fn valid() -> impl Strategy<Value = api::Toc> {
                 max_chunk_size,
                 chunks,
                 entries,
+                ..Default::default()
             }
         })
 }

@@ -241,6 +241,7 @@ fn seed_read_over_one_byte_extents_is_bounded() {
                 .collect(),
             ..Default::default()
         }],
+        ..Default::default()
     };
     let toc = Arc::new(Toc::from_raw(raw).unwrap());
     let reader = Arc::new(OneByteChunks {
