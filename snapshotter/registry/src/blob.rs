@@ -187,8 +187,34 @@ impl Client {
     /// blob, and a HEAD does not make it fetch the blob: a cheap way to ask whether a range GET
     /// would get a 206 now. A missing blob is [`Error::NotFound`].
     pub async fn blob_accepts_ranges(&self, repo: &Repository, digest: &Digest) -> Result<bool> {
+        self.accepts_ranges_tries(repo, digest, self.config().retries)
+            .await
+    }
+
+    /// [`blob_accepts_ranges`](Self::blob_accepts_ranges) tried once, not retried: for a
+    /// mirror, whose retry is the next source.
+    pub async fn blob_accepts_ranges_once(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<bool> {
+        self.accepts_ranges_tries(repo, digest, 0).await
+    }
+
+    /// The bound on waiting for a response's headers, and on any stall of its body
+    /// ([`ClientConfig::request_timeout`](crate::ClientConfig::request_timeout)).
+    pub fn request_timeout(&self) -> Duration {
+        self.config().request_timeout
+    }
+
+    async fn accepts_ranges_tries(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        retries: u32,
+    ) -> Result<bool> {
         let call = self.blob_call(Method::HEAD, repo, digest)?;
-        let mut retry = Retry::new(self.config().retries);
+        let mut retry = Retry::new(retries);
         let response = self.execute(&call, &mut retry).await?;
         let response = response.expect(&[StatusCode::OK]).await?;
         Ok(response
@@ -256,12 +282,40 @@ impl Client {
         len: u64,
         max_skip: u64,
     ) -> Result<Bytes> {
+        self.read_range_tries(repo, digest, offset, len, max_skip, self.config().retries)
+            .await
+    }
+
+    /// [`read_range_within`](Self::read_range_within) tried once: no retry, whatever failed
+    /// (connection refused, timeout, cut body, 5xx). For a mirror, whose retry is the next
+    /// source: retrying it would only add backoff to the wait.
+    pub async fn read_range_once(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        max_skip: u64,
+    ) -> Result<Bytes> {
+        self.read_range_tries(repo, digest, offset, len, max_skip, 0)
+            .await
+    }
+
+    async fn read_range_tries(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        max_skip: u64,
+        retries: u32,
+    ) -> Result<Bytes> {
         if len == 0 {
             return Ok(Bytes::new());
         }
         let started = Instant::now();
         let result = self
-            .read_range_retrying(repo, digest, offset, len, max_skip)
+            .read_range_retrying(repo, digest, offset, len, max_skip, retries)
             .await;
         self.metrics()
             .range_read(Outcome::of(&result), started.elapsed().as_secs_f64());
@@ -275,6 +329,7 @@ impl Client {
         offset: u64,
         len: u64,
         max_skip: u64,
+        retries: u32,
     ) -> Result<Bytes> {
         let last = offset
             .checked_add(len - 1)
@@ -289,10 +344,10 @@ impl Client {
             kind: Kind::Range,
             ..call
         };
-        let mut retry = Retry::new(self.config().retries);
+        let mut retry = Retry::new(retries);
         loop {
             let result = self
-                .read_range_once(&call, &mut retry, offset, len, max_skip)
+                .read_range_attempt(&call, &mut retry, offset, len, max_skip)
                 .await;
             match result {
                 Err(e) if is_transient(&e) => match retry.backoff(None) {
@@ -308,7 +363,7 @@ impl Client {
         }
     }
 
-    async fn read_range_once(
+    async fn read_range_attempt(
         &self,
         call: &Call<'_>,
         retry: &mut Retry,
