@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use streamsnap_convert::{ConvertOptions, CreateOptions, Progress};
+use streamsnap_convert::{ArtifactKind, ConvertOptions, CreateOptions, Progress};
 use streamsnap_format::MAX_CHUNK_SIZE;
 
 use crate::output::{Format, human_bytes, plural};
@@ -30,6 +30,17 @@ pub struct Args {
     /// Convert and push even if the image already has a streaming artifact.
     #[arg(long)]
     force: bool,
+    /// What to make: chunked (the content in zstd chunks: a second copy of the image, any layer
+    /// compression, the fastest to start) or index (only a table of contents and decompression
+    /// checkpoints over the ORIGINAL gzip layers: no second copy; gzip layers only).
+    #[arg(long, value_name = "KIND", default_value = "chunked",
+          value_parser = ["chunked", "index"])]
+    kind: String,
+    /// Index kind: uncompressed bytes between two checkpoints (64 KiB to 8 MiB): what a read
+    /// fetches and inflates at most, plus a deflate block [default: 4194304].
+    #[arg(long, value_name = "BYTES",
+          value_parser = clap::value_parser!(u32).range(65536..=i64::from(MAX_CHUNK_SIZE / 2)))]
+    span_size: Option<u32>,
     /// Largest uncompressed chunk in bytes (64 KiB to 16 MiB) [default: 1048576].
     #[arg(long, value_name = "BYTES",
           value_parser = clap::value_parser!(u32).range(65536..=i64::from(MAX_CHUNK_SIZE)))]
@@ -56,6 +67,11 @@ pub struct Args {
 
 pub async fn run(args: Args, server: &ServerArgs) -> anyhow::Result<()> {
     if let Some(service) = server.client()? {
+        if args.kind != "chunked" || args.span_size.is_some() {
+            bail!(
+                "--kind and --span-size apply to a local conversion; the service converts a repository with its kind (`streamsnap artifact-streaming update --kind`)"
+            );
+        }
         if args.sign_key.is_some() {
             bail!(
                 "--sign-key signs a local conversion; with --server, start the service with --sign-key"
@@ -80,8 +96,11 @@ pub async fn run(args: Args, server: &ServerArgs) -> anyhow::Result<()> {
     let reference = parse_reference(&args.image)?;
     let client = args.registry.client_for(&reference)?;
     let defaults = ConvertOptions::default();
+    let kind: ArtifactKind = args.kind.parse().map_err(anyhow::Error::msg)?;
     let options = CreateOptions {
+        kind,
         convert: ConvertOptions {
+            span_size: args.span_size.unwrap_or(defaults.span_size),
             max_chunk_size: args.chunk_size.unwrap_or(defaults.max_chunk_size),
             compression_level: args.compression_level.unwrap_or(defaults.compression_level),
             ..defaults
@@ -122,11 +141,12 @@ pub async fn run(args: Args, server: &ServerArgs) -> anyhow::Result<()> {
                     .sum();
                 let seconds = started.elapsed().as_secs_f64();
                 println!(
-                    "converted {reference}: {}, {} compressed ({} uncompressed) -> {} streaming, in {seconds:.1} s ({:.0} MB/s uncompressed)",
+                    "converted {reference}: {}, {} compressed ({} uncompressed) -> {} streaming ({kind}, {:.1}% of the image), in {seconds:.1} s ({:.0} MB/s uncompressed)",
                     plural(created.layers.len() as u64, "layer"),
                     human_bytes(source),
                     human_bytes(uncompressed),
                     human_bytes(streaming),
+                    100.0 * streaming as f64 / source.max(1) as f64,
                     uncompressed as f64 / 1e6 / seconds.max(1e-9),
                 );
             }

@@ -17,12 +17,71 @@ use streamsnap_trust::SigningKey;
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
+use crate::index::{IndexedLayer, index_layer};
 use crate::layer::{ConvertOptions, ConvertedLayer, convert_layer};
 use crate::source::{SourceImage, SourceLayer, resolve};
+
+/// What kind of streaming artifact [`create`] makes (docs/format.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ArtifactKind {
+    /// The layers' content in independently compressed chunks: a second copy of the image,
+    /// the fastest to read and any layer compression.
+    #[default]
+    Chunked,
+    /// Only an index over the ORIGINAL gzip layers (TOC and decompression checkpoints): no
+    /// second copy; gzip layers only.
+    Index,
+}
+
+impl ArtifactKind {
+    /// The artifact manifest's `artifactType`.
+    pub fn artifact_type(self) -> &'static str {
+        match self {
+            Self::Chunked => media::ARTIFACT_TYPE,
+            Self::Index => media::INDEX_ARTIFACT_TYPE,
+        }
+    }
+
+    /// The kind of an `artifactType`, if it is a streaming artifact's.
+    pub fn of_artifact_type(artifact_type: &str) -> Option<Self> {
+        [Self::Chunked, Self::Index]
+            .into_iter()
+            .find(|kind| kind.artifact_type() == artifact_type)
+    }
+
+    /// Its name on the command line and in the service's API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Chunked => "chunked",
+            Self::Index => "index",
+        }
+    }
+}
+
+impl std::fmt::Display for ArtifactKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ArtifactKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "chunked" => Ok(Self::Chunked),
+            "index" => Ok(Self::Index),
+            other => Err(format!(
+                "unknown artifact kind {other:?} (chunked or index)"
+            )),
+        }
+    }
+}
 
 /// Options of [`create`].
 #[derive(Clone, Debug, Default)]
 pub struct CreateOptions {
+    /// Chunked (a copy of the content) or index (over the original gzip layers).
+    pub kind: ArtifactKind,
     pub convert: ConvertOptions,
     /// Convert and push even if the image already has a streaming artifact of this version.
     pub force: bool,
@@ -73,6 +132,7 @@ pub struct LayerReport {
     pub source_size: u64,
     pub uncompressed_size: u64,
     pub toc: Descriptor,
+    /// The chunk data blob; for the index kind, the checkpoints blob.
     pub data: Descriptor,
     pub entries: usize,
     pub chunks: usize,
@@ -88,7 +148,8 @@ pub async fn create(
     let image = resolve(client, reference).await?;
     let repo = &reference.repository;
     if !options.force
-        && let Some(existing) = find_existing(client, repo, &image.manifest.digest).await?
+        && let Some(existing) =
+            find_existing_kind(client, repo, &image.manifest.digest, options.kind).await?
     {
         tracing::info!(artifact = %existing.digest, "image already has a streaming artifact");
         if let Some(key) = &options.sign {
@@ -119,7 +180,7 @@ pub async fn create(
     }
     progress.check_cancel()?;
 
-    let manifest = artifact_manifest(&image, &layers);
+    let manifest = artifact_manifest(&image, &layers, options.kind);
     client
         .push_blob(
             repo,
@@ -142,18 +203,27 @@ pub async fn create(
     })
 }
 
-/// The existing streaming artifact of this format version for `subject`, if any.
+/// The existing (chunked) streaming artifact of this format version for `subject`, if any.
 pub async fn find_existing(
     client: &Client,
     repo: &Repository,
     subject: &Digest,
 ) -> Result<Option<Descriptor>> {
-    let referrers = client
-        .referrers(repo, subject, Some(media::ARTIFACT_TYPE))
-        .await?;
+    find_existing_kind(client, repo, subject, ArtifactKind::Chunked).await
+}
+
+/// The existing streaming artifact of `kind` and this format version for `subject`, if any.
+pub async fn find_existing_kind(
+    client: &Client,
+    repo: &Repository,
+    subject: &Digest,
+    kind: ArtifactKind,
+) -> Result<Option<Descriptor>> {
+    let artifact_type = kind.artifact_type();
+    let referrers = client.referrers(repo, subject, Some(artifact_type)).await?;
     let version = FORMAT_VERSION.to_string();
     Ok(referrers.manifests.into_iter().find(|d| {
-        d.artifact_type.as_deref() == Some(media::ARTIFACT_TYPE)
+        d.artifact_type.as_deref() == Some(artifact_type)
             && d.annotations.get(media::ANNOTATION_FORMAT_VERSION) == Some(&version)
     }))
 }
@@ -195,8 +265,9 @@ async fn convert_and_push_layer(
     let mut convert_options = options.convert.clone();
     convert_options.cancel = Some(progress.cancel.clone());
     let progress_for_thread = progress.clone();
-    let convert = tokio::task::spawn_blocking(
-        move || -> Result<(ConvertedLayer, tempfile::NamedTempFile)> {
+    let kind = options.kind;
+    let convert =
+        tokio::task::spawn_blocking(move || -> Result<(Converted, tempfile::NamedTempFile)> {
             let reader = ChannelReader {
                 rx,
                 current: Bytes::new(),
@@ -208,7 +279,16 @@ async fn convert_and_push_layer(
                 progress_for_thread.done.fetch_add(n, Ordering::Relaxed);
             };
             let mut reader = reader;
-            let result = convert_layer(&mut reader, &source, &convert_options, &mut file, &advance);
+            let result = match kind {
+                ArtifactKind::Chunked => {
+                    convert_layer(&mut reader, &source, &convert_options, &mut file, &advance)
+                        .map(Converted::Chunked)
+                }
+                ArtifactKind::Index => {
+                    index_layer(&mut reader, &source, &convert_options, &mut file, &advance)
+                        .map(Converted::Index)
+                }
+            };
             if let Some(error) = reader.error.take() {
                 return Err(error); // the download's error explains the read failure best
             }
@@ -217,8 +297,7 @@ async fn convert_and_push_layer(
                 source: e.into_error(),
             })?;
             Ok((converted, file))
-        },
-    );
+        });
     let ((), converted) = tokio::join!(download, convert);
     let (converted, file) = match converted.expect("conversion thread panicked") {
         // A canceled pipeline fails wherever it stopped: report the cancel, not that.
@@ -227,7 +306,25 @@ async fn convert_and_push_layer(
     };
     progress.check_cancel()?;
 
-    let toc = converted.toc;
+    let (toc, uncompressed_size, data_media_type, data_digest, data_size) = match converted {
+        Converted::Chunked(layer) => {
+            let (digest, size) = (layer.toc.data_digest(), layer.toc.data_size());
+            (
+                layer.toc,
+                layer.uncompressed_size,
+                media::CHUNKS,
+                digest,
+                size,
+            )
+        }
+        Converted::Index(layer) => (
+            layer.toc,
+            layer.uncompressed_size,
+            media::CHECKPOINTS,
+            layer.checkpoints_digest,
+            layer.checkpoints_size,
+        ),
+    };
     let toc_blob = Bytes::from(encode_toc(toc.raw()));
     let mut annotations = Annotations::new();
     annotations.insert(
@@ -240,11 +337,11 @@ async fn convert_and_push_layer(
     );
     let mut toc_descriptor = Descriptor::of(media::TOC, &toc_blob);
     toc_descriptor.annotations = annotations.clone();
-    let mut data_descriptor = Descriptor::new(media::CHUNKS, toc.data_digest(), toc.data_size());
+    let mut data_descriptor = Descriptor::new(data_media_type, data_digest, data_size);
     data_descriptor.annotations = annotations;
 
     client
-        .push_blob_file(repo, &toc.data_digest(), file.path())
+        .push_blob_file(repo, &data_digest, file.path())
         .await?;
     drop(file);
     client
@@ -253,14 +350,15 @@ async fn convert_and_push_layer(
     tracing::info!(
         entries = toc.entries().len(),
         chunks = toc.chunks().len(),
-        data_size = toc.data_size(),
+        data_size,
         toc_size = toc_descriptor.size,
+        %kind,
         "layer converted and pushed"
     );
     Ok(LayerReport {
         source: layer.source.digest,
         source_size: layer.descriptor.size,
-        uncompressed_size: converted.uncompressed_size,
+        uncompressed_size,
         entries: toc.entries().len(),
         chunks: toc.chunks().len(),
         toc: toc_descriptor,
@@ -268,7 +366,17 @@ async fn convert_and_push_layer(
     })
 }
 
-fn artifact_manifest(image: &SourceImage, layers: &[LayerReport]) -> ImageManifest {
+/// A layer converted one way or the other.
+enum Converted {
+    Chunked(ConvertedLayer),
+    Index(IndexedLayer),
+}
+
+fn artifact_manifest(
+    image: &SourceImage,
+    layers: &[LayerReport],
+    kind: ArtifactKind,
+) -> ImageManifest {
     let mut annotations = Annotations::new();
     annotations.insert(
         media::ANNOTATION_FORMAT_VERSION.into(),
@@ -285,7 +393,7 @@ fn artifact_manifest(image: &SourceImage, layers: &[LayerReport]) -> ImageManife
     ImageManifest {
         schema_version: 2,
         media_type: Some(media::OCI_MANIFEST.into()),
-        artifact_type: Some(media::ARTIFACT_TYPE.into()),
+        artifact_type: Some(kind.artifact_type().into()),
         config: Descriptor::of(media::OCI_EMPTY, media::OCI_EMPTY_CONTENT),
         layers: layers
             .iter()

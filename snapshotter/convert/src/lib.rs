@@ -16,7 +16,10 @@ mod sign;
 mod source;
 mod tarstream;
 
-pub use create::{CreateOptions, Created, LayerReport, Progress, create, find_existing};
+pub use create::{
+    ArtifactKind, CreateOptions, Created, LayerReport, Progress, create, find_existing,
+    find_existing_kind,
+};
 pub use error::{Error, Result};
 pub use index::{DEFAULT_SPAN_SIZE, IndexedLayer, index_layer};
 pub use layer::{ConvertOptions, ConvertedLayer, LayerSource, convert_layer};

@@ -7,6 +7,12 @@ pub const TOC: &str = "application/vnd.streamsnap.toc.v1.protobuf+zstd";
 /// A streaming layer's data blob: independently zstd-compressed chunks, back to back.
 pub const CHUNKS: &str = "application/vnd.streamsnap.chunks.v1+zstd";
 
+/// `artifactType` of an index-only streaming artifact: per gzip layer a TOC of spans of the
+/// ORIGINAL layer blob and a checkpoints blob; no copy of the content (docs/format.md).
+pub const INDEX_ARTIFACT_TYPE: &str = "application/vnd.streamsnap.streaming.index.v1";
+/// An index layer's checkpoints blob: decompression windows, one zstd frame each.
+pub const CHECKPOINTS: &str = "application/vnd.streamsnap.checkpoints.v1+zstd";
+
 /// `artifactType` of a start-up profile manifest (see [`Profile`](crate::Profile)).
 pub const PROFILE_ARTIFACT_TYPE: &str = "application/vnd.streamsnap.profile.v1";
 /// A start-up profile blob: JSON, [`Profile`](crate::Profile).

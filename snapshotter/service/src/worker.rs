@@ -213,6 +213,7 @@ async fn run(service: &Arc<Service>, op: Operation) {
         digest: Some(op.manifest_digest),
     };
     let options = CreateOptions {
+        kind: Default::default(),
         convert: ConvertOptions {
             max_chunk_size: op
                 .options
