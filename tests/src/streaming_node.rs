@@ -35,6 +35,12 @@ pub struct StreamingNode {
 
 impl StreamingNode {
     pub fn start(options: SnapshotterdOptions) -> anyhow::Result<Self> {
+        Self::start_converted(options, &[])
+    }
+
+    /// [`start`](Self::start), with more arguments for `artifact-streaming create` (e.g.
+    /// `--kind index`).
+    pub fn start_converted(options: SnapshotterdOptions, create: &[&str]) -> anyhow::Result<Self> {
         require_root_tools(crate::STREAMING_NODE_TOOLS)?;
         // With background fetch on, the daemon fetches whole layers right after mounting them.
         let background = options.extra_config.contains("[background_fetch]");
@@ -58,12 +64,11 @@ impl StreamingNode {
         layout.write_image(&spec, "v1")?;
         let direct = format!("{}/res/app:v1", registry.addr());
         skopeo_push(layout.path(), "v1", &direct)?;
-        crate::run(Command::new(workspace_bin("streamsnap")?).args([
-            "artifact-streaming",
-            "create",
-            "--image",
-            &direct,
-        ]))?;
+        crate::run(
+            Command::new(workspace_bin("streamsnap")?)
+                .args(["artifact-streaming", "create", "--image", &direct])
+                .args(create),
+        )?;
         let proxy = CountingProxy::start(&registry.addr())?;
         let daemon = Snapshotterd::start(options)?;
         let containerd = Containerd::start(

@@ -141,6 +141,29 @@ fn corrupt_and_truncated_bodies_are_detected_and_never_served() -> anyhow::Resul
     Ok(())
 }
 
+/// Issue 18: an index artifact's spans are read from the original gzip layer; a corrupted span
+/// (or window) fails its digest after inflating, is fetched again and never served.
+#[test]
+fn corrupt_gzip_spans_of_an_index_artifact_are_detected_and_never_served() -> anyhow::Result<()> {
+    let node = StreamingNode::start_converted(
+        SnapshotterdOptions::default().with_metrics(),
+        &["--kind", "index", "--span-size", "1048576"],
+    )?;
+    node.proxy.set_fault(Some(Fault::Corrupt), 3);
+    node.check_digests("corrupt-span", &node.files)?;
+    ensure!(
+        node.proxy.faults_injected() > 0,
+        "no corruption was injected"
+    );
+    node.proxy.set_fault(None, 0);
+    let metrics = node.metrics()?;
+    ensure!(
+        metric(&metrics, "streamsnap_cache_verify_failures_total", &[]) >= 1.0,
+        "corrupt spans were not detected by verification:\n{metrics}"
+    );
+    Ok(())
+}
+
 #[test]
 fn concurrent_readers_through_resets_and_stalls_read_correctly_fetching_each_chunk_once()
 -> anyhow::Result<()> {

@@ -85,11 +85,19 @@ fn streamsnap(args: &[&str]) -> anyhow::Result<Output> {
 
 /// `streamsnap artifact-streaming create --image IMAGE`.
 fn convert(image: &str) -> anyhow::Result<()> {
+    convert_kind(image, "chunked").map(drop)
+}
+
+/// `streamsnap artifact-streaming create --image IMAGE --kind KIND`: the pushed artifact's
+/// descriptor.
+fn convert_kind(image: &str, kind: &str) -> anyhow::Result<serde_json::Value> {
     let output = streamsnap(&[
         "artifact-streaming",
         "create",
         "--image",
         image,
+        "--kind",
+        kind,
         "--output",
         "json",
     ])?;
@@ -98,7 +106,7 @@ fn convert(image: &str) -> anyhow::Result<()> {
         "converting {image} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    Ok(())
+    Ok(serde_json::from_slice(&output.stdout)?)
 }
 
 /// `streamsnap pull --containerd-socket SOCK --output json IMAGE`: the parsed JSON on success,
@@ -774,5 +782,168 @@ fn reading_past_the_cache_cap_evicts_and_stays_under_it() -> anyhow::Result<()> 
             max.max(after)
         );
         Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The index kind (issue 18): no second copy of the layers
+
+/// The blobs of the index artifact `descriptor` (TOCs and checkpoints), by digest, with their
+/// sizes.
+fn artifact_blobs(
+    registry: &Registry,
+    image: &str,
+    descriptor: &serde_json::Value,
+) -> anyhow::Result<BTreeMap<String, u64>> {
+    let digest = descriptor["digest"]
+        .as_str()
+        .context("the artifact has no digest")?;
+    let repo = image
+        .split_once('/')
+        .and_then(|(_, rest)| rest.rsplit_once(':'))
+        .map(|(repo, _)| repo)
+        .context("image reference")?;
+    let response = streamsnap_e2e::http::get(
+        &registry.addr(),
+        &format!("/v2/{repo}/manifests/{digest}"),
+        &[("Accept", streamsnap_format::media::OCI_MANIFEST)],
+    )?;
+    ensure!(
+        response.status == 200,
+        "manifest {digest}: {}",
+        response.status
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&response.body)?;
+    ensure!(
+        manifest["artifactType"] == streamsnap_format::media::INDEX_ARTIFACT_TYPE,
+        "the artifact is {:?}",
+        manifest["artifactType"]
+    );
+    let mut blobs = BTreeMap::new();
+    for layer in manifest["layers"].as_array().context("no layers")? {
+        blobs.insert(
+            layer["digest"].as_str().context("digest")?.to_owned(),
+            layer["size"].as_u64().context("size")?,
+        );
+    }
+    Ok(blobs)
+}
+
+/// Acceptance of issue 18: a container starts lazily from an index-only artifact; the registry
+/// served range reads of the ORIGINAL layer blobs and the index blobs, never a whole layer; a
+/// 48 MiB file read through the gzip spans has the right bytes. Prints the index's share of the
+/// image's bytes.
+#[test]
+fn index_artifact_runs_lazily_from_the_original_gzip_layers() -> anyhow::Result<()> {
+    preflight()?;
+    let registry = Registry::start()?;
+    let (image, written) = push(&registry, &big_demo_image()?, "demo:index")?;
+    let artifact = convert_kind(&image, "index")?;
+    let index_blobs = artifact_blobs(&registry, &image, &artifact)?;
+    let index_bytes: u64 = index_blobs.values().sum();
+    let total = compressed_size(&written);
+    eprintln!(
+        "index artifact: {index_bytes} bytes in {} blobs for {total} compressed bytes of layers \
+         ({:.2}%)",
+        index_blobs.len(),
+        100.0 * index_bytes as f64 / total as f64
+    );
+    ensure!(
+        (index_bytes as f64) < 0.03 * total as f64,
+        "the index is {index_bytes} bytes, more than 3% of the image's {total}"
+    );
+    let cat = ["cat", &format!("/{}", demo_image::CONFIG_PATH)];
+    let sum = ["sha256sum", "/app/models/weights-1.bin"];
+
+    let proxy = CountingProxy::start(&registry.addr())?;
+    let lazy = via_proxy(&image, &registry, &proxy);
+    let node = StreamsnapNode::start(SnapshotterdOptions::default(), false, &[])?;
+    node.diagnose(|| {
+        let log_start = registry.access_log()?.len();
+        rpull(&node.containerd, &lazy, SNAPSHOTTER, true)?;
+        let ns = node.containerd.namespace();
+        let output =
+            run_container_in(&node.containerd, ns, SNAPSHOTTER, &lazy, "index-lazy", &cat)?;
+        ensure!(
+            output == demo_image::CONFIG,
+            "the container printed {output:?}"
+        );
+        let log = access_log_since(&registry, log_start)?;
+        let layers: BTreeSet<String> = written
+            .layers
+            .iter()
+            .map(|l| l.digest.to_string())
+            .collect();
+        let mut ranged = 0;
+        for entry in log.iter().filter(|e| e.is_served_blob()) {
+            let digest = entry.blob_get_digest().unwrap_or_default();
+            if layers.contains(digest) {
+                ensure!(
+                    entry.status == 206,
+                    "layer blob {digest} was downloaded whole: {} {} {}",
+                    entry.method,
+                    entry.uri,
+                    entry.status
+                );
+                ranged += entry.bytes;
+            } else {
+                ensure!(
+                    index_blobs.contains_key(digest) || digest == written.config.digest.to_string(),
+                    "a blob of neither the image's layers, its config nor the index was read: {}",
+                    entry.uri
+                );
+            }
+        }
+        let downstream = proxy.downstream_bytes();
+        eprintln!(
+            "lazy start: {ranged} bytes of range reads of the original layers, {downstream} \
+             bytes through the proxy in all, for {total} compressed bytes ({:.2}%)",
+            100.0 * downstream as f64 / total as f64
+        );
+        ensure!(ranged > 0, "no range read of the original layers");
+        ensure!(
+            downstream as f64 <= MAX_LAZY_SHARE * total as f64,
+            "the lazy start read {downstream} bytes, more than {:.0}% of {total}",
+            MAX_LAZY_SHARE * 100.0
+        );
+        let want = format!(
+            "{}  /app/models/weights-1.bin\n",
+            Digest::sha256(&pseudo_random_bytes(8, 48 << 20)).hex()
+        );
+        let got = run_container_in(&node.containerd, ns, SNAPSHOTTER, &lazy, "index-sum", &sum)?;
+        ensure!(got == want, "sha256sum printed {got:?}, expected {want:?}");
+        Ok(())
+    })
+}
+
+/// Acceptance of issue 18: every entry of a multi-layer image (every entry type, whiteouts,
+/// opaque dirs) read through an index artifact, by range from the original gzip layers,
+/// compares equal with containerd's overlayfs rootfs of the same image.
+#[test]
+fn layered_rootfs_from_an_index_artifact_matches_overlayfs() -> anyhow::Result<()> {
+    preflight()?;
+    let registry = Registry::start()?;
+    let (image, written) = push(&registry, &layered_image()?, "layered:index")?;
+    convert_kind(&image, "index")?;
+    let baseline = overlayfs_tree(&image, &written)?;
+    check_baseline(&baseline)?;
+    let node = StreamsnapNode::start(SnapshotterdOptions::default(), false, &[])?;
+    node.diagnose(|| {
+        rpull(&node.containerd, &image, SNAPSHOTTER, true)?;
+        let rootfs = mount_view(&node.containerd, SNAPSHOTTER, &top(&written)?, "lazy-index")?;
+        let tree = walk_tree(rootfs.path()).context("walking the streamsnap rootfs")?;
+        drop(rootfs);
+        let diff = diff_trees(&tree, &baseline);
+        eprintln!(
+            "index kind: compared {} entries with {} of overlayfs: {} differences",
+            tree.len(),
+            baseline.len(),
+            diff.len()
+        );
+        ensure!(
+            diff.is_empty(),
+            "the rootfs differs from overlayfs: {diff:#?}"
+        );
+        check_view(&tree, &upper_layers_view())
     })
 }

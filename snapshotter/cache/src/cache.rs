@@ -477,7 +477,7 @@ impl ChunkCache {
         let mut bad = Vec::new();
         for (chunk, lead) in run.chunks {
             let frame = frame_of(&body, run.offset, &chunk);
-            match fetch::verify(chunk, frame).await {
+            match fetch::verify(source, chunk, frame).await {
                 Ok(data) => results.push(self.finish(chunk.digest, lead, Ok(data)).await),
                 Err(reason) => bad.push((chunk, lead, reason)),
             }
@@ -518,7 +518,7 @@ impl ChunkCache {
             let len = u64::from(chunk.compressed_size);
             let body = fetch::read_range(source, chunk.offset, len, deadline, metrics).await?;
             let frame = frame_of(&body, chunk.offset, &chunk);
-            match fetch::verify(chunk, frame).await {
+            match fetch::verify(source, chunk, frame).await {
                 Ok(data) => return Ok(data),
                 Err(why) => reason = why,
             }

@@ -214,11 +214,30 @@ pub(crate) async fn read_range(
     }
 }
 
-/// Decompresses one frame and verifies it against its ref, on the blocking pool. A frame given
-/// as `Err` (not fully received) stays a failure with that reason. One frame at a time: what
-/// a run decodes is handed on chunk by chunk, never held all at once.
-pub(crate) async fn verify(chunk: ChunkRef, frame: Result<Bytes, String>) -> Result<Bytes, String> {
-    let frame = frame?;
+/// Decodes one frame and verifies it against its ref, as its source says (zstd unless the
+/// source decodes otherwise). A frame given as `Err` (not fully received) stays a failure with
+/// that reason. One frame at a time: what a run decodes is handed on chunk by chunk, never held
+/// all at once.
+pub(crate) async fn verify(
+    source: &dyn BlobSource,
+    chunk: ChunkRef,
+    frame: Result<Bytes, String>,
+) -> Result<Bytes, String> {
+    let data = source.decode(chunk, frame?).await?;
+    // Whatever the source did: the size must be the table's (its digest the source checked).
+    if data.len() != chunk.size as usize {
+        return Err(format!(
+            "decoded {} bytes, the chunk table says {}",
+            data.len(),
+            chunk.size
+        ));
+    }
+    Ok(data)
+}
+
+/// Decompresses an independent zstd frame and verifies it against its ref, on the blocking
+/// pool: [`BlobSource::decode`]'s default.
+pub async fn decode_zstd(chunk: ChunkRef, frame: Bytes) -> Result<Bytes, String> {
     tokio::task::spawn_blocking(move || {
         decode_chunk(&chunk.to_toc(), &frame)
             .map(Bytes::from)

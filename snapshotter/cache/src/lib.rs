@@ -31,7 +31,7 @@ use streamsnap_format::{Digest, api};
 pub use cache::{ChunkCache, Usage};
 pub use config::CacheConfig;
 pub use error::{Error, Result};
-pub use fetch::{Run, RunLimits, plan_runs};
+pub use fetch::{Run, RunLimits, decode_zstd, plan_runs};
 pub use metrics::Metrics;
 pub use stats::Stats;
 
@@ -47,6 +47,20 @@ pub trait BlobSource: Send + Sync + 'static {
 
     /// For logs and errors, e.g. `127.0.0.1:5000/repo@sha256:...`. Never contains credentials.
     fn describe(&self) -> String;
+
+    /// Turns the frame of `chunk` read from this blob into its content, checked against
+    /// `chunk.digest` and `chunk.size` before it is returned (a source that overrides this must
+    /// verify as strictly: the cache serves what it returns). The default: an independent zstd
+    /// frame (the chunked format), decoded and verified by `streamsnap_format::decode_chunk` on
+    /// the blocking pool. Sources of another encoding (the index kind's gzip spans) override
+    /// it. Returns why the frame is bad otherwise; the cache then fetches it again.
+    fn decode(
+        &self,
+        chunk: ChunkRef,
+        frame: bytes::Bytes,
+    ) -> BoxFuture<'_, Result<bytes::Bytes, String>> {
+        Box::pin(fetch::decode_zstd(chunk, frame))
+    }
 }
 
 /// Why a [`BlobSource`] could not deliver a range.

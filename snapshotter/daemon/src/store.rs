@@ -60,6 +60,18 @@ pub struct RemoteSource {
     pub toc_digest: Digest,
     pub data_digest: Digest,
     pub data_size: u64,
+    /// The index kind: the artifact's checkpoints blob; the data blob is then the original
+    /// layer itself (docs/format.md). Absent for the chunked kind (and in records of builds
+    /// before the index kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoints: Option<CheckpointsBlob>,
+}
+
+/// The checkpoints blob of a layer of the index kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointsBlob {
+    pub digest: Digest,
+    pub size: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

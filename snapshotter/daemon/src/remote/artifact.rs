@@ -35,6 +35,8 @@ const MAX_IMAGE_CONFIG: u64 = 4 << 20;
 #[derive(Debug)]
 pub struct Artifact {
     pub digest: Digest,
+    /// Chunked (its own data blobs) or index (spans of the image's gzip layers).
+    pub kind: ArtifactKind,
     pub repository: Repository,
     /// The image manifest it was checked against.
     pub subject: Digest,
@@ -45,6 +47,39 @@ pub struct Artifact {
     profile: Option<Profile>,
     /// Decoded bytes of the profile's chunks planned for prefetch so far (a budget per image).
     prefetch_planned: std::sync::atomic::AtomicU64,
+}
+
+/// The two kinds of streaming artifact (docs/format.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArtifactKind {
+    Chunked,
+    Index,
+}
+
+impl ArtifactKind {
+    /// The kind an `artifactType` names, if it is a streaming artifact's.
+    pub fn of(artifact_type: Option<&str>) -> Option<Self> {
+        match artifact_type? {
+            media::ARTIFACT_TYPE => Some(Self::Chunked),
+            media::INDEX_ARTIFACT_TYPE => Some(Self::Index),
+            _ => None,
+        }
+    }
+
+    pub fn artifact_type(self) -> &'static str {
+        match self {
+            Self::Chunked => media::ARTIFACT_TYPE,
+            Self::Index => media::INDEX_ARTIFACT_TYPE,
+        }
+    }
+
+    /// The media type of the second blob of each layer pair.
+    fn data_media_type(self) -> &'static str {
+        match self {
+            Self::Chunked => media::CHUNKS,
+            Self::Index => media::CHECKPOINTS,
+        }
+    }
 }
 
 impl Artifact {
@@ -100,6 +135,7 @@ impl Artifact {
     /// subject), and that every layer it covers is one of the image's with the same diff ID.
     fn parse(
         digest: Digest,
+        kind: ArtifactKind,
         repository: Repository,
         image: &BoundImage,
         bytes: &[u8],
@@ -112,7 +148,7 @@ impl Artifact {
             artifact: digest,
             reason,
         };
-        let manifest = referrer_manifest(bytes, media::ARTIFACT_TYPE, image.manifest)?;
+        let manifest = referrer_manifest(bytes, kind.artifact_type(), image.manifest)?;
         let version = manifest.annotations.get(media::ANNOTATION_FORMAT_VERSION);
         if version != Some(&FORMAT_VERSION.to_string()) {
             return Err(invalid(format!(
@@ -128,7 +164,7 @@ impl Artifact {
         let mut layers = HashMap::new();
         for pair in manifest.layers.chunks_exact(2) {
             let (toc, data) = (&pair[0], &pair[1]);
-            if toc.media_type != media::TOC || data.media_type != media::CHUNKS {
+            if toc.media_type != media::TOC || data.media_type != kind.data_media_type() {
                 return Err(invalid(format!(
                     "unexpected media types {} and {}",
                     toc.media_type, data.media_type
@@ -158,6 +194,7 @@ impl Artifact {
         }
         Ok(Self {
             digest,
+            kind,
             repository,
             subject: image.manifest,
             layers,
@@ -381,12 +418,18 @@ impl ArtifactCache {
         );
         let referrers = referrers?;
         let version = FORMAT_VERSION.to_string();
-        let descriptor = referrers
-            .manifests
-            .iter()
-            .find(|d| {
-                d.artifact_type.as_deref() == Some(media::ARTIFACT_TYPE)
-                    && d.annotations.get(media::ANNOTATION_FORMAT_VERSION) == Some(&version)
+        // The chunked kind when the image has both: its reads are cheaper.
+        let (descriptor, kind) = [ArtifactKind::Chunked, ArtifactKind::Index]
+            .into_iter()
+            .find_map(|kind| {
+                referrers
+                    .manifests
+                    .iter()
+                    .find(|d| {
+                        ArtifactKind::of(d.artifact_type.as_deref()) == Some(kind)
+                            && d.annotations.get(media::ANNOTATION_FORMAT_VERSION) == Some(&version)
+                    })
+                    .map(|d| (d, kind))
             })
             .ok_or_else(|| RemoteError::NoArtifact {
                 image: image.to_owned(),
@@ -398,7 +441,8 @@ impl ArtifactCache {
             .client
             .get_manifest(repo, &descriptor.digest.to_string())
             .await?;
-        let mut artifact = Artifact::parse(fetched.digest, repo.clone(), &bound?, &fetched.bytes)?;
+        let mut artifact =
+            Artifact::parse(fetched.digest, kind, repo.clone(), &bound?, &fetched.bytes)?;
         let profile = referrers
             .manifests
             .iter()
@@ -595,7 +639,13 @@ mod tests {
     }
 
     fn parse(bound: &BoundImage, bytes: &[u8]) -> Result<Artifact, RemoteError> {
-        Artifact::parse(Digest::sha256(bytes), repo(), bound, bytes)
+        Artifact::parse(
+            Digest::sha256(bytes),
+            ArtifactKind::Chunked,
+            repo(),
+            bound,
+            bytes,
+        )
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod fake;
 mod labels;
 mod profile;
 mod source;
+mod spans;
 mod trust;
 
 use std::collections::HashMap;
@@ -28,17 +29,21 @@ use streamsnap_fs::{
 use streamsnap_holder::HolderClient;
 use streamsnap_registry::{Client, Repository};
 
-pub use self::artifact::{Artifact, ArtifactCache};
+pub use self::artifact::{Artifact, ArtifactCache, ArtifactKind};
 use self::background::Background;
 pub use self::background::BackgroundConfig;
 pub use self::labels::{LayerRequest, TARGET_LABEL};
 use self::profile::{AccessLog, LayerJob, Prefetcher};
 pub use self::source::DEFAULT_MIRROR_MAX_SKIP;
 use self::source::{CacheReader, RegistryBlob};
+use self::spans::{GzipSpans, SpanTable};
+
+/// The span table of a layer of the index kind, beside its TOC.
+const SPANS_FILE: &str = "spans";
 pub use self::trust::TrustPolicy;
 use crate::metrics::Metrics;
 use crate::mounter::{MountedFs, Mounter};
-use crate::store::RemoteSource;
+use crate::store::{CheckpointsBlob, RemoteSource};
 
 /// Largest TOC blob fetched (compressed): a TOC at the format's entry cap compresses to well
 /// under this (docs/format.md, "Limits").
@@ -331,15 +336,35 @@ impl RemoteLayers {
             self.artifacts.reject(&artifact, error.to_string());
             return Err(error);
         }
-        if toc.data_digest() != data_descriptor.digest || toc.data_size() != data_descriptor.size {
-            return Err(RemoteError::InvalidArtifact {
-                artifact: artifact.digest,
-                reason: format!(
-                    "TOC {} names another data blob than the manifest",
-                    toc_descriptor.digest
-                ),
-            });
-        }
+        // The chunked kind's TOC names the artifact's data blob; the index kind's, the layer
+        // itself (checked by the format) and the artifact's checkpoints blob.
+        let (data_digest, data_size, checkpoints) = match (artifact.kind, toc.checkpoints_blob()) {
+            (ArtifactKind::Chunked, None)
+                if toc.data_digest() == data_descriptor.digest
+                    && toc.data_size() == data_descriptor.size =>
+            {
+                (data_descriptor.digest, data_descriptor.size, None)
+            }
+            (ArtifactKind::Index, Some((digest, size)))
+                if digest == data_descriptor.digest && size == data_descriptor.size =>
+            {
+                (
+                    toc.data_digest(),
+                    toc.data_size(),
+                    Some(CheckpointsBlob { digest, size }),
+                )
+            }
+            _ => {
+                return Err(RemoteError::InvalidArtifact {
+                    artifact: artifact.digest,
+                    reason: format!(
+                        "TOC {} names another data blob than the manifest, or is of another kind",
+                        toc_descriptor.digest
+                    ),
+                });
+            }
+        };
+        let spans = SpanTable::of_toc(&toc);
         // The layer's index: what the mount serves from, saved beside the TOC so the layer can
         // drop it when idle and load it again (and a restart mount it) without decoding.
         let toc = Arc::new(toc);
@@ -361,10 +386,19 @@ impl RemoteLayers {
             repository: repo.name.clone(),
             layer_digest: request.layer_digest,
             toc_digest: toc_descriptor.digest,
-            data_digest: data_descriptor.digest,
-            data_size: data_descriptor.size,
+            data_digest,
+            data_size,
+            checkpoints,
         };
         write_atomically(&dir.join("toc"), &blob)?;
+        if let Some(spans) = spans {
+            let path = dir.join(SPANS_FILE);
+            spans.save(&path).map_err(|source| RemoteError::Io {
+                action: "saving the span table",
+                path,
+                source,
+            })?;
+        }
         let index_file = IndexFile::in_dir(dir, source.toc_digest);
         streamsnap_fs::save_index(&index, &index_file.index).map_err(|e| RemoteError::Fs {
             layer: request.layer_digest,
@@ -462,10 +496,34 @@ impl RemoteLayers {
             .get(&repo.registry)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let blob: Arc<dyn streamsnap_cache::BlobSource> = Arc::new(
-            RegistryBlob::new(self.client.clone(), repo, mirrors, source.data_digest)
-                .with_max_skip(self.mirror_max_skip),
+        let mut blob: Arc<dyn streamsnap_cache::BlobSource> = Arc::new(
+            RegistryBlob::new(
+                self.client.clone(),
+                repo.clone(),
+                mirrors,
+                source.data_digest,
+            )
+            .with_max_skip(self.mirror_max_skip),
         );
+        if let Some(checkpoints) = source.checkpoints {
+            // The index kind: spans of the layer blob, inflated with the checkpoints' windows.
+            let path = dir.join(SPANS_FILE);
+            let table = SpanTable::load(&path).map_err(|source| RemoteError::Io {
+                action: "loading the span table",
+                path,
+                source,
+            })?;
+            let windows = Arc::new(
+                RegistryBlob::new(self.client.clone(), repo, &[], checkpoints.digest)
+                    .with_max_skip(self.mirror_max_skip),
+            );
+            blob = Arc::new(GzipSpans::new(
+                blob,
+                windows,
+                table,
+                self.cache.fetch_deadline(),
+            ));
+        }
         let log = Arc::new(AccessLog::new(self.reads.clone()));
         let reader = Arc::new(
             CacheReader::new(
