@@ -71,6 +71,10 @@ pub struct Args {
     /// not fit in memory keep it on disk.
     #[arg(long)]
     pub registry_tmpfs: bool,
+    /// The artifact kind the streamsnap contenders run from: chunked (the default) or index
+    /// (over the original gzip layers; issue 18). Prints the artifact's share of the image.
+    #[arg(long, default_value = "chunked", value_parser = ["chunked", "index"])]
+    pub kind: String,
     /// Skip the sequential read and stat figures.
     #[arg(long)]
     pub skip_fs: bool,
@@ -277,13 +281,25 @@ fn measure_size(
         cache.forget(&data);
     }
     let convert = Instant::now();
-    streamsnap_e2e::run(Command::new(streamsnap).args([
+    let converted = streamsnap_e2e::run(Command::new(streamsnap).args([
         "artifact-streaming",
         "create",
         "--image",
         &direct,
+        "--kind",
+        &args.kind,
     ]))?;
     let convert_s = convert.elapsed().as_secs_f64();
+    // The summary line says what the artifact costs the registry: "-> N streaming (KIND, P% of
+    // the image)".
+    eprintln!(
+        "{gib} GiB point, {} kind: {}",
+        args.kind,
+        String::from_utf8_lossy(&converted.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+    );
     let proxy = ShapingProxy::start(&registry.addr(), shape)?;
     let reference = format!("{}/bench/ml:{tag}", proxy.addr());
     eprintln!(

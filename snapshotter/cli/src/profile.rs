@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
+use streamsnap_convert::ArtifactKind;
 use streamsnap_format::oci::{Descriptor, ImageManifest};
 use streamsnap_format::{MAX_PROFILE_BLOB, Profile, media};
 use streamsnap_service::api::Timestamp;
@@ -53,11 +54,15 @@ pub async fn run(args: Args, server: &ServerArgs) -> anyhow::Result<()> {
     let image = streamsnap_convert::resolve(&client, &reference)
         .await
         .with_context(|| format!("reading {reference}"))?;
-    if streamsnap_convert::find_existing(&client, repo, &image.manifest.digest)
-        .await
-        .with_context(|| format!("listing the referrers of {reference}"))?
-        .is_none()
-    {
+    let mut converted = false;
+    for kind in [ArtifactKind::Chunked, ArtifactKind::Index] {
+        converted |=
+            streamsnap_convert::find_existing_kind(&client, repo, &image.manifest.digest, kind)
+                .await
+                .with_context(|| format!("listing the referrers of {reference}"))?
+                .is_some();
+    }
+    if !converted {
         bail!(
             "{reference} has no streaming artifact: convert it first with \
              `streamsnap artifact-streaming create --image {reference}`"
