@@ -7,6 +7,7 @@
 //! every target, `STREAMSNAP_PROPTEST_SCALE` multiplies the defaults.
 
 mod chunk_props;
+mod gzip_props;
 mod json;
 mod oci_props;
 mod path_props;
