@@ -418,6 +418,25 @@ fn an_operator_manages_artifact_streaming_from_the_console() -> anyhow::Result<(
         page.status
     );
 
+    // The artifact kind: shown on the repository page and changed with its form (posted
+    // where the streaming state is, so CSRF-protected as the forged POSTs above showed); the
+    // streaming state stays.
+    b.goto(&env.url("/repositories/app"))?;
+    ensure!(shown_kind(&b)? == "chunked");
+    b.execute(
+        "document.getElementById('kind').value = 'index'; return null;",
+        json!([]),
+    )?;
+    b.click(&b.find("form.kind button[type=submit]")?)?;
+    b.wait_for("the repository to show the index kind", WAIT, |b| {
+        Ok((shown_kind(b)? == "index").then_some(()))
+    })?;
+    let repo = env.api("/v1/repositories/app")?;
+    ensure!(
+        repo["kind"] == "index" && repo["streaming"] == "Active",
+        "after the kind form: {repo}"
+    );
+
     // Log out: the console is closed again, and the old cookie no longer opens it.
     b.goto(&env.url("/"))?;
     screenshot_if_asked(&b, "overview")?;
@@ -443,4 +462,10 @@ fn an_operator_manages_artifact_streaming_from_the_console() -> anyhow::Result<(
 fn shown_state_streaming(b: &Browser, scope: &str) -> anyhow::Result<String> {
     let badge = b.find(&format!("{scope} [data-streaming]"))?;
     Ok(b.attribute(&badge, "data-streaming")?.unwrap_or_default())
+}
+
+/// The artifact kind the repository page shows.
+fn shown_kind(b: &Browser) -> anyhow::Result<String> {
+    let label = b.find(".state [data-kind]")?;
+    Ok(b.attribute(&label, "data-kind")?.unwrap_or_default())
 }

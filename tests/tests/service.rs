@@ -402,6 +402,93 @@ fn a_new_repository_is_inactive_and_enabling_it_converts_only_new_pushes(
             && value("streamsnap_service_repositories{streaming=\"inactive\"}")? >= 1,
         "/metrics:\n{text}"
     );
+
+    // The artifact kind: set alone (the streaming state stays), kept by streaming changes,
+    // shown, and used by the conversions started afterwards.
+    let nothing = env.cli(&["update", "--repository", "app"])?;
+    ensure!(
+        !nothing.status.success()
+            && String::from_utf8_lossy(&nothing.stderr).contains("--kind chunked|index"),
+        "update without a change: {nothing:?}"
+    );
+    let updated = env.cli_json(&["update", "--repository", "app", "--kind", "index"])?;
+    ensure!(
+        updated["kind"] == "index" && updated["streaming"] == "Inactive",
+        "{updated:#}"
+    );
+    let updated = env.cli_json(&[
+        "update",
+        "--repository",
+        "app",
+        "--enable-streaming",
+        "true",
+    ])?;
+    ensure!(
+        updated["kind"] == "index" && updated["streaming"] == "Active",
+        "{updated:#}"
+    );
+    let table = env.cli_ok(&["show"])?;
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    ensure!(
+        header.get(..3) == Some(&["REPOSITORY", "STREAMING", "KIND"][..])
+            && table.lines().any(|l| {
+                l.split_whitespace().collect::<Vec<_>>().get(..3)
+                    == Some(&["app", "Active", "index"][..])
+            }),
+        "show table: {table}"
+    );
+    // A gzip image pushed now gets an index artifact (over its original layer).
+    let v4 = env.push("app", "v4", &small_spec("four"))?;
+    let op = env.wait_op_for("app", "v4")?;
+    let op = env.wait_op("app", op["id"].as_str().unwrap(), "Succeeded", |op| {
+        state(op) == "Succeeded"
+    })?;
+    ensure!(op["kind"] == "index", "{op:#}");
+    let referrers = env.referrers("app", &v4)?;
+    ensure!(
+        referrers.len() == 1
+            && referrers[0].digest == digest_of(&op["artifact_digest"])?
+            && referrers[0].artifact_type.as_deref() == Some(media::INDEX_ARTIFACT_TYPE),
+        "referrers of v4: {referrers:?}"
+    );
+    // v2 has a chunked artifact: asked again, it is converted to the index kind too (its
+    // chunked operation does not stand in for it).
+    let again = env.cli_json(&["create", "--image", "app:v2"])?;
+    ensure!(
+        state(&again) == "Succeeded" && again["kind"] == "index" && again["id"] != id.as_str(),
+        "{again:#}"
+    );
+    let mut types: Vec<_> = env
+        .referrers("app", &v2)?
+        .into_iter()
+        .filter_map(|d| d.artifact_type)
+        .collect();
+    types.sort();
+    let mut expected = [media::ARTIFACT_TYPE, media::INDEX_ARTIFACT_TYPE];
+    expected.sort();
+    ensure!(types == expected, "referrers of v2: {types:?}");
+    // A layer the index kind cannot read fails the operation, saying what to do.
+    let plain = ImageSpec::linux_amd64(vec![LayerBlob::new(
+        TarGen::new().file("id", 0o644, b"plain").finish(),
+        Compression::None,
+    )]);
+    env.push("app", "plain", &plain)?;
+    let op = env.wait_op_for("app", "plain")?;
+    let op = env.wait_op("app", op["id"].as_str().unwrap(), "Failed", |op| {
+        state(op) == "Failed"
+    })?;
+    let error = op["error"].as_str().unwrap_or_default();
+    ensure!(
+        error.contains("gzip layers only")
+            && error.contains("--repository app --kind chunked")
+            && op["kind"] == "index",
+        "unclear error {error:?}"
+    );
     Ok(())
 }
 

@@ -71,9 +71,10 @@ enum ArtifactStreaming {
     /// streaming artifact: nodes then fetch the chunks its start-up reads as soon as they mount
     /// it, in a few large requests.
     Profile(profile::Args),
-    /// Set a repository's streaming state: Active repositories convert newly pushed images.
+    /// Set a repository's streaming state (Active repositories convert newly pushed images)
+    /// and the artifact kind its conversions make.
     Update(streaming::UpdateArgs),
-    /// Show repository streaming states and operation counts.
+    /// Show repository streaming states, artifact kinds and operation counts.
     Show(streaming::ShowArgs),
     /// Conversion operations: show or cancel one.
     #[command(subcommand)]

@@ -71,6 +71,50 @@ impl fmt::Display for Streaming {
     }
 }
 
+/// What kind of streaming artifact a repository's conversions make (docs/format.md): `chunked`
+/// (the content in zstd chunks, a second copy of the image) or `index` (a table of contents and
+/// decompression checkpoints over the original gzip layers: no second copy, gzip layers only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArtifactKind {
+    #[default]
+    Chunked,
+    Index,
+}
+
+impl ArtifactKind {
+    pub const ALL: [Self; 2] = [Self::Chunked, Self::Index];
+
+    /// Its name in the API, on the command line and in the console.
+    pub fn as_str(self) -> &'static str {
+        self.convert().name()
+    }
+
+    /// The converter's kind.
+    pub fn convert(self) -> streamsnap_convert::ArtifactKind {
+        match self {
+            Self::Chunked => streamsnap_convert::ArtifactKind::Chunked,
+            Self::Index => streamsnap_convert::ArtifactKind::Index,
+        }
+    }
+}
+
+impl fmt::Display for ArtifactKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ArtifactKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| format!("unknown artifact kind {s:?} (chunked or index)"))
+    }
+}
+
 /// What started an operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -124,6 +168,10 @@ pub struct Operation {
     pub subject_digest: Option<Digest>,
     pub trigger: Trigger,
     pub options: OperationOptions,
+    /// The kind of artifact it converts to: its repository's kind when the conversion
+    /// started (absent before, and in operations of older versions, which were all chunked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ArtifactKind>,
     /// Times the service (or the replica running it) died while it ran; it is resumed, on
     /// another replica or after a restart.
     #[serde(default)]
@@ -193,12 +241,16 @@ impl Counts {
     }
 }
 
-/// A repository's streaming state and its operations.
+/// A repository's streaming state, artifact kind and operations.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Repository {
     pub name: String,
     pub streaming: Streaming,
-    /// When the streaming state last changed; absent if it never did.
+    /// What its conversions make, from the next one started (absent from older services:
+    /// chunked).
+    #[serde(default)]
+    pub kind: ArtifactKind,
+    /// When the streaming state or the kind last changed; absent if they never did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated: Option<Timestamp>,
     pub operations: Counts,
@@ -210,11 +262,14 @@ pub struct RepositoryList {
     pub repositories: Vec<Repository>,
 }
 
-/// `PUT /v1/repositories/{name}`
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `PUT /v1/repositories/{name}`: what is absent stays as it is; at least one is required.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateRepository {
-    pub streaming: Streaming,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streaming: Option<Streaming>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ArtifactKind>,
 }
 
 /// `POST /v1/repositories/{name}/operations`
@@ -430,10 +485,48 @@ mod tests {
             serde_json::to_string(&Streaming::Active).unwrap(),
             "\"Active\""
         );
+        assert_eq!(
+            serde_json::to_string(&ArtifactKind::Index).unwrap(),
+            "\"index\""
+        );
+        for kind in ArtifactKind::ALL {
+            assert_eq!(kind.as_str().parse::<ArtifactKind>(), Ok(kind));
+            assert_eq!(kind.convert().name(), kind.as_str());
+        }
+        assert!(
+            "zstd"
+                .parse::<ArtifactKind>()
+                .unwrap_err()
+                .contains("chunked or index")
+        );
         let mut counts = Counts::default();
         counts.add(OperationState::Failed);
         let json = serde_json::to_value(counts).unwrap();
         assert_eq!(json["Failed"], 1);
         assert_eq!(counts.get(OperationState::Failed), 1);
+    }
+
+    #[test]
+    fn repository_updates_leave_out_what_they_do_not_change() {
+        // A request of an older client: the kind stays as it is.
+        let old: UpdateRepository = serde_json::from_str(r#"{"streaming":"Active"}"#).unwrap();
+        assert_eq!(old.streaming, Some(Streaming::Active));
+        assert_eq!(old.kind, None);
+        let kind_only = UpdateRepository {
+            kind: Some(ArtifactKind::Index),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&kind_only).unwrap(),
+            r#"{"kind":"index"}"#
+        );
+        assert!(serde_json::from_str::<UpdateRepository>(r#"{"kind":"zstd"}"#).is_err());
+        // A repository object of an older service has no kind: chunked.
+        let repo: Repository = serde_json::from_str(
+            r#"{"name":"r","streaming":"Inactive","operations":{"NotStarted":0,"Running":0,
+               "Succeeded":0,"Failed":0,"Canceled":0}}"#,
+        )
+        .unwrap();
+        assert_eq!(repo.kind, ArtifactKind::Chunked);
     }
 }

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 
 use crate::api::{
     self, CreateOperation, ErrorBody, Operation, OperationList, Repository, RepositoryList,
-    Streaming, UpdateRepository, encode_segment,
+    UpdateRepository, encode_segment,
 };
 use crate::auth::Secret;
 use crate::error::ClientError;
@@ -100,10 +100,15 @@ impl ServiceClient {
         self.get(&repo_path(name)).await
     }
 
-    pub async fn set_streaming(&self, name: &str, streaming: Streaming) -> Result<Repository> {
-        let body = UpdateRepository { streaming };
+    /// Sets a repository's streaming state, its artifact kind, or both (what `update` leaves
+    /// out stays as it is).
+    pub async fn update_repository(
+        &self,
+        name: &str,
+        update: &UpdateRepository,
+    ) -> Result<Repository> {
         Ok(self
-            .call(Method::PUT, &repo_path(name), Some(&body))
+            .call(Method::PUT, &repo_path(name), Some(update))
             .await?
             .1)
     }

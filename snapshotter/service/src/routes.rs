@@ -8,7 +8,7 @@
 //! | GET | /metrics | Prometheus metrics (counts only), no token |
 //! | POST | /v1/registry-events | registry notifications, webhook secret |
 //! | GET | /v1/repositories | states and counts |
-//! | GET, PUT | /v1/repositories/{name} | one state; set it |
+//! | GET, PUT | /v1/repositories/{name} | one state; set it (streaming, kind or both) |
 //! | GET, POST | /v1/repositories/{name}/operations | list (`?reference=`); create |
 //! | GET | /v1/repositories/{name}/operations/{id} | one operation |
 //! | POST | /v1/repositories/{name}/operations/{id}/cancel | cancel it |
@@ -121,7 +121,7 @@ async fn route(
             let name = name_of(name)?;
             if method == Method::PUT {
                 let update: UpdateRepository = read_json(request).await?;
-                let repo = service.set_streaming(&name, update.streaming).await?;
+                let repo = service.update_repository(&name, update).await?;
                 return Ok(json(StatusCode::OK, &repo));
             }
             only(&method, &[Method::GET])?;

@@ -317,6 +317,7 @@ mod tests {
                 manifest_digest: streamsnap_format::Digest::sha256(b"m"),
                 trigger: Trigger::Push,
                 options: OperationOptions::default(),
+                kind: Default::default(),
                 event_id: Some("event-1".into()),
             })
             .await
@@ -332,5 +333,87 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         server.run(async {}).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_api_sets_a_repository_kind_alone_or_with_the_streaming_state() {
+        use crate::api::{ArtifactKind, Streaming, UpdateRepository};
+        use crate::client::ServiceClient;
+        use crate::error::ClientError;
+
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServiceConfig::new(
+            "127.0.0.1:1".into(),
+            "127.0.0.1:0".parse().unwrap(),
+            dir.path().join("state"),
+            ApiAuth {
+                token: Secret::new("token"),
+                loopback_without_token: false,
+            },
+            Secret::new("secret").unwrap(),
+        );
+        let server = Server::start(config, Client::new(ClientConfig::default()).unwrap())
+            .await
+            .unwrap();
+        let addr = server.listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        let token = Secret::new("token").unwrap();
+        let api = ServiceClient::new(&format!("http://{addr}"), Some(&token)).unwrap();
+
+        // Never set: chunked.
+        let repo = api.repository("team/app").await.unwrap();
+        assert_eq!(repo.kind, ArtifactKind::Chunked);
+        // The kind alone: the streaming state stays.
+        let kind_only = UpdateRepository {
+            kind: Some(ArtifactKind::Index),
+            ..Default::default()
+        };
+        let repo = api.update_repository("team/app", &kind_only).await.unwrap();
+        assert_eq!(
+            (repo.streaming, repo.kind),
+            (Streaming::Inactive, ArtifactKind::Index)
+        );
+        // What an older client sends (`{"streaming": ...}`): the kind stays.
+        let streaming_only = UpdateRepository {
+            streaming: Some(Streaming::Active),
+            ..Default::default()
+        };
+        let repo = api
+            .update_repository("team/app", &streaming_only)
+            .await
+            .unwrap();
+        assert_eq!(
+            (repo.streaming, repo.kind),
+            (Streaming::Active, ArtifactKind::Index)
+        );
+        // Both at once, and the list shows it.
+        let both = UpdateRepository {
+            streaming: Some(Streaming::Inactive),
+            kind: Some(ArtifactKind::Chunked),
+        };
+        api.update_repository("team/app", &both).await.unwrap();
+        let listed = api.repositories().await.unwrap();
+        assert_eq!(
+            (listed[0].streaming, listed[0].kind),
+            (Streaming::Inactive, ArtifactKind::Chunked)
+        );
+        // Nothing to change: refused, and says what to send.
+        match api
+            .update_repository("team/app", &UpdateRepository::default())
+            .await
+        {
+            Err(ClientError::Status {
+                status, message, ..
+            }) => {
+                assert_eq!(status, http::StatusCode::BAD_REQUEST);
+                assert!(message.contains("kind (chunked or index)"), "{message}");
+            }
+            other => panic!("an empty update answered {other:?}"),
+        }
+        let _ = stop.send(());
+        running.await.unwrap().unwrap();
     }
 }

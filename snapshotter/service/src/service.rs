@@ -16,13 +16,13 @@ use tokio::sync::{Notify, watch};
 
 use crate::api::{
     CreateOperation, Operation, OperationOptions, OperationState, Repository as RepositoryState,
-    Streaming, Trigger, WebhookSummary,
+    Streaming, Trigger, UpdateRepository, WebhookSummary,
 };
 use crate::auth::{ApiAuth, Secret};
 use crate::error::{Error, Result, chain};
 use crate::events::{self, Action, Envelope};
 use crate::ids;
-use crate::store::{Created, NewOperation, Store, StoreConfig};
+use crate::store::{Created, NewOperation, SettingsChange, Store, StoreConfig};
 
 /// How often a cancel call looks whether the operation stopped (it may run on another
 /// replica, whose worker sees the cancel at its next heartbeat).
@@ -234,11 +234,33 @@ impl Service {
         self.store.repositories(only.as_deref()).await
     }
 
-    pub async fn set_streaming(&self, name: &str, streaming: Streaming) -> Result<RepositoryState> {
+    /// Sets a repository's streaming state, its artifact kind, or both (what the request
+    /// leaves out stays as it is). A new kind applies to the conversions started afterwards.
+    pub async fn update_repository(
+        &self,
+        name: &str,
+        update: UpdateRepository,
+    ) -> Result<RepositoryState> {
         self.repository(name)?;
-        self.store.set_streaming(name, streaming).await?;
+        if update.streaming.is_none() && update.kind.is_none() {
+            return Err(Error::BadRequest(
+                "nothing to change: set streaming (Active or Inactive), kind (chunked or index), \
+                 or both"
+                    .into(),
+            ));
+        }
+        let change = SettingsChange {
+            streaming: update.streaming,
+            kind: update.kind,
+        };
+        self.store.update_settings(name, change).await?;
         let repos = self.store.repositories(Some(name)).await?;
-        tracing::info!(repository = name, %streaming, "repository streaming state changed");
+        tracing::info!(
+            repository = name,
+            streaming = update.streaming.map(tracing::field::display),
+            kind = update.kind.map(tracing::field::display),
+            "repository settings changed"
+        );
         Ok(repos
             .into_iter()
             .next()
@@ -268,6 +290,7 @@ impl Service {
             )));
         }
         let digest = self.resolve(&repo, &request.reference).await?;
+        let kind = self.store.settings(name).await?.kind;
         let new = NewOperation {
             repository: name.to_owned(),
             reference: request.reference,
@@ -278,6 +301,7 @@ impl Service {
                 chunk_size: request.chunk_size,
                 compression_level: request.compression_level,
             },
+            kind,
             event_id: None,
         };
         match self.store.create_operation(new).await? {
@@ -455,7 +479,8 @@ impl Service {
             return Ok(PushOutcome::Ignored);
         };
         let owned = name.clone();
-        if self.store.streaming(&owned).await? != Streaming::Active {
+        let settings = self.store.settings(&owned).await?;
+        if settings.streaming != Streaming::Active {
             tracing::debug!(repository = %name, %tag, "push into an inactive repository");
             return Ok(PushOutcome::Ignored);
         }
@@ -474,6 +499,7 @@ impl Service {
             manifest_digest: digest,
             trigger: Trigger::Push,
             options: OperationOptions::default(),
+            kind: settings.kind,
             event_id: Some(event_id),
         };
         Ok(match self.store.create_operation(new).await? {

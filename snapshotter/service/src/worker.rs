@@ -6,6 +6,9 @@
 //! the conversion and records nothing. A task of its own takes over operations whose lease
 //! expired: their worker died.
 //!
+//! A conversion makes the artifact kind its repository has when the conversion starts (a kind
+//! changed later applies to the conversions started afterwards); the operation records it.
+//!
 //! Ends of an operation:
 //! - the conversion pushed an artifact: Succeeded (or, when a user canceled it just too late,
 //!   the artifact is removed again and the operation is Canceled);
@@ -14,6 +17,8 @@
 //!   or after the restart;
 //! - it ran past the time limit: stopped, Failed with the limit and the flag that sets it;
 //! - a layer over the size limits: Failed, with the limits and the flags that set them;
+//! - a layer the index kind cannot index (not gzip): Failed, with the converter's reason and
+//!   how to set the repository to the chunked kind;
 //! - any other error: Failed, with the error and its causes.
 
 use std::future::Future;
@@ -26,7 +31,7 @@ use streamsnap_format::Digest;
 use streamsnap_registry::{Client, Reference, Repository};
 use tokio::task::JoinHandle;
 
-use crate::api::{Operation, OperationState, Progress};
+use crate::api::{ArtifactKind, Operation, OperationState, Progress};
 use crate::error::chain;
 use crate::metrics::Ended;
 use crate::service::{Live, OperationLimits, Service, log_error};
@@ -202,8 +207,29 @@ async fn run(service: &Arc<Service>, op: Operation) {
         live.cancel(false);
     }
 
-    let span =
-        tracing::info_span!("operation", id, image = %op.image(), digest = %op.manifest_digest);
+    let kind = match start_kind(service, &op).await {
+        Ok(kind) => kind,
+        Err(e) => {
+            log_error("cannot read the artifact kind of a repository", &e);
+            service.live.lock().expect("live map lock").remove(id);
+            let reason = format!(
+                "reading the artifact kind of repository {} failed: {}",
+                op.repository,
+                chain(&e)
+            );
+            let failed = finish(service, id, move |op| {
+                op.state = OperationState::Failed;
+                op.error = Some(reason);
+            })
+            .await;
+            if let Err(e) = failed {
+                log_error("cannot record a failed operation", &e);
+            }
+            service.finished.send_modify(|n| *n += 1);
+            return;
+        }
+    };
+    let span = tracing::info_span!("operation", id, image = %op.image(), digest = %op.manifest_digest, %kind);
     tracing::info!(parent: &span, "conversion started");
     let started = Instant::now();
     let repo = Repository::new(service.config.registry.clone(), op.repository.clone());
@@ -213,7 +239,7 @@ async fn run(service: &Arc<Service>, op: Operation) {
         digest: Some(op.manifest_digest),
     };
     let options = CreateOptions {
-        kind: Default::default(),
+        kind: kind.convert(),
         convert: ConvertOptions {
             max_chunk_size: op
                 .options
@@ -302,6 +328,9 @@ async fn run(service: &Arc<Service>, op: Operation) {
             Err(e @ streamsnap_convert::Error::LayerTooLarge { .. }) => {
                 Outcome::Failed(format!("{}; {}", chain(&e), size_limits_hint(&limits)))
             }
+            Err(e @ streamsnap_convert::Error::IndexUnsupported { .. }) => Outcome::Failed(
+                format!("{}; {}", chain(&e), index_unsupported_hint(&op.repository)),
+            ),
             Err(e) => Outcome::Failed(chain(&e)),
         },
     };
@@ -356,6 +385,27 @@ async fn run(service: &Arc<Service>, op: Operation) {
         Err(e) => log_error("cannot record the end of an operation", &e),
     }
     service.finished.send_modify(|n| *n += 1);
+}
+
+/// The artifact kind `op` converts to: its repository's now. Recorded in the operation (if it
+/// is still this worker's).
+async fn start_kind(service: &Service, op: &Operation) -> crate::error::Result<ArtifactKind> {
+    let kind = service.store.settings(&op.repository).await?.kind;
+    let me = service.worker_id.clone();
+    service
+        .store
+        .update(&op.id, move |op| {
+            if op.state != OperationState::Running
+                || op.worker.as_deref() != Some(me.as_str())
+                || op.kind == Some(kind)
+            {
+                return false;
+            }
+            op.kind = Some(kind);
+            true
+        })
+        .await?;
+    Ok(kind)
 }
 
 /// Converts and pushes `reference` within the size limits: the image is resolved first, a
@@ -477,6 +527,14 @@ fn time_limit_reason(timeout: Duration) -> String {
          was pushed; raise the limit for an image this large, or check the image for a layer \
          that decompresses to far more than its size",
         timeout.as_secs()
+    )
+}
+
+fn index_unsupported_hint(repository: &str) -> String {
+    format!(
+        "repository {repository} makes index artifacts: set it to the chunked kind with \
+         `streamsnap artifact-streaming update --repository {repository} --kind chunked` and \
+         convert the image again"
     )
 }
 
@@ -603,6 +661,11 @@ mod tests {
         assert!(
             reason.contains("90 s") && reason.contains("--operation-timeout"),
             "{reason}"
+        );
+        let hint = index_unsupported_hint("team/app");
+        assert!(
+            hint.contains("--repository team/app --kind chunked"),
+            "{hint}"
         );
         let hint = size_limits_hint(&limits);
         assert!(

@@ -160,6 +160,7 @@ pub async fn show(ctx: &Ctx<'_>, name: &str, id: &str) -> Reply {
          <dt>Progress</dt><dd class=\"op-progress\">{progress}</dd>\
          <dt>Reason</dt><dd class=\"op-error\">{error}</dd>\
          <dt>Streaming artifact</dt><dd>{artifact}</dd>\
+         <dt>Artifact kind</dt><dd class=\"op-kind\">{kind}</dd>\
          <dt>Started by</dt><dd>{trigger}</dd>\
          <dt>Created</dt><dd>{created}</dd><dt>Updated</dt><dd>{updated}</dd>\
          <dt>Worker</dt><dd><code>{worker}</code></dd>\
@@ -173,6 +174,14 @@ pub async fn show(ctx: &Ctx<'_>, name: &str, id: &str) -> Reply {
         state = html::state_badge(op.state),
         progress = html::progress(op.progress),
         error = esc(op.error.as_deref().unwrap_or("")),
+        kind = match (op.kind, op.state) {
+            (Some(kind), _) => kind.as_str(),
+            (None, OperationState::NotStarted) => {
+                "<span class=\"muted\">the repository's when it starts</span>"
+            }
+            // Operations of versions before the kinds made chunked artifacts.
+            (None, _) => "chunked",
+        },
         trigger = match op.trigger {
             crate::api::Trigger::Api => "a request (console, CLI or API)",
             crate::api::Trigger::Push => "a push into an Active repository",
@@ -273,6 +282,7 @@ mod tests {
             subject_digest: None,
             trigger: Trigger::Push,
             options: OperationOptions::default(),
+            kind: None,
             interruptions: 0,
             cancel_requested: false,
             worker: Some("<w>".into()),

@@ -13,7 +13,9 @@ use tokio::task::JoinSet;
 use super::html::{self, Nav, esc};
 use super::view::{self, MAX_TAGS};
 use super::{Ctx, Reply, local_path, redirect};
-use crate::api::{Counts, Operation, OperationState, Repository, Streaming};
+use crate::api::{
+    ArtifactKind, Counts, Operation, OperationState, Repository, Streaming, UpdateRepository,
+};
 use crate::error::{Error, chain};
 
 /// Repositories listed on one page at most.
@@ -180,6 +182,7 @@ pub async fn repositories(ctx: &Ctx<'_>) -> Reply {
                 all.entry(name.clone()).or_insert_with(|| Repository {
                     name: name.clone(),
                     streaming: Streaming::Inactive,
+                    kind: ArtifactKind::default(),
                     updated: None,
                     operations: Counts::default(),
                 });
@@ -257,7 +260,7 @@ pub async fn repositories(ctx: &Ctx<'_>) -> Reply {
         body.push_str(
             "<table><caption>Repositories of the registry, with their streaming state</caption>\
              <thead><tr><th scope=\"col\">Repository</th><th scope=\"col\">Streaming</th>\
-             <th scope=\"col\">Images</th><th scope=\"col\">Artifacts</th>\
+             <th scope=\"col\">Kind</th><th scope=\"col\">Images</th><th scope=\"col\">Artifacts</th>\
              <th scope=\"col\">Last conversion</th><th scope=\"col\">Action</th></tr></thead><tbody>",
         );
         for (_, row) in &rows {
@@ -280,12 +283,13 @@ pub async fn repositories(ctx: &Ctx<'_>) -> Reply {
             let _ = write!(
                 body,
                 "<tr data-repository=\"{attr}\"><th scope=\"row\"><a href=\"{href}\">{text}</a></th>\
-                 <td>{badge}</td><td>{images}</td><td>{artifacts}</td><td>{last}</td>\
-                 <td>{action}</td></tr>",
+                 <td>{badge}</td><td>{kind}</td><td>{images}</td><td>{artifacts}</td>\
+                 <td>{last}</td><td>{action}</td></tr>",
                 attr = esc(name),
                 href = esc(&html::repo_path(name)),
                 text = esc(name),
                 badge = html::streaming_badge(row.state.streaming),
+                kind = kind_label(row.state.kind),
                 artifacts = row.state.operations.succeeded,
             );
         }
@@ -314,22 +318,67 @@ fn streaming_button(name: &str, streaming: Streaming, csrf: &str, back: &str) ->
     )
 }
 
+/// The artifact kind, as the repository pages show it.
+fn kind_label(kind: ArtifactKind) -> String {
+    format!("<span class=\"kind\" data-kind=\"{kind}\">{kind}</span>")
+}
+
+/// The form that changes a repository's artifact kind (posted where the streaming state is).
+fn kind_form(name: &str, kind: ArtifactKind, csrf: &str, back: &str) -> String {
+    let mut options = String::new();
+    for (value, label) in [
+        (
+            ArtifactKind::Chunked,
+            "chunked: the content in zstd chunks (a second copy; any layer compression)",
+        ),
+        (
+            ArtifactKind::Index,
+            "index: an index over the original gzip layers (no second copy; gzip only)",
+        ),
+    ] {
+        let _ = write!(
+            options,
+            "<option value=\"{value}\"{selected}>{label}</option>",
+            selected = if value == kind { " selected" } else { "" },
+        );
+    }
+    format!(
+        "<form method=\"post\" action=\"{action}\" class=\"inline kind\">{csrf_field}\
+         <input type=\"hidden\" name=\"back\" value=\"{back}\">\
+         <label for=\"kind\">change it for the conversions started from now on:</label>\
+         <select id=\"kind\" name=\"kind\">{options}</select>\
+         <button type=\"submit\">Change kind</button></form>",
+        action = esc(&format!("{}/streaming", html::repo_path(name))),
+        csrf_field = html::csrf_field(csrf),
+        back = esc(back),
+    )
+}
+
+/// Changes a repository's streaming state (`streaming`), its artifact kind (`kind`), or both.
 pub async fn set_streaming(ctx: &Ctx<'_>, name: &str, form: &HashMap<String, String>) -> Reply {
     let back = form
         .get("back")
         .and_then(|b| local_path(b))
         .map_or_else(|| html::repo_path(name), str::to_owned);
+    let title = "The repository's settings were not changed";
     let streaming = match form.get("streaming").map(String::as_str) {
-        Some("Active") => Streaming::Active,
-        Some("Inactive") => Streaming::Inactive,
-        _ => {
+        None => None,
+        Some("Active") => Some(Streaming::Active),
+        Some("Inactive") => Some(Streaming::Inactive),
+        Some(_) => {
             let e = Error::BadRequest("streaming must be Active or Inactive".into());
-            return ctx.error_page("The streaming state was not changed", &e, &back);
+            return ctx.error_page(title, &e, &back);
         }
     };
-    match ctx.service.set_streaming(name, streaming).await {
+    let kind = match form.get("kind").map(|k| k.parse::<ArtifactKind>()) {
+        None => None,
+        Some(Ok(kind)) => Some(kind),
+        Some(Err(reason)) => return ctx.error_page(title, &Error::BadRequest(reason), &back),
+    };
+    let update = UpdateRepository { streaming, kind };
+    match ctx.service.update_repository(name, update).await {
         Ok(_) => redirect(&back),
-        Err(e) => ctx.error_page("The streaming state was not changed", &e, &back),
+        Err(e) => ctx.error_page(title, &e, &back),
     }
 }
 
@@ -364,7 +413,23 @@ pub async fn repository(ctx: &Ctx<'_>, name: &str) -> Reply {
              artifact streaming."
         }
     };
-    let _ = write!(body, "<p>{explain}</p>");
+    let _ = write!(
+        body,
+        "<p>{explain}</p><div class=\"state\">Artifact kind: {} {}</div><p>{}</p>",
+        kind_label(state.kind),
+        kind_form(name, state.kind, &csrf, &path),
+        match state.kind {
+            ArtifactKind::Chunked => {
+                "Conversions make chunked artifacts: a copy of the image's content in zstd \
+                 chunks, for layers of any compression."
+            }
+            ArtifactKind::Index => {
+                "Conversions make index artifacts: only an index over the original gzip \
+                 layers, no second copy of them; an image with a layer that is not gzip \
+                 fails to convert."
+            }
+        }
+    );
     body.push_str(&images_table(ctx, &repo, name, &operations, &csrf).await);
     let _ = write!(
         body,

@@ -7,7 +7,7 @@
 //!   worker renews, and taken over when the lease expires; the queue wakes other replicas with
 //!   `NOTIFY`.
 //!
-//! What is stored: repository streaming states, operations (whose NotStarted entries are the
+//! What is stored: repository settings (streaming state and artifact kind), operations (whose NotStarted entries are the
 //! queue, in creation order), the newest operation per (repository, manifest digest) for
 //! deduplication, and the IDs of registry events already handled. Every change is one
 //! transaction, so a crash leaves all of it or none; both backends pass the same tests
@@ -27,7 +27,9 @@ use tokio::sync::Notify;
 
 pub use self::postgres::PostgresStore;
 use self::redb::RedbStore;
-use crate::api::{Operation, OperationOptions, Progress, Repository, Streaming, Trigger};
+use crate::api::{
+    ArtifactKind, Operation, OperationOptions, Progress, Repository, Streaming, Trigger,
+};
 use crate::error::Result;
 
 /// Which store `streamsnap serve` keeps its state in.
@@ -40,6 +42,31 @@ pub enum StoreConfig {
     Postgres(Box<PostgresStore>),
 }
 
+/// A repository's settings (the defaults when never set).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    pub streaming: Streaming,
+    pub kind: ArtifactKind,
+}
+
+/// A change of a repository's settings: what is `None` stays as it is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SettingsChange {
+    pub streaming: Option<Streaming>,
+    pub kind: Option<ArtifactKind>,
+}
+
+impl SettingsChange {
+    fn apply(self, settings: &mut Settings) {
+        if let Some(streaming) = self.streaming {
+            settings.streaming = streaming;
+        }
+        if let Some(kind) = self.kind {
+            settings.kind = kind;
+        }
+    }
+}
+
 /// An operation to create.
 #[derive(Clone, Debug)]
 pub struct NewOperation {
@@ -48,6 +75,9 @@ pub struct NewOperation {
     pub manifest_digest: Digest,
     pub trigger: Trigger,
     pub options: OperationOptions,
+    /// The repository's artifact kind now: a Succeeded operation of the manifest that made
+    /// another kind does not stand in for this one.
+    pub kind: ArtifactKind,
     /// The registry event that asked for it: an event seen before creates nothing.
     pub event_id: Option<String>,
 }
@@ -56,8 +86,9 @@ pub struct NewOperation {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Created {
     New(Operation),
-    /// An operation for this manifest is NotStarted, Running or Succeeded (or Succeeded is not
-    /// counted when `force` was asked): that one is returned, nothing is created.
+    /// An operation for this manifest is NotStarted, Running or Succeeded with the same kind
+    /// (Succeeded is not counted when `force` was asked): that one is returned, nothing is
+    /// created.
     Existing(Operation),
     /// The event was handled before.
     DuplicateEvent,
@@ -137,23 +168,25 @@ impl Store {
         matches!(self, Self::Postgres(_))
     }
 
-    /// The streaming state of `name` (Inactive when never set).
-    pub async fn streaming(&self, name: &str) -> Result<Streaming> {
+    /// The settings of `name` (Inactive and chunked when never set).
+    pub async fn settings(&self, name: &str) -> Result<Settings> {
         match self {
-            Self::Redb(s) => run(s, name.to_owned(), |s, name| s.streaming(&name)).await,
-            Self::Postgres(s) => s.streaming(name).await,
+            Self::Redb(s) => run(s, name.to_owned(), |s, name| s.settings(&name)).await,
+            Self::Postgres(s) => s.settings(name).await,
         }
     }
 
-    pub async fn set_streaming(&self, name: &str, streaming: Streaming) -> Result<()> {
+    /// Changes the settings of `name` in one transaction (what `change` leaves out stays as
+    /// it is, also against a concurrent change of the other setting).
+    pub async fn update_settings(&self, name: &str, change: SettingsChange) -> Result<()> {
         match self {
             Self::Redb(s) => {
                 run(s, name.to_owned(), move |s, name| {
-                    s.set_streaming(&name, streaming)
+                    s.update_settings(&name, change)
                 })
                 .await
             }
-            Self::Postgres(s) => s.set_streaming(name, streaming).await,
+            Self::Postgres(s) => s.update_settings(name, change).await,
         }
     }
 

@@ -26,18 +26,28 @@ use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Transaction};
 
 use super::redb::{RepositoryRecord, blank_repository, blocks_new, decode, encode, new_operation};
-use super::{Created, Lease, NewOperation, Reap, Recovered, manifest_key, millis, reap_one, start};
-use crate::api::{Operation, OperationState, Progress, Repository, Streaming, Timestamp};
+use super::{
+    Created, Lease, NewOperation, Reap, Recovered, Settings, SettingsChange, manifest_key, millis,
+    reap_one, start,
+};
+use crate::api::{ArtifactKind, Operation, OperationState, Progress, Repository, Timestamp};
 use crate::auth::Secret;
 use crate::error::{Error, Result};
 use crate::ids;
 
 /// The schema, version by version. Never edit one that was released: add the next.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "initial schema",
-    include_str!("../../migrations/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "initial schema",
+        include_str!("../../migrations/0001_initial.sql"),
+    ),
+    (
+        2,
+        "repository artifact kind",
+        include_str!("../../migrations/0002_repository_kind.sql"),
+    ),
+];
 /// Key of the advisory lock migrations hold (any constant; "streamsnap" in ASCII, shortened).
 const MIGRATION_LOCK: i64 = 0x7374_7265_616d_736e;
 const QUEUE_CHANNEL: &str = "streamsnap_queue";
@@ -193,36 +203,47 @@ impl Postgres {
         self.inner.pool.get().await
     }
 
-    pub async fn streaming(&self, name: &str) -> Result<Streaming> {
+    pub async fn settings(&self, name: &str) -> Result<Settings> {
         let conn = self.conn().await?;
         let row = conn
             .query_opt(
-                "SELECT doc::text FROM repositories WHERE name = $1",
+                "SELECT doc::text, kind FROM repositories WHERE name = $1",
                 &[&name],
             )
             .await?;
         Ok(match row {
-            Some(row) => {
-                decode::<RepositoryRecord>(name, row.get::<_, &str>(0).as_bytes())?.streaming
-            }
-            None => Streaming::default(),
+            Some(row) => record(name, row.get(0), row.get(1))?.settings(),
+            None => Settings::default(),
         })
     }
 
-    pub async fn set_streaming(&self, name: &str, streaming: Streaming) -> Result<()> {
-        let record = RepositoryRecord {
-            streaming,
-            updated: Timestamp::now(),
-        };
-        let doc = json(name, &record)?;
-        self.conn()
-            .await?
-            .execute(
-                "INSERT INTO repositories (name, doc) VALUES ($1, $2::text::jsonb) \
-                 ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc",
-                &[&name, &doc],
+    pub async fn update_settings(&self, name: &str, change: SettingsChange) -> Result<()> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        // One change of a repository at a time, across replicas (the row may not exist yet,
+        // so a row lock would not do): the next one reads what the first committed.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('repository:' || $1, 0))",
+            &[&name],
+        )
+        .await?;
+        let before = tx
+            .query_opt(
+                "SELECT doc::text, kind FROM repositories WHERE name = $1",
+                &[&name],
             )
-            .await?;
+            .await?
+            .map(|row| record(name, row.get(0), row.get(1)))
+            .transpose()?
+            .map(|r| r.settings());
+        let record = RepositoryRecord::changed(before, change);
+        tx.execute(
+            "INSERT INTO repositories (name, doc, kind) VALUES ($1, $2::text::jsonb, $3) \
+             ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc, kind = EXCLUDED.kind",
+            &[&name, &json(name, &record)?, &record.kind.as_str()],
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -234,17 +255,19 @@ impl Postgres {
         }
         let states = conn
             .query(
-                "SELECT name, doc::text FROM repositories WHERE $1::text IS NULL OR name = $1",
+                "SELECT name, doc::text, kind FROM repositories \
+                 WHERE $1::text IS NULL OR name = $1",
                 &[&only],
             )
             .await?;
         for row in states {
             let name: &str = row.get(0);
-            let record: RepositoryRecord = decode(name, row.get::<_, &str>(1).as_bytes())?;
+            let record = record(name, row.get(1), row.get(2))?;
             let entry = out
                 .entry(name.to_owned())
                 .or_insert_with(|| blank_repository(name));
             entry.streaming = record.streaming;
+            entry.kind = record.kind;
             entry.updated = Some(record.updated);
         }
         let counts = conn
@@ -749,6 +772,16 @@ fn connect_error(source: tokio_postgres::Error) -> Error {
         context: "connecting to PostgreSQL (--store)",
         source,
     }
+}
+
+/// A repository's record from its document and its `kind` column (the column is what counts:
+/// rows older than the column have it from the migration's default, chunked).
+fn record(name: &str, doc: &str, kind: &str) -> Result<RepositoryRecord> {
+    let mut record: RepositoryRecord = decode(name, doc.as_bytes())?;
+    record.kind = kind
+        .parse::<ArtifactKind>()
+        .map_err(|e| Error::Config(format!("repository {name:?} in the database: {e}")))?;
+    Ok(record)
 }
 
 fn parse_state(s: &str) -> Result<OperationState> {

@@ -10,8 +10,13 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Deserialize, Serialize};
 use streamsnap_format::Digest;
 
-use super::{Created, Lease, NewOperation, Reap, Recovered, manifest_key, millis, reap_one, start};
-use crate::api::{Counts, Operation, OperationState, Progress, Repository, Streaming, Timestamp};
+use super::{
+    Created, Lease, NewOperation, Reap, Recovered, Settings, SettingsChange, manifest_key, millis,
+    reap_one, start,
+};
+use crate::api::{
+    ArtifactKind, Counts, Operation, OperationState, Progress, Repository, Streaming, Timestamp,
+};
 use crate::error::{Error, Result};
 use crate::ids;
 
@@ -28,11 +33,33 @@ const QUEUE: TableDefinition<u64, &str> = TableDefinition::new("queue");
 const LEASES: TableDefinition<&str, u64> = TableDefinition::new("leases");
 const NEXT_SEQ: &str = "next_seq";
 
-/// A repository's stored state.
+/// A repository's stored state. Records written before the kind existed have none: chunked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct RepositoryRecord {
     pub streaming: Streaming,
+    #[serde(default)]
+    pub kind: ArtifactKind,
     pub updated: Timestamp,
+}
+
+impl RepositoryRecord {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            streaming: self.streaming,
+            kind: self.kind,
+        }
+    }
+
+    /// The record of `before` (none: the defaults) changed by `change`, updated now.
+    pub fn changed(before: Option<Settings>, change: SettingsChange) -> Self {
+        let mut settings = before.unwrap_or_default();
+        change.apply(&mut settings);
+        Self {
+            streaming: settings.streaming,
+            kind: settings.kind,
+            updated: Timestamp::now(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -74,24 +101,26 @@ impl RedbStore {
         Ok(Self { db })
     }
 
-    pub fn streaming(&self, name: &str) -> Result<Streaming> {
+    pub fn settings(&self, name: &str) -> Result<Settings> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(REPOSITORIES)?;
         let record = table
             .get(name)?
             .map(|v| decode::<RepositoryRecord>(name, v.value()))
             .transpose()?;
-        Ok(record.map(|r| r.streaming).unwrap_or_default())
+        Ok(record.map(|r| r.settings()).unwrap_or_default())
     }
 
-    pub fn set_streaming(&self, name: &str, streaming: Streaming) -> Result<()> {
+    pub fn update_settings(&self, name: &str, change: SettingsChange) -> Result<()> {
         let txn = self.db.begin_write()?;
         {
             let mut table = txn.open_table(REPOSITORIES)?;
-            let record = RepositoryRecord {
-                streaming,
-                updated: Timestamp::now(),
-            };
+            let before = table
+                .get(name)?
+                .map(|v| decode::<RepositoryRecord>(name, v.value()))
+                .transpose()?
+                .map(|r| r.settings());
+            let record = RepositoryRecord::changed(before, change);
             table.insert(name, encode(name, &record)?.as_slice())?;
         }
         txn.commit()?;
@@ -115,6 +144,7 @@ impl RedbStore {
                 .entry(name.to_owned())
                 .or_insert_with(|| blank_repository(name));
             entry.streaming = record.streaming;
+            entry.kind = record.kind;
             entry.updated = Some(record.updated);
         }
         for item in txn.open_table(OPERATIONS)?.iter()? {
@@ -392,12 +422,15 @@ impl<'t> Tables<'t> {
 }
 
 /// Whether `previous` (the newest operation of the manifest) stands in for `new`: it is live,
-/// or Succeeded and `force` was not asked.
+/// or Succeeded with the kind asked now (an operation without a kind predates them: chunked)
+/// and `force` was not asked.
 pub(super) fn blocks_new(previous: &Operation, new: &NewOperation) -> bool {
     matches!(
         previous.state,
         OperationState::NotStarted | OperationState::Running
-    ) || (previous.state == OperationState::Succeeded && !new.options.force)
+    ) || (previous.state == OperationState::Succeeded
+        && !new.options.force
+        && previous.kind.unwrap_or_default() == new.kind)
 }
 
 pub(super) fn new_operation(id: String, seq: u64, new: NewOperation, now: Timestamp) -> Operation {
@@ -413,6 +446,7 @@ pub(super) fn new_operation(id: String, seq: u64, new: NewOperation, now: Timest
         subject_digest: None,
         trigger: new.trigger,
         options: new.options,
+        kind: None,
         interruptions: 0,
         cancel_requested: false,
         worker: None,
@@ -426,6 +460,7 @@ pub(super) fn blank_repository(name: &str) -> Repository {
     Repository {
         name: name.to_owned(),
         streaming: Streaming::Inactive,
+        kind: ArtifactKind::default(),
         updated: None,
         operations: Counts::default(),
     }
@@ -463,4 +498,38 @@ pub(super) fn decode<T: for<'de> Deserialize<'de>>(key: &str, value: &[u8]) -> R
         key: key.to_owned(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_written_before_the_kind_existed_read_as_chunked() {
+        let old = br#"{"streaming":"Active","updated":"2026-11-28T11:35:12.413Z"}"#;
+        let record: RepositoryRecord = decode("team/app", old).unwrap();
+        assert_eq!(record.streaming, Streaming::Active);
+        assert_eq!(record.kind, ArtifactKind::Chunked);
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("state.redb")).unwrap();
+        {
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(REPOSITORIES)
+                .unwrap()
+                .insert("team/app", old.as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let settings = store.settings("team/app").unwrap();
+        assert_eq!(settings.kind, ArtifactKind::Chunked);
+        assert_eq!(settings.streaming, Streaming::Active);
+        let change = SettingsChange {
+            kind: Some(ArtifactKind::Index),
+            ..Default::default()
+        };
+        store.update_settings("team/app", change).unwrap();
+        let repos = store.repositories(None).unwrap();
+        assert_eq!(repos[0].kind, ArtifactKind::Index);
+        assert_eq!(repos[0].streaming, Streaming::Active);
+    }
 }

@@ -9,7 +9,7 @@ use streamsnap_e2e::postgres::{DATABASE, PgCluster};
 use tokio::sync::Notify;
 
 use super::*;
-use crate::api::OperationState;
+use crate::api::{ArtifactKind, OperationState};
 use crate::auth::Secret;
 
 /// A store and what keeps it alive; `reopen` opens the same data again.
@@ -94,6 +94,7 @@ fn new(repo: &str, n: u8, event: Option<&str>) -> NewOperation {
         manifest_digest: digest(n),
         trigger: Trigger::Push,
         options: OperationOptions::default(),
+        kind: ArtifactKind::Chunked,
         event_id: event.map(str::to_owned),
     }
 }
@@ -117,9 +118,23 @@ async fn set_state(store: &Store, id: &str, state: OperationState) {
 
 const LEASE: Duration = Duration::from_secs(30);
 
+fn streaming(streaming: Streaming) -> SettingsChange {
+    SettingsChange {
+        streaming: Some(streaming),
+        kind: None,
+    }
+}
+
+fn kind(kind: ArtifactKind) -> SettingsChange {
+    SettingsChange {
+        streaming: None,
+        kind: Some(kind),
+    }
+}
+
 async fn states_and_operations_survive_reopening(t: &mut TestStore) {
     t.store
-        .set_streaming("team/app", Streaming::Active)
+        .update_settings("team/app", streaming(Streaming::Active))
         .await
         .unwrap();
     let id = created(
@@ -132,10 +147,13 @@ async fn states_and_operations_survive_reopening(t: &mut TestStore) {
     t.reopen().await;
     let store = &t.store;
     assert_eq!(
-        store.streaming("team/app").await.unwrap(),
-        Streaming::Active
+        store.settings("team/app").await.unwrap(),
+        Settings {
+            streaming: Streaming::Active,
+            kind: ArtifactKind::Chunked
+        }
     );
-    assert_eq!(store.streaming("other").await.unwrap(), Streaming::Inactive);
+    assert_eq!(store.settings("other").await.unwrap(), Settings::default());
     let op = store.operation(&id).await.unwrap().unwrap();
     assert_eq!(op.state, OperationState::NotStarted);
     assert_eq!(op.reference, "v1");
@@ -146,9 +164,114 @@ async fn states_and_operations_survive_reopening(t: &mut TestStore) {
     let one = store.repositories(Some("nothing/here")).await.unwrap();
     assert_eq!(one.len(), 1);
     assert_eq!(one[0].streaming, Streaming::Inactive);
+    assert_eq!(one[0].kind, ArtifactKind::Chunked);
     // The queue survived too.
     let claimed = store.claim("w", LEASE).await.unwrap().unwrap();
     assert_eq!(claimed.id, id);
+}
+
+async fn a_repository_kind_is_set_alone_and_kept_by_streaming_changes(t: &mut TestStore) {
+    let store = &t.store;
+    // A kind alone, on a repository the store never saw: streaming stays Inactive.
+    store
+        .update_settings("team/app", kind(ArtifactKind::Index))
+        .await
+        .unwrap();
+    let expected = Settings {
+        streaming: Streaming::Inactive,
+        kind: ArtifactKind::Index,
+    };
+    assert_eq!(store.settings("team/app").await.unwrap(), expected);
+    // A streaming change (what older clients send) keeps the kind.
+    store
+        .update_settings("team/app", streaming(Streaming::Active))
+        .await
+        .unwrap();
+    let expected = Settings {
+        streaming: Streaming::Active,
+        ..expected
+    };
+    assert_eq!(store.settings("team/app").await.unwrap(), expected);
+    // Both at once.
+    let both = SettingsChange {
+        streaming: Some(Streaming::Inactive),
+        kind: Some(ArtifactKind::Chunked),
+    };
+    store.update_settings("other", both).await.unwrap();
+    let repos = store.repositories(None).await.unwrap();
+    let shown: Vec<_> = repos
+        .iter()
+        .map(|r| (r.name.as_str(), r.streaming, r.kind))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("other", Streaming::Inactive, ArtifactKind::Chunked),
+            ("team/app", Streaming::Active, ArtifactKind::Index),
+        ]
+    );
+    t.reopen().await;
+    assert_eq!(t.store.settings("team/app").await.unwrap(), expected);
+    let one = t.store.repositories(Some("team/app")).await.unwrap();
+    assert_eq!(one[0].kind, ArtifactKind::Index);
+    // Concurrent changes of the two settings, from two stores (replicas, for PostgreSQL):
+    // neither undoes the other.
+    let other = match &t._cluster {
+        Some(_) => t.replica().await,
+        None => t.store.clone(),
+    };
+    let names: Vec<String> = (0..8).map(|i| format!("race/{i}")).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for name in names.clone() {
+        let (a, b) = (t.store.clone(), other.clone());
+        let n = name.clone();
+        tasks.spawn(async move { a.update_settings(&n, kind(ArtifactKind::Index)).await });
+        tasks.spawn(async move { b.update_settings(&name, streaming(Streaming::Active)).await });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap().unwrap();
+    }
+    for name in &names {
+        assert_eq!(
+            t.store.settings(name).await.unwrap(),
+            Settings {
+                streaming: Streaming::Active,
+                kind: ArtifactKind::Index
+            },
+            "{name}"
+        );
+    }
+}
+
+async fn a_succeeded_operation_stands_in_only_for_its_own_kind(t: &mut TestStore) {
+    let store = &t.store;
+    let first = created(store.create_operation(new("r", 1, None)).await.unwrap());
+    // It converted chunked (an operation without a kind predates them: chunked too).
+    set_state(store, &first.id, OperationState::Succeeded).await;
+    assert!(matches!(
+        store.create_operation(new("r", 1, None)).await.unwrap(),
+        Created::Existing(op) if op.id == first.id
+    ));
+    // The repository's kind is now index: the manifest is converted again.
+    let mut index = new("r", 1, None);
+    index.kind = ArtifactKind::Index;
+    let second = created(store.create_operation(index.clone()).await.unwrap());
+    store
+        .update(&second.id, |op| {
+            op.state = OperationState::Succeeded;
+            op.kind = Some(ArtifactKind::Index);
+            true
+        })
+        .await
+        .unwrap();
+    let stored = store.operation(&second.id).await.unwrap().unwrap();
+    assert_eq!(stored.kind, Some(ArtifactKind::Index));
+    assert!(matches!(
+        store.create_operation(index).await.unwrap(),
+        Created::Existing(op) if op.id == second.id
+    ));
+    // And back to chunked: the newest (index) one does not stand in.
+    created(store.create_operation(new("r", 1, None)).await.unwrap());
 }
 
 async fn live_or_succeeded_operations_are_not_created_twice(t: &mut TestStore) {
@@ -480,6 +603,8 @@ macro_rules! both_backends {
 
 both_backends!(
     states_and_operations_survive_reopening,
+    a_repository_kind_is_set_alone_and_kept_by_streaming_changes,
+    a_succeeded_operation_stands_in_only_for_its_own_kind,
     live_or_succeeded_operations_are_not_created_twice,
     a_redelivered_event_creates_nothing_even_after_a_failure,
     concurrent_creations_for_one_manifest_make_one_operation,
@@ -497,9 +622,50 @@ async fn postgres_migrations_apply_once_and_a_newer_schema_is_refused() {
     // Opening again (another replica) applies nothing twice.
     let _replica = t.replica().await;
     let versions = cluster
-        .psql(DATABASE, "SELECT version FROM streamsnap_schema_migrations")
+        .psql(
+            DATABASE,
+            "SELECT version FROM streamsnap_schema_migrations ORDER BY version",
+        )
         .unwrap();
-    assert_eq!(versions.trim(), "1");
+    assert_eq!(versions.split_whitespace().collect::<Vec<_>>(), ["1", "2"]);
+    // A database at version 1 with a repository of that version: migrated, the repository
+    // is chunked and keeps its streaming state.
+    cluster
+        .psql(
+            DATABASE,
+            "ALTER TABLE repositories DROP COLUMN kind; \
+             DELETE FROM streamsnap_schema_migrations WHERE version = 2; \
+             INSERT INTO repositories (name, doc) VALUES ('old/app', \
+             '{\"streaming\":\"Active\",\"updated\":\"2026-11-28T11:35:12.413Z\"}')",
+        )
+        .unwrap();
+    let migrated = Store::open(&t.config, t.dir.path(), Arc::new(Notify::new()))
+        .await
+        .unwrap();
+    assert_eq!(
+        migrated.settings("old/app").await.unwrap(),
+        Settings {
+            streaming: Streaming::Active,
+            kind: ArtifactKind::Chunked
+        }
+    );
+    migrated
+        .update_settings("old/app", kind(ArtifactKind::Index))
+        .await
+        .unwrap();
+    let column = cluster
+        .psql(
+            DATABASE,
+            "SELECT kind FROM repositories WHERE name = 'old/app'",
+        )
+        .unwrap();
+    assert_eq!(column.trim(), "index");
+    // The column accepts only the kinds.
+    assert!(
+        cluster
+            .psql(DATABASE, "UPDATE repositories SET kind = 'zstd'")
+            .is_err()
+    );
     cluster
         .psql(
             DATABASE,
