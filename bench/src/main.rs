@@ -3,6 +3,7 @@
 //! to read them: docs/benchmarks.md.
 
 mod convert;
+mod fleet;
 mod memory;
 mod realistic;
 mod service;
@@ -33,6 +34,8 @@ enum Bench {
     /// Daemon memory as images pile up (VmRSS per mounted entry, idle, restart), and the lstat
     /// of every entry, against another build of the daemon.
     Memory(memory::Args),
+    /// N nodes start one image at once, with and without a pull-through mirror (issue 16).
+    Fleet(fleet::Args),
     /// Conversions per minute of 1, 2 and 3 replicas of `streamsnap serve` sharing one
     /// PostgreSQL database.
     Service(service::Args),
@@ -45,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Realistic(args) => realistic::run(args),
         Bench::Memory(args) => memory::run(args),
         Bench::Service(args) => service::run(args),
+        Bench::Fleet(args) => fleet::run(args),
     }
 }
