@@ -1,6 +1,8 @@
 //! The zone's pull-through mirror (the Debian `docker-registry` in proxy mode, `proxy:
 //! remoteurl:` the origin through its link) behind a fast local link, its warm-up, and what the
-//! registries' access logs say about the chunk reads (who served which data blob bytes).
+//! registries' access logs say about the chunk reads (who served which data blob bytes); and
+//! the range-caching mirror (nginx's slice cache, `streamsnap_e2e::nginx`, its upstream the
+//! origin through the same link) behind the same kind of local link.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -9,6 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use streamsnap_e2e::nginx::{CacheAccess, SliceCache};
 use streamsnap_e2e::{LinkShape, Registry, ShapingProxy};
 
 /// How long the mirror may take to store the blobs it was asked for.
@@ -73,6 +76,42 @@ impl Mirror {
         }
         Ok(())
     }
+}
+
+/// An nginx slice cache and the link the nodes reach it by. Field order is drop order.
+pub struct SliceMirror {
+    pub link: ShapingProxy,
+    pub cache: SliceCache,
+}
+
+impl SliceMirror {
+    /// A cold slice cache of `origin` (`127.0.0.1:PORT`: the origin's link).
+    pub fn start(origin: &str, shape: LinkShape) -> anyhow::Result<Self> {
+        let cache = SliceCache::start(origin)?;
+        let link = ShapingProxy::start(&cache.addr(), shape)?;
+        Ok(Self { link, cache })
+    }
+}
+
+/// Data blob bytes the slice cache served: `206` answers to nodes (and anything else to
+/// nodes), and the bytes of those whose first slice was a cache hit.
+pub fn slice_chunk_bytes(log: &[CacheAccess], blobs: &BTreeSet<String>) -> (ChunkBytes, u64) {
+    let mut out = ChunkBytes::default();
+    let mut hits = 0;
+    for e in log {
+        if !e.blob_get_digest().is_some_and(|d| blobs.contains(d)) {
+            continue;
+        }
+        match (e.agent.starts_with(NODE_AGENT), e.status) {
+            (true, 206) => out.to_nodes += e.bytes,
+            (true, _) => out.whole_to_nodes += e.bytes,
+            (false, _) => out.to_others += e.bytes,
+        }
+        if e.cache == "HIT" {
+            hits += e.bytes;
+        }
+    }
+    (out, hits)
 }
 
 /// `GET /v2/REPO/blobs/DIGEST` with `Range: bytes=0-0`; returns the status once the headers are

@@ -10,7 +10,10 @@
 //! through the mirror's whole-blob answer), the fleet through a warmed mirror (fresh, then
 //! warmed the way a deployment can: a one-byte range GET per data blob, e.g. from the push
 //! webhook, and a wait until the mirror stored them; what the warm-up cost the origin is
-//! reported on its own).
+//! reported on its own), the fleet through a cold range-caching mirror instead (nginx's slice
+//! cache, `streamsnap_e2e::nginx`: 1 MiB slices fetched on demand, concurrent misses of a slice
+//! go upstream once; its upstream is the origin through the same shaped link, the nodes reach
+//! it on the same fast local link as the registry mirror).
 //! Every run has fresh nodes and a fresh mirror; rounds interleave the variants.
 //!
 //! Figures: time to ready per node (from the common start to the container's "ready", the lazy
@@ -37,7 +40,7 @@ use streamsnap_e2e::{
     require_root_tools, skopeo_push, workspace_bin,
 };
 
-use self::mirror::{Mirror, access_log, chunk_bytes, data_blobs};
+use self::mirror::{Mirror, SliceMirror, access_log, chunk_bytes, data_blobs, slice_chunk_bytes};
 use self::node::{start_nodes, start_together, teardown};
 use self::report::{FleetRun, Results};
 
@@ -90,7 +93,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "single,none,cold,cold-skip0,warm"
+        default_value = "single,none,cold,cold-skip0,warm,slice"
     )]
     pub variants: Vec<Variant>,
     /// The paper model: nodes, and zones (one mirror each).
@@ -119,6 +122,8 @@ pub enum Variant {
     ColdSkip0,
     /// The fleet through a fresh mirror warmed before the start.
     Warm,
+    /// The fleet through a fresh (cold) range-caching mirror: nginx's slice cache.
+    Slice,
 }
 
 impl Variant {
@@ -129,10 +134,16 @@ impl Variant {
             Self::Cold => "fleet, cold mirror",
             Self::ColdSkip0 => "fleet, cold mirror, skip 0",
             Self::Warm => "fleet, warmed mirror",
+            Self::Slice => "fleet, slice-cache mirror (nginx)",
         }
     }
 
     fn mirrored(self) -> bool {
+        self.registry_mirror() || self == Self::Slice
+    }
+
+    /// Through the proxy-mode docker-registry.
+    fn registry_mirror(self) -> bool {
         matches!(self, Self::Cold | Self::ColdSkip0 | Self::Warm)
     }
 }
@@ -150,7 +161,11 @@ struct Rig {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    require_root_tools(&[STREAMING_NODE_TOOLS, &["busybox"]].concat())?;
+    let mut tools = [STREAMING_NODE_TOOLS, &["busybox"]].concat();
+    if args.variants.contains(&Variant::Slice) {
+        tools.push("nginx");
+    }
+    require_root_tools(&tools)?;
     let streamsnap = workspace_bin("streamsnap")?;
     workspace_bin("streamsnap-snapshotterd")?;
     ensure!(args.runs >= 1, "--runs must be at least 1");
@@ -288,11 +303,16 @@ fn fleet_run(
         rig.nodes
     };
     let mut run = FleetRun::default();
-    let mirror = if variant.mirrored() {
+    let mirror = if variant.registry_mirror() {
         Some(Mirror::start(
             &format!("http://{}", rig.link.addr()),
             rig.mirror_shape,
         )?)
+    } else {
+        None
+    };
+    let slice = if variant == Variant::Slice {
+        Some(SliceMirror::start(&rig.link.addr(), rig.mirror_shape)?)
     } else {
         None
     };
@@ -303,20 +323,30 @@ fn fleet_run(
         run.warmup_s = t.elapsed().as_secs_f64();
         run.warmup_egress = rig.link.downstream_bytes() - before;
     }
+    let mirror_addr = match (&mirror, &slice) {
+        (Some(m), _) => Some(m.link.addr()),
+        (None, Some(s)) => Some(s.link.addr()),
+        (None, None) => None,
+    };
     let options = daemon_options(
         &rig.link.addr(),
-        mirror.as_ref().map(|m| m.link.addr()).as_deref(),
+        mirror_addr.as_deref(),
         profile == ProfileSetting::With,
     );
     let fetch = (variant == Variant::ColdSkip0).then_some("mirror_max_skip_bytes = 0");
     let nodes = start_nodes(n, &options, fetch)?;
     let origin_mark = access_log(&rig.origin)?.len();
-    let mirror_mark = match &mirror {
-        Some(m) => access_log(&m.registry)?.len(),
-        None => 0,
+    let mirror_mark = match (&mirror, &slice) {
+        (Some(m), _) => access_log(&m.registry)?.len(),
+        (None, Some(s)) => s.cache.access_log()?.len(),
+        (None, None) => 0,
     };
     let egress0 = rig.link.downstream_bytes();
-    let mirror0 = mirror.as_ref().map_or(0, |m| m.link.downstream_bytes());
+    let mirror0 = match (&mirror, &slice) {
+        (Some(m), _) => m.link.downstream_bytes(),
+        (None, Some(s)) => s.link.downstream_bytes(),
+        (None, None) => 0,
+    };
     let id = format!("r{round}-{variant:?}-{profile:?}").to_lowercase();
     run.load = load_average()?;
     let cpu0 = cpu_times()?;
@@ -350,6 +380,10 @@ fn fleet_run(
         }
         run.fill_wait_s = t.elapsed().as_secs_f64();
     }
+    // The slice cache fetches what it is asked for while it answers: nothing runs on.
+    if let Some(s) = &slice {
+        run.mirror_link_bytes = s.link.downstream_bytes() - mirror0;
+    }
     run.egress_total = rig.link.downstream_bytes() - egress0;
     let origin_log = access_log(&rig.origin)?;
     run.origin = chunk_bytes(&origin_log[origin_mark.min(origin_log.len())..], &rig.blobs);
@@ -357,9 +391,15 @@ fn fleet_run(
         let log = access_log(&m.registry)?;
         run.mirror = chunk_bytes(&log[mirror_mark.min(log.len())..], &rig.blobs);
     }
+    if let Some(s) = &slice {
+        let log = s.cache.access_log()?;
+        (run.mirror, run.cache_hit_bytes) =
+            slice_chunk_bytes(&log[mirror_mark.min(log.len())..], &rig.blobs);
+    }
     run.nodes = starts;
     teardown(nodes);
     drop(mirror);
+    drop(slice);
     Ok(run)
 }
 

@@ -29,6 +29,8 @@ pub struct FleetRun {
     /// Data blob bytes by the origin's and by the mirror's access log.
     pub origin: ChunkBytes,
     pub mirror: ChunkBytes,
+    /// The slice cache: chunk bytes of the reads whose first slice was a cache hit.
+    pub cache_hit_bytes: u64,
 }
 
 impl FleetRun {
@@ -69,8 +71,8 @@ impl FleetRun {
              warm-up {:.1} MB in {:.1} s, fill ran {:.1} s on); mirror link {:.1} MB; chunk \
              bytes from the origin {:.1} MB (+{:.1} MB whole-blob answers to nodes, {:.1} MB to \
              the mirror), from the mirror {:.1} MB (+{:.1} MB whole-blob answers), hit ratio \
-             {:.0}%; range_ignored {:.0}, prefetched {:.1} MB, node range bytes {:.1} MB; load {:.1}, \
-             CPU busy {:.0}%",
+             {:.0}% (slice cache: {:.1} MB of reads starting in a cached slice); range_ignored \
+             {:.0}, prefetched {:.1} MB, node range bytes {:.1} MB; load {:.1}, CPU busy {:.0}%",
             self.median_ready(),
             self.worst_ready(),
             median(
@@ -92,6 +94,7 @@ impl FleetRun {
             self.mirror.to_nodes as f64 / MB,
             self.mirror.whole_to_nodes as f64 / MB,
             100.0 * self.hit_ratio(),
+            self.cache_hit_bytes as f64 / MB,
             self.sum(|n| n.range_ignored),
             self.sum(|n| n.prefetch_bytes) / MB,
             self.sum(|n| n.range_bytes) / MB,
@@ -176,7 +179,7 @@ impl Results {
             self.elapsed_s
         );
         println!(
-            "{:<8} {:<27} {:>5} {:>20} {:>20} {:>20} {:>9} {:>20} {:>7} {:>12} {:>9}",
+            "{:<8} {:<34} {:>5} {:>20} {:>20} {:>20} {:>9} {:>20} {:>7} {:>12} {:>9}",
             "profile",
             "variant",
             "nodes",
@@ -204,7 +207,7 @@ impl Results {
                 "-".into()
             };
             println!(
-                "{:<8} {:<27} {:>5} {:>20} {:>20} {:>20} {:>9} {:>20} {:>7} {:>12} {:>9}",
+                "{:<8} {:<34} {:>5} {:>20} {:>20} {:>20} {:>9} {:>20} {:>7} {:>12} {:>9}",
                 format!("{profile:?}").to_lowercase(),
                 variant.label(),
                 runs[0].nodes.len(),
@@ -286,6 +289,40 @@ impl Results {
                  warm-up {warmup:.0} s over the origin link (all zones), before the rollout; \
                  each mirror serves {per_mirror:.0} nodes {:.1} GB; last node ready <= {last:.0} \
                  s after the rollout starts",
+                egress / 1e9,
+                egress / one,
+                100.0 * egress / (k * one),
+                per_mirror * from_mirror / 1e9
+            );
+        }
+        if let (Some(total), Some(fill), Some(from_mirror), Some(t_slice)) = (
+            self.med(p, Variant::Slice, |r| r.egress_total as f64),
+            self.med(p, Variant::Slice, |r| r.origin.to_others as f64),
+            self.med(p, Variant::Slice, |r| r.mirror_link_bytes as f64 / n),
+            self.med(p, Variant::Slice, FleetRun::median_ready),
+        ) {
+            // What a node still takes from the origin itself: metadata (egress minus the
+            // cache's slice fetches).
+            let residual = (total - fill).max(0.0) / n;
+            let egress = z * fill + k * residual;
+            let per_mirror = k / z;
+            // The measured start paid one zone's fill over the origin link; the other zones'
+            // fills and every node's metadata share it too.
+            let last = t_slice
+                + (((z - 1.0) * fill + k * residual) / link)
+                    .max(per_mirror * from_mirror / mirror_link);
+            println!(
+                "  cold slice caches, everyone at once: inputs: {:.1} MB of slices per cache \
+                 (fetched during the start), {:.2} MB per node still from the origin, {:.1} MB \
+                 per node from the cache, ready in {t_slice:.2} s (median at {n:.0} nodes)",
+                fill / MB,
+                residual / MB,
+                from_mirror / MB
+            );
+            println!(
+                "  cold slice caches: egress {:.1} GB ({:.2} x one node, {:.1}% of no mirror); \
+                 no warm-up; each cache serves {per_mirror:.0} nodes {:.1} GB; last node ready \
+                 <= {last:.0} s after the rollout starts",
                 egress / 1e9,
                 egress / one,
                 100.0 * egress / (k * one),
