@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use streamsnap_e2e::nginx::{CacheAccess, SliceCache};
+use streamsnap_e2e::nginx::{CacheAccess, SliceCache, SliceCacheOptions};
 use streamsnap_e2e::{LinkShape, Registry, ShapingProxy};
 
 /// How long the mirror may take to store the blobs it was asked for.
@@ -86,8 +86,12 @@ pub struct SliceMirror {
 
 impl SliceMirror {
     /// A cold slice cache of `origin` (`127.0.0.1:PORT`: the origin's link).
-    pub fn start(origin: &str, shape: LinkShape) -> anyhow::Result<Self> {
-        let cache = SliceCache::start(origin)?;
+    pub fn start(
+        origin: &str,
+        options: &SliceCacheOptions,
+        shape: LinkShape,
+    ) -> anyhow::Result<Self> {
+        let cache = SliceCache::start_with(origin, options)?;
         let link = ShapingProxy::start(&cache.addr(), shape)?;
         Ok(Self { link, cache })
     }

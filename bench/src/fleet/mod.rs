@@ -35,6 +35,7 @@ use std::time::Instant;
 use anyhow::{Context, ensure};
 use streamsnap_e2e::demo_image::{DemoShape, demo_image};
 use streamsnap_e2e::image::OciLayout;
+use streamsnap_e2e::nginx::SliceCacheOptions;
 use streamsnap_e2e::{
     LinkShape, Registry, STREAMING_NODE_TOOLS, ShapingProxy, SnapshotterdOptions,
     require_root_tools, skopeo_push, workspace_bin,
@@ -86,6 +87,9 @@ pub struct Args {
     /// The mirror's local link: round-trip time in milliseconds.
     #[arg(long, default_value_t = 0.5)]
     pub mirror_rtt_ms: f64,
+    /// The slice cache's slice size (nginx syntax: `1m`, `256k`, `4m`).
+    #[arg(long, default_value = "1m")]
+    pub slice: String,
     /// Which start-up profile settings to measure: `with`, `without` (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "with,without")]
     pub profiles: Vec<ProfileSetting>,
@@ -158,6 +162,7 @@ struct Rig {
     blobs: BTreeSet<String>,
     mirror_shape: LinkShape,
     nodes: usize,
+    slice: SliceCacheOptions,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -210,6 +215,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         blobs,
         mirror_shape,
         nodes: args.nodes,
+        slice: SliceCacheOptions {
+            slice: args.slice.clone(),
+            ..SliceCacheOptions::default()
+        },
     };
     let mut results = Results::new(&args, compressed, data_bytes);
     for round in 0..args.runs {
@@ -312,7 +321,11 @@ fn fleet_run(
         None
     };
     let slice = if variant == Variant::Slice {
-        Some(SliceMirror::start(&rig.link.addr(), rig.mirror_shape)?)
+        Some(SliceMirror::start(
+            &rig.link.addr(),
+            &rig.slice,
+            rig.mirror_shape,
+        )?)
     } else {
         None
     };

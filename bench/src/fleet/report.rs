@@ -112,6 +112,7 @@ pub struct Results {
     rtt_ms: f64,
     mirror_mbit: f64,
     mirror_rtt_ms: f64,
+    slice: String,
     model_nodes: u64,
     model_zones: u64,
     image_bytes: u64,
@@ -129,6 +130,7 @@ impl Results {
             rtt_ms: args.rtt_ms,
             mirror_mbit: args.mirror_mbit,
             mirror_rtt_ms: args.mirror_rtt_ms,
+            slice: args.slice.clone(),
             model_nodes: args.model_nodes,
             model_zones: args.model_zones,
             image_bytes,
@@ -166,14 +168,15 @@ impl Results {
         println!();
         println!(
             "fleet: {} nodes, {} runs each; origin link {:.0} Mbit/s, {:.0} ms RTT; mirror link \
-             {:.0} Mbit/s, {} ms RTT; image {:.0} MB compressed ({:.0} MB of data blobs); took \
-             {:.0} s",
+             {:.0} Mbit/s, {} ms RTT; slice cache: {} slices; image {:.0} MB compressed ({:.0} MB \
+             of data blobs); took {:.0} s",
             self.nodes,
             self.runs,
             self.mbit,
             self.rtt_ms,
             self.mirror_mbit,
             self.mirror_rtt_ms,
+            self.slice,
             self.image_bytes as f64 / MB,
             self.data_bytes as f64 / MB,
             self.elapsed_s
