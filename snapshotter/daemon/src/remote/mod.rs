@@ -10,6 +10,7 @@ mod background;
 mod fake;
 mod labels;
 mod profile;
+mod registry_blob;
 mod source;
 mod spans;
 mod trust;
@@ -34,8 +35,9 @@ use self::background::Background;
 pub use self::background::BackgroundConfig;
 pub use self::labels::{LayerRequest, TARGET_LABEL};
 use self::profile::{AccessLog, LayerJob, Prefetcher};
-pub use self::source::DEFAULT_MIRROR_MAX_SKIP;
-use self::source::{CacheReader, RegistryBlob};
+pub use self::registry_blob::DEFAULT_MIRROR_MAX_SKIP;
+use self::registry_blob::{MirrorHealth, RegistryBlob};
+use self::source::CacheReader;
 use self::spans::{GzipSpans, SpanTable};
 
 /// The span table of a layer of the index kind, beside its TOC.
@@ -121,6 +123,9 @@ pub struct RemoteLayers {
     /// Most bytes of a mirror's whole-blob answer to a range read read through before the
     /// range (`[fetch] mirror_max_skip_bytes`).
     mirror_max_skip: u64,
+    /// Which mirrors failed, shared by every blob of the node: a mirror that stalls costs one
+    /// timeout, not one per layer.
+    mirror_health: Arc<MirrorHealth>,
     background: Background,
     mounts: Mutex<HashMap<u64, MountEntry>>,
     fallback_logged: Mutex<HashMap<String, Instant>>,
@@ -172,6 +177,7 @@ impl RemoteLayers {
             mounter,
             mirrors,
             mirror_max_skip: DEFAULT_MIRROR_MAX_SKIP,
+            mirror_health: Arc::default(),
             background: Background::new(background),
             mounts: Mutex::new(HashMap::new()),
             fallback_logged: Mutex::new(HashMap::new()),
@@ -502,6 +508,7 @@ impl RemoteLayers {
                 repo.clone(),
                 mirrors,
                 source.data_digest,
+                self.mirror_health.clone(),
             )
             .with_max_skip(self.mirror_max_skip),
         );
@@ -514,8 +521,14 @@ impl RemoteLayers {
                 source,
             })?;
             let windows = Arc::new(
-                RegistryBlob::new(self.client.clone(), repo, &[], checkpoints.digest)
-                    .with_max_skip(self.mirror_max_skip),
+                RegistryBlob::new(
+                    self.client.clone(),
+                    repo,
+                    &[],
+                    checkpoints.digest,
+                    self.mirror_health.clone(),
+                )
+                .with_max_skip(self.mirror_max_skip),
             );
             blob = Arc::new(GzipSpans::new(
                 blob,
