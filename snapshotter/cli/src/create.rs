@@ -37,7 +37,7 @@ pub struct Args {
           value_parser = ["chunked", "index"])]
     kind: String,
     /// Index kind: uncompressed bytes between two checkpoints (64 KiB to 8 MiB): what a read
-    /// fetches and inflates at most, plus a deflate block [default: 4194304].
+    /// fetches and inflates at most, plus a deflate block [default: 1048576].
     #[arg(long, value_name = "BYTES",
           value_parser = clap::value_parser!(u32).range(65536..=i64::from(MAX_CHUNK_SIZE / 2)))]
     span_size: Option<u32>,

@@ -11,7 +11,7 @@
 use std::io::{self, Read, Write};
 
 use streamsnap_format::api::{self, Codec, EntryType};
-use streamsnap_format::gzip::{RawInflate, WINDOW_SIZE, encode_window};
+use streamsnap_format::gzip::{RawInflate, WINDOW_SIZE, decode_span, encode_window};
 use streamsnap_format::media::LayerCompression;
 use streamsnap_format::{Digest, DigestHasher, FORMAT_VERSION, MAX_CHUNK_SIZE, Toc};
 
@@ -21,9 +21,9 @@ use crate::layer::{ConvertOptions, LayerSource, Progress};
 use crate::tarstream::{Pending, corrupt};
 
 /// Default uncompressed bytes between two checkpoints: a read fetches and inflates at most
-/// about this much (plus one deflate block); the index costs one window (32 KiB before
-/// compression) per span.
-pub const DEFAULT_SPAN_SIZE: u32 = 4 << 20;
+/// about this much (plus one deflate block), as a chunk of the chunked kind; the index costs
+/// one window (32 KiB before compression) per span whose back-references reach before it.
+pub const DEFAULT_SPAN_SIZE: u32 = 1 << 20;
 /// Longest gzip header field (file name, comment) accepted.
 const MAX_HEADER_FIELD: usize = 64 << 10;
 const INPUT_BUFFER: usize = 256 << 10;
@@ -231,6 +231,9 @@ struct Span {
 struct Open {
     offset: u64,
     checkpoint: api::Checkpoint,
+    /// The output before the span (at most [`WINDOW_SIZE`]), written as the span's window when
+    /// it closes, if the span needs it.
+    window: Vec<u8>,
     out_start: u64,
     hasher: DigestHasher,
 }
@@ -263,6 +266,8 @@ struct Indexer<'p, R, W> {
     out_hasher: DigestHasher,
     ended: bool,
     layer: Digest,
+    /// Compressed bytes from the open span's offset on, to try it without its window.
+    span_input: Vec<u8>,
 }
 
 impl<'p, R: Read, W: Write> Indexer<'p, R, W> {
@@ -280,6 +285,7 @@ impl<'p, R: Read, W: Write> Indexer<'p, R, W> {
             open: Open {
                 offset: 0,
                 checkpoint: api::Checkpoint::default(),
+                window: Vec::new(),
                 out_start: 0,
                 hasher: DigestHasher::new(),
             },
@@ -288,6 +294,7 @@ impl<'p, R: Read, W: Write> Indexer<'p, R, W> {
             out_hasher: DigestHasher::new(),
             ended: false,
             layer,
+            span_input: Vec::new(),
         };
         indexer.skip_header()?;
         indexer.open.offset = indexer.position();
@@ -376,8 +383,7 @@ impl<'p, R: Read, W: Write> Indexer<'p, R, W> {
 
     /// Closes the open span at blob offset `end` and opens the next one there.
     fn checkpoint(&mut self, end: u64, bits: u8, last_byte: u8) -> io::Result<()> {
-        let window = &self.window[self.window.len().saturating_sub(WINDOW_SIZE)..];
-        let frame = encode_window(window);
+        let window = self.window[self.window.len().saturating_sub(WINDOW_SIZE)..].to_vec();
         let checkpoint = api::Checkpoint {
             bits: u32::from(bits),
             prime: if bits > 0 {
@@ -385,14 +391,13 @@ impl<'p, R: Read, W: Write> Indexer<'p, R, W> {
             } else {
                 0
             },
-            window_offset: self.out_hasher.len(),
-            window_size: frame.len() as u32,
+            window_offset: 0,
+            window_size: 0,
         };
-        self.out.write_all(&frame)?;
-        self.out_hasher.update(&frame);
         let next = Open {
             offset: end,
             checkpoint,
+            window,
             out_start: self.produced,
             hasher: DigestHasher::new(),
         };
@@ -400,6 +405,7 @@ impl<'p, R: Read, W: Write> Indexer<'p, R, W> {
         self.close(closed, end)
     }
 
+    /// Records a closed span ending at blob offset `end`, with its window if it needs one.
     fn close(&mut self, span: Open, end: u64) -> io::Result<()> {
         let size = self.produced - span.out_start;
         if size > u64::from(MAX_CHUNK_SIZE) {
@@ -408,15 +414,32 @@ impl<'p, R: Read, W: Write> Indexer<'p, R, W> {
                  bytes; convert this layer with the chunked kind"
             )));
         }
+        let compressed_size = u32::try_from(end - span.offset)
+            .map_err(|_| io::Error::other("a span's compressed size overflows"))?;
+        let chunk = api::Chunk {
+            offset: span.offset,
+            compressed_size,
+            size: size as u32,
+            sha256: span.hasher.finish().as_bytes().to_vec(),
+        };
+        // The bytes of the span are the tail of what was read since it opened (the next span
+        // may share its last byte).
+        let input = &self.span_input[..(end - span.offset) as usize];
+        let mut checkpoint = span.checkpoint;
+        if !span.window.is_empty() && decode_span(&chunk, &checkpoint, &[], input).is_err() {
+            // Its back-references reach before it: the window goes into the checkpoints blob.
+            let frame = encode_window(&span.window);
+            checkpoint.window_offset = self.out_hasher.len();
+            checkpoint.window_size = frame.len() as u32;
+            self.out.write_all(&frame)?;
+            self.out_hasher.update(&frame);
+        }
+        // What the next span starts with: the bytes from `end` on (the byte before `end` too,
+        // when the boundary is inside it: it is read again from the blob as `prime`).
+        self.span_input.drain(..(end - span.offset) as usize);
         self.spans.push(Span {
-            chunk: api::Chunk {
-                offset: span.offset,
-                compressed_size: u32::try_from(end - span.offset)
-                    .map_err(|_| io::Error::other("a span's compressed size overflows"))?,
-                size: size as u32,
-                sha256: span.hasher.finish().as_bytes().to_vec(),
-            },
-            checkpoint: span.checkpoint,
+            chunk,
+            checkpoint,
             out_start: span.out_start,
         });
         Ok(())
@@ -494,6 +517,8 @@ impl<R: Read, W: Write> Read for Indexer<'_, R, W> {
                 .inflate
                 .step(&self.buffer[self.at..self.len], buf, true)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            self.span_input
+                .extend_from_slice(&self.buffer[self.at..self.at + step.consumed]);
             self.at += step.consumed;
             let produced = step.produced;
             self.remember(&buf[..produced]);
@@ -505,6 +530,7 @@ impl<R: Read, W: Write> Read for Indexer<'_, R, W> {
                     Open {
                         offset: end,
                         checkpoint: api::Checkpoint::default(),
+                        window: Vec::new(),
                         out_start: self.produced,
                         hasher: DigestHasher::new(),
                     },

@@ -274,3 +274,32 @@ fn the_index_kind_refuses_what_it_cannot_read_and_names_the_chunked_kind() {
     .unwrap_err();
     assert!(matches!(error, Error::DiffIdMismatch { .. }), "{error}");
 }
+
+#[test]
+fn spans_of_stored_blocks_need_no_window_and_compressible_spans_keep_theirs() {
+    // Incompressible content: gzip stores it, nothing refers back, no window is kept.
+    let noise = streamsnap_e2e::targen::pseudo_random_bytes(7, 6 << 20);
+    let text: Vec<u8> = (0..200_000u32)
+        .flat_map(|i| format!("line {} of a repetitive log\n", i % 977).into_bytes())
+        .collect();
+    for (content, windows_expected) in [(noise, false), (text, true)] {
+        let mut t = streamsnap_e2e::TarGen::new();
+        t.file("data", 0o644, &content);
+        let tar = t.finish();
+        // gzip's default level, as image builders use (zlib-rs's level 1 writes one block).
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&tar).unwrap();
+        let layer = enc.finish().unwrap();
+        let (toc, checkpoints) = index(&layer, LayerCompression::Gzip, &tar, 1 << 20).unwrap();
+        assert!(toc.chunks().len() > 2, "{} spans", toc.chunks().len());
+        let windows = (0..toc.chunks().len() as u32)
+            .filter(|&i| toc.checkpoint(i).unwrap().window_size > 0)
+            .count();
+        assert_eq!(windows > 0, windows_expected, "{windows} windows");
+        if !windows_expected {
+            assert!(checkpoints.is_empty());
+        }
+        let views = index_views(&toc, &layer, &checkpoints).unwrap();
+        assert!(diff_views(&views, &tar_views(&tar).unwrap()).is_empty());
+    }
+}

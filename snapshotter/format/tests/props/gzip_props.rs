@@ -156,7 +156,7 @@ proptest! {
     }
 
     /// A TOC of gzip spans validates only with one checkpoint per chunk, windows inside the
-    /// checkpoints blob (none only for the first span), bits 0..=7 and the layer as data blob.
+    /// checkpoints blob (none for the first span), bits 0..=7 and the layer as data blob.
     #[test]
     fn gzip_tocs_with_broken_checkpoints_are_refused(
         spans in 1usize..6,
