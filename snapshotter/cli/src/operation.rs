@@ -103,6 +103,9 @@ fn details(op: &Operation) -> String {
     if let Some(artifact) = &op.artifact_digest {
         rows.push(vec!["ARTIFACT".to_owned(), artifact.to_string()]);
     }
+    if let Some(kind) = op.kind {
+        rows.push(vec!["KIND".to_owned(), kind.to_string()]);
+    }
     if let Some(subject) = op.subject_digest.filter(|s| *s != op.manifest_digest) {
         rows.push(vec!["SUBJECT".to_owned(), subject.to_string()]);
     }
