@@ -84,6 +84,7 @@ pub fn debian_package(program: &str) -> Option<&'static str> {
         "unshare" | "nsenter" | "mount" | "umount" => "util-linux",
         "protoc" => "protobuf-compiler",
         "initdb" | "pg_ctl" | "postgres" | "psql" => "postgresql",
+        "nginx" => "nginx",
         _ => return None,
     })
 }
