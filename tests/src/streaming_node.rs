@@ -59,16 +59,7 @@ impl StreamingNode {
         }
         // For `sha256sum -c /data/sums` inside a container.
         tar.file("data/sums", 0o644, sums.as_bytes());
-        let spec = ImageSpec::busybox(vec![LayerBlob::new(tar.finish(), Compression::Gzip)])?;
-        let mut layout = OciLayout::new()?;
-        layout.write_image(&spec, "v1")?;
-        let direct = format!("{}/res/app:v1", registry.addr());
-        skopeo_push(layout.path(), "v1", &direct)?;
-        crate::run(
-            Command::new(workspace_bin("streamsnap")?)
-                .args(["artifact-streaming", "create", "--image", &direct])
-                .args(create),
-        )?;
+        push_converted(&registry, "res/app:v1", tar.finish(), create)?;
         let proxy = CountingProxy::start(&registry.addr())?;
         let daemon = Snapshotterd::start(options)?;
         let containerd = Containerd::start(
@@ -121,6 +112,29 @@ impl StreamingNode {
     pub fn metrics(&self) -> anyhow::Result<String> {
         Ok(String::from_utf8(self.daemon.get("/metrics")?)?)
     }
+}
+
+/// Pushes busybox and a gzip layer of `layer` (a tar) as `REGISTRY/NAME:v1` (`name_tag` is
+/// `NAME:v1`) and converts it with `streamsnap artifact-streaming create`, `create` being more
+/// arguments for it (e.g. `--kind index`).
+pub fn push_converted(
+    registry: &Registry,
+    name_tag: &str,
+    layer: Vec<u8>,
+    create: &[&str],
+) -> anyhow::Result<()> {
+    let spec = ImageSpec::busybox(vec![LayerBlob::new(layer, Compression::Gzip)])?;
+    let mut layout = OciLayout::new()?;
+    let tag = name_tag.rsplit_once(':').map_or("latest", |(_, t)| t);
+    layout.write_image(&spec, tag)?;
+    let direct = format!("{}/{name_tag}", registry.addr());
+    skopeo_push(layout.path(), tag, &direct)?;
+    crate::run(
+        Command::new(workspace_bin("streamsnap")?)
+            .args(["artifact-streaming", "create", "--image", &direct])
+            .args(create),
+    )?;
+    Ok(())
 }
 
 /// The value of a metric line `name{labels} value` (summed over label sets that contain

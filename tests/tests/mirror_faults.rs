@@ -15,15 +15,15 @@
 //! `cargo build -p streamsnap-snapshotter -p streamsnap-holder -p streamsnap-cli --bins`.
 
 use std::fs;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use streamsnap_e2e::streaming_node::metric;
+use streamsnap_e2e::streaming_node::push_converted;
 use streamsnap_e2e::targen::pseudo_random_bytes;
 use streamsnap_e2e::{
-    Compression, Containerd, ContainerdOptions, CountingProxy, Fault, ImageSpec, LayerBlob,
-    OciLayout, Registry, STREAMING_NODE_TOOLS, Snapshotterd, SnapshotterdOptions, TarGen,
-    require_root, require_root_tools, rpull, run_container, skopeo_push, workspace_bin,
+    Containerd, ContainerdOptions, CountingProxy, Fault, Registry, STREAMING_NODE_TOOLS,
+    Snapshotterd, SnapshotterdOptions, TarGen, require_root, require_root_tools, rpull,
+    run_container,
 };
 use streamsnap_format::Digest;
 
@@ -57,18 +57,8 @@ fn origin(seed: u64) -> anyhow::Result<Origin> {
         tar.file(&path, 0o644, &content);
         files.push((format!("/{path}"), Digest::sha256(&content).hex()));
     }
-    let spec = ImageSpec::busybox(vec![LayerBlob::new(tar.finish(), Compression::Gzip)])?;
-    let mut layout = OciLayout::new()?;
-    layout.write_image(&spec, "v1")?;
     let image_path = "faults/app:v1".to_owned();
-    let direct = format!("{}/{image_path}", registry.addr());
-    skopeo_push(layout.path(), "v1", &direct)?;
-    streamsnap_e2e::run(Command::new(workspace_bin("streamsnap")?).args([
-        "artifact-streaming",
-        "create",
-        "--image",
-        &direct,
-    ]))?;
+    push_converted(&registry, &image_path, tar.finish(), &[])?;
     Ok(Origin {
         registry,
         image_path,

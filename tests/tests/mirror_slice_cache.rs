@@ -16,17 +16,17 @@
 //! `cargo build -p streamsnap-snapshotter -p streamsnap-holder -p streamsnap-cli --bins`.
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::thread;
 
 use anyhow::ensure;
 use streamsnap_e2e::nginx::{CacheAccess, SliceCache, UPSTREAM_AGENT};
 use streamsnap_e2e::streaming_node::metric;
+use streamsnap_e2e::streaming_node::push_converted;
 use streamsnap_e2e::targen::pseudo_random_bytes;
 use streamsnap_e2e::{
     Compression, Containerd, ContainerdOptions, CountingProxy, ImageSpec, LayerBlob, OciLayout,
     Registry, STREAMING_NODE_TOOLS, Snapshotterd, SnapshotterdOptions, TarGen, http, require_root,
-    require_root_tools, rpull, run_container, skopeo_push, workspace_bin,
+    require_root_tools, rpull, run_container, skopeo_push,
 };
 use streamsnap_format::Digest;
 
@@ -227,18 +227,8 @@ fn origin() -> anyhow::Result<Origin> {
         tar.file(&path, 0o644, &read);
         files.push((format!("/{path}"), Digest::sha256(&read).hex()));
     }
-    let spec = ImageSpec::busybox(vec![LayerBlob::new(tar.finish(), Compression::Gzip)])?;
-    let mut layout = OciLayout::new()?;
-    layout.write_image(&spec, "v1")?;
     let image_path = "slice/app:v1".to_owned();
-    let direct = format!("{}/{image_path}", registry.addr());
-    skopeo_push(layout.path(), "v1", &direct)?;
-    streamsnap_e2e::run(Command::new(workspace_bin("streamsnap")?).args([
-        "artifact-streaming",
-        "create",
-        "--image",
-        &direct,
-    ]))?;
+    push_converted(&registry, &image_path, tar.finish(), &[])?;
     Ok(Origin {
         registry,
         image_path,

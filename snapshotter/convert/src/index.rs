@@ -15,10 +15,8 @@ use streamsnap_format::gzip::{RawInflate, WINDOW_SIZE, decode_span, encode_windo
 use streamsnap_format::media::LayerCompression;
 use streamsnap_format::{Digest, DigestHasher, FORMAT_VERSION, MAX_CHUNK_SIZE, Toc};
 
-use crate::entry::toc_entry;
 use crate::error::{Error, Result};
-use crate::layer::{ConvertOptions, LayerSource, Progress};
-use crate::tarstream::{Pending, corrupt};
+use crate::layer::{ConvertOptions, CountingReader, LayerSource, Progress, walk_entries};
 
 /// Default uncompressed bytes between two checkpoints: a read fetches and inflates at most
 /// about this much (plus one deflate block), as a chunk of the chunked kind; the index costs
@@ -66,21 +64,23 @@ pub fn index_layer<R: Read, W: Write>(
     };
     let span_size = u64::from(options.span_size.clamp(64 << 10, MAX_CHUNK_SIZE / 2));
     let mut indexer = Indexer::new(
-        Hashed {
+        CountingReader {
             inner: input,
             hasher: DigestHasher::new(),
             progress,
+            limit: u64::MAX,
         },
         out,
         span_size,
         source.digest,
     )
     .map_err(corrupt_layer)?;
-    let mut tar_stream = Limited {
+    // A cancel stops the input: `create`'s reader fails at its next read.
+    let mut tar_stream = CountingReader {
         inner: &mut indexer,
         hasher: DigestHasher::new(),
+        progress: &|_| {},
         limit: options.max_layer_size,
-        cancel: options.cancel.clone(),
     };
     let walked = walk_tar(&mut tar_stream, source, options);
     // What follows the end-of-archive blocks is part of the diff ID, and the deflate stream
@@ -182,39 +182,28 @@ fn extents(starts: &[u64], spans: &[Span], position: u64, size: u64) -> Vec<api:
 /// Regular files: (entry index, position of the content in the tar stream, size).
 type Files = Vec<(usize, u64, u64)>;
 
+/// The entries, and where each regular file's content is in the tar stream (not read).
 fn walk_tar<R: Read>(
     tar_stream: R,
     source: &LayerSource,
     options: &ConvertOptions,
 ) -> Result<(Vec<api::Entry>, Files)> {
-    let corrupt = corrupt(source.digest);
-    let mut archive = tar::Archive::new(tar_stream);
-    let mut entries: Vec<api::Entry> = Vec::new();
     let mut files = Vec::new();
-    let mut pending = Pending::default();
-    for tar_entry in archive.entries().map_err(&corrupt)?.raw(true) {
-        let mut tar_entry = tar_entry.map_err(&corrupt)?;
-        let Some(member) = pending.absorb(&mut tar_entry).map_err(&corrupt)? else {
-            continue;
-        };
-        let Some(mut entry) = toc_entry(tar_entry.header(), member, source.digest)? else {
-            continue;
-        };
-        if entries.len() >= options.max_entries {
-            return Err(Error::TooManyEntries {
-                digest: source.digest,
-                limit: options.max_entries,
-            });
-        }
-        if entry.r#type == EntryType::Regular as i32 {
-            entry.size = tar_entry.size();
-            if entry.size > 0 {
-                files.push((entries.len(), tar_entry.raw_file_position(), entry.size));
+    let entries = walk_entries(
+        tar_stream,
+        source,
+        options,
+        |tar_entry, mut entry, entries| {
+            if entry.r#type == EntryType::Regular as i32 {
+                entry.size = tar_entry.size();
+                if entry.size > 0 {
+                    files.push((entries.len(), tar_entry.raw_file_position(), entry.size));
+                }
             }
-        }
-        entries.push(entry);
-    }
-    pending.finish().map_err(&corrupt)?;
+            entries.push(entry);
+            Ok(())
+        },
+    )?;
     Ok((entries, files))
 }
 
@@ -249,7 +238,7 @@ struct Index {
 
 /// Inflates a gzip stream as a `Read` of its output, recording checkpoints on the way.
 struct Indexer<'p, R, W> {
-    input: Hashed<'p, R>,
+    input: CountingReader<'p, R>,
     buffer: Vec<u8>,
     /// Unread input is `buffer[at..len]`; `base` is the blob offset of `buffer[0]`.
     at: usize,
@@ -271,7 +260,12 @@ struct Indexer<'p, R, W> {
 }
 
 impl<'p, R: Read, W: Write> Indexer<'p, R, W> {
-    fn new(input: Hashed<'p, R>, out: W, span_size: u64, layer: Digest) -> io::Result<Self> {
+    fn new(
+        input: CountingReader<'p, R>,
+        out: W,
+        span_size: u64,
+        layer: Digest,
+    ) -> io::Result<Self> {
         let mut indexer = Self {
             input,
             buffer: vec![0; INPUT_BUFFER],
@@ -565,48 +559,6 @@ impl<R: Read, W: Write> Read for Indexer<'_, R, W> {
                 return Ok(produced);
             }
         }
-    }
-}
-
-/// Hashes the compressed input and reports progress.
-struct Hashed<'p, R> {
-    inner: R,
-    hasher: DigestHasher,
-    progress: Progress<'p>,
-}
-
-impl<R: Read> Read for Hashed<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        (self.progress)(n as u64);
-        Ok(n)
-    }
-}
-
-/// Hashes the tar stream (diff ID), stops at the size limit and at a cancel.
-struct Limited<R> {
-    inner: R,
-    hasher: DigestHasher,
-    limit: u64,
-    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
-}
-
-impl<R: Read> Read for Limited<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.hasher.len() >= self.limit {
-            return Err(io::Error::other("the layer is larger than the size limit"));
-        }
-        if self
-            .cancel
-            .as_ref()
-            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-        {
-            return Err(io::Error::other("conversion canceled"));
-        }
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
     }
 }
 

@@ -185,6 +185,38 @@ fn walk_tar<R: Read>(
     chunker: &mut Chunker<'_>,
 ) -> Result<Vec<api::Entry>> {
     let corrupt = corrupt(source.digest);
+    walk_entries(
+        tar_stream,
+        source,
+        options,
+        |tar_entry, mut entry, entries| {
+            if entry.r#type == EntryType::Regular as i32 {
+                let index = entries.len();
+                read_content(tar_entry, &mut entry, index, chunker).map_err(|e| match e {
+                    Error::Io { source: io_err, .. } => corrupt(io_err),
+                    other => other,
+                })?;
+            }
+            entries.push(entry);
+            for (index, extent) in chunker.take_resolved() {
+                entries[index].extents.push(extent);
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Walks a layer's tar stream: extension headers applied, each member turned into its TOC
+/// entry and counted against `max_entries`, then handed to `each` with its tar entry (whose
+/// content `each` may read) and the entries so far; `each` pushes it. The chunked and the
+/// index kinds differ only in what they do with a regular file's content.
+pub(crate) fn walk_entries<R: Read>(
+    tar_stream: R,
+    source: &LayerSource,
+    options: &ConvertOptions,
+    mut each: impl FnMut(&mut tar::Entry<'_, R>, api::Entry, &mut Vec<api::Entry>) -> Result<()>,
+) -> Result<Vec<api::Entry>> {
+    let corrupt = corrupt(source.digest);
     let mut archive = tar::Archive::new(tar_stream);
     let mut entries: Vec<api::Entry> = Vec::new();
     let mut pending = Pending::default();
@@ -193,7 +225,7 @@ fn walk_tar<R: Read>(
         let Some(member) = pending.absorb(&mut tar_entry).map_err(&corrupt)? else {
             continue;
         };
-        let Some(mut entry) = toc_entry(tar_entry.header(), member, source.digest)? else {
+        let Some(entry) = toc_entry(tar_entry.header(), member, source.digest)? else {
             continue;
         };
         if entries.len() >= options.max_entries {
@@ -202,17 +234,7 @@ fn walk_tar<R: Read>(
                 limit: options.max_entries,
             });
         }
-        if entry.r#type == EntryType::Regular as i32 {
-            let index = entries.len();
-            read_content(&mut tar_entry, &mut entry, index, chunker).map_err(|e| match e {
-                Error::Io { source: io_err, .. } => corrupt(io_err),
-                other => other,
-            })?;
-        }
-        entries.push(entry);
-        for (index, extent) in chunker.take_resolved() {
-            entries[index].extents.push(extent);
-        }
+        each(&mut tar_entry, entry, &mut entries)?;
     }
     pending.finish().map_err(&corrupt)?;
     Ok(entries)
@@ -277,12 +299,12 @@ fn check_size(data: &[u8], size: u64) -> Result<()> {
 }
 
 /// Counts and hashes what passes through, reporting progress.
-struct CountingReader<'p, R> {
-    inner: R,
-    hasher: DigestHasher,
-    progress: Progress<'p>,
+pub(crate) struct CountingReader<'p, R> {
+    pub(crate) inner: R,
+    pub(crate) hasher: DigestHasher,
+    pub(crate) progress: Progress<'p>,
     /// Reading fails once this many bytes went through.
-    limit: u64,
+    pub(crate) limit: u64,
 }
 
 impl<R: Read> Read for CountingReader<'_, R> {

@@ -196,8 +196,8 @@ impl GzipSpans {
             .collect())
     }
 
-    /// The window frame of `span`: fetched with its range, or now on its own (retrying what
-    /// may pass until the deadline).
+    /// The window frame of `span`: fetched with its range, or now on its own (the registry
+    /// client retries what may pass; the cache's deadline bounds the wait).
     async fn window(&self, span: &Span) -> Result<Bytes, String> {
         if span.window_size == 0 {
             return Ok(Bytes::new());
@@ -205,32 +205,17 @@ impl GzipSpans {
         if let Some(frame) = self.pending().remove(&span.offset) {
             return Ok(frame);
         }
-        let read = async {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                match self
-                    .checkpoints
-                    .read_range(span.window_offset, u64::from(span.window_size))
-                    .await
-                {
-                    Ok(frame) => return Ok(frame),
-                    Err(error) if error.retryable => {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                    }
-                    Err(error) => return Err(error.to_string()),
-                }
-            }
-        };
-        tokio::time::timeout(self.window_deadline, read)
-            .await
-            .map_err(|_| {
-                format!(
-                    "no window from {} within {:?}",
-                    self.checkpoints.describe(),
-                    self.window_deadline
-                )
-            })?
+        let read = self
+            .checkpoints
+            .read_range(span.window_offset, u64::from(span.window_size));
+        match tokio::time::timeout(self.window_deadline, read).await {
+            Ok(frame) => frame.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "no window from {} within {:?}",
+                self.checkpoints.describe(),
+                self.window_deadline
+            )),
+        }
     }
 }
 
@@ -285,16 +270,7 @@ impl BlobSource for GzipSpans {
                 };
                 decode_span(&table_chunk, &checkpoint, &window, &frame)
                     .map(Bytes::from)
-                    .map_err(|e| {
-                        let mut message = e.to_string();
-                        let mut source = std::error::Error::source(&e);
-                        while let Some(inner) = source {
-                            message.push_str(": ");
-                            message.push_str(&inner.to_string());
-                            source = inner.source();
-                        }
-                        message
-                    })
+                    .map_err(|e| crate::error::chain(&e))
             })
             .await
             .unwrap_or_else(|e| Err(format!("span decoding task failed: {e}")))
