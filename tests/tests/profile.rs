@@ -84,6 +84,15 @@ fn a_pushed_profile_is_prefetched_so_the_start_runs_without_the_registry() -> an
         metric(&text, "streamsnap_snapshotter_prefetch_layers_total", &[]) >= 1.0,
         "{text}"
     );
+    // The data layer was resolved (and its prefetch started) at the first layer's Prepare.
+    ensure!(
+        metric(
+            &text,
+            "streamsnap_snapshotter_layers_resolved_ahead_total",
+            &[]
+        ) >= 1.0,
+        "{text}"
+    );
     // Only what the profile lists: the two files, not all eight.
     ensure!(
         last < (FILES * FILE_SIZE) as f64 / 2.0,

@@ -22,6 +22,7 @@ use streamsnap_e2e::image::{ImageSpec, LayerBlob, OciLayout, WrittenImage};
 use streamsnap_e2e::layers::MergedView;
 use streamsnap_e2e::registry::AccessLogEntry;
 use streamsnap_e2e::snapshotterd::SNAPSHOTTER;
+use streamsnap_e2e::streaming_node::metric;
 use streamsnap_e2e::targen::pseudo_random_bytes;
 use streamsnap_e2e::{
     CRI_NAMESPACE, Containerd, ContainerdOptions, CountingProxy, Node, Registry,
@@ -612,10 +613,22 @@ fn layered_rootfs_matches_overlayfs_entry_for_entry() -> anyhow::Result<()> {
     check_view(&baseline, &upper_layers_view()).context("the overlayfs baseline")?;
     check_baseline(&baseline)?;
 
-    let node = StreamsnapNode::start(SnapshotterdOptions::default(), false, &[])?;
+    let node = StreamsnapNode::start(SnapshotterdOptions::default().with_metrics(), false, &[])?;
     node.diagnose(|| {
         let log_start = registry.access_log()?.len();
         rpull(&node.containerd, &image, SNAPSHOTTER, true)?;
+        // The first Prepare resolved every other layer ahead; each later Prepare took its own.
+        let metrics = String::from_utf8(node.daemon.get("/metrics")?)?;
+        let ahead = metric(
+            &metrics,
+            "streamsnap_snapshotter_layers_resolved_ahead_total",
+            &[],
+        );
+        ensure!(
+            ahead == (written.layers.len() - 1) as f64,
+            "{ahead} of {} layers were resolved ahead of their Prepare",
+            written.layers.len()
+        );
         let rootfs = mount_view(&node.containerd, SNAPSHOTTER, &top(&written)?, "lazy")?;
         let tree = walk_tree(rootfs.path()).context("walking the streamsnap rootfs")?;
         drop(rootfs);

@@ -50,6 +50,9 @@ pub struct Metrics {
     /// them, and layers whose profile prefetch started.
     pub prefetch_bytes: IntCounter,
     pub prefetch_layers: IntCounter,
+    /// Layers a Prepare found resolved ahead (TOC fetched, checked and indexed at their
+    /// image's first Prepare).
+    pub layers_resolved_ahead: IntCounter,
     /// Takeovers of the FUSE connections from the holder, by how the previous daemon ended
     /// (graceful: it handed over; crash: it died), and mounts done afresh instead.
     pub handovers: IntCounterVec,
@@ -129,6 +132,10 @@ impl Metrics {
             "streamsnap_snapshotter_prefetch_layers_total",
             "Layer mounts that started prefetching the chunks of a start-up profile",
         )?;
+        let layers_resolved_ahead = IntCounter::new(
+            "streamsnap_snapshotter_layers_resolved_ahead_total",
+            "Layers whose Prepare found them resolved ahead, at their image's first Prepare",
+        )?;
         let handovers = IntCounterVec::new(
             Opts::new(
                 "streamsnap_snapshotter_handovers_total",
@@ -180,6 +187,7 @@ impl Metrics {
         registry.register(Box::new(background_layers.clone()))?;
         registry.register(Box::new(prefetch_bytes.clone()))?;
         registry.register(Box::new(prefetch_layers.clone()))?;
+        registry.register(Box::new(layers_resolved_ahead.clone()))?;
         Ok(Self {
             registry,
             snapshots,
@@ -194,6 +202,7 @@ impl Metrics {
             background_layers,
             prefetch_bytes,
             prefetch_layers,
+            layers_resolved_ahead,
             handovers,
             fuse_resends,
             fuse_resend_supported,

@@ -146,7 +146,7 @@ impl Snapshotter {
     /// `remote/<id>/<target>`, labelled with the target so containerd's lookup finds it.
     async fn prepare_remote(
         &self,
-        remote: &crate::remote::RemoteLayers,
+        remote: &std::sync::Arc<crate::remote::RemoteLayers>,
         target: &str,
         parent: Option<&str>,
         labels: &BTreeMap<String, String>,

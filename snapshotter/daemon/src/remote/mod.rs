@@ -11,6 +11,7 @@ mod fake;
 mod labels;
 mod profile;
 mod registry_blob;
+mod resolve;
 mod source;
 mod spans;
 mod trust;
@@ -22,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use streamsnap_cache::{ChunkCache, ChunkRef};
-use streamsnap_format::{Digest, LayerProfile, Profile, Toc};
+use streamsnap_format::{Digest, LayerProfile, Profile};
 use streamsnap_fs::{
     ChunkTable, FsOptions, FuseConnection, IndexFile, KernelFeature, KernelFeatures, Layer,
     LayerIndex, MetadataCache, MetadataConfig,
@@ -37,6 +38,7 @@ pub use self::labels::{LayerRequest, TARGET_LABEL};
 use self::profile::{AccessLog, LayerJob, Prefetcher};
 pub use self::registry_blob::DEFAULT_MIRROR_MAX_SKIP;
 use self::registry_blob::{MirrorHealth, RegistryBlob};
+use self::resolve::{Ahead, Feed, Resolved};
 use self::source::CacheReader;
 use self::spans::{GzipSpans, SpanTable};
 
@@ -45,7 +47,7 @@ const SPANS_FILE: &str = "spans";
 pub use self::trust::TrustPolicy;
 use crate::metrics::Metrics;
 use crate::mounter::{MountedFs, Mounter};
-use crate::store::{CheckpointsBlob, RemoteSource};
+use crate::store::RemoteSource;
 
 /// Largest TOC blob fetched (compressed): a TOC at the format's entry cap compresses to well
 /// under this (docs/format.md, "Limits").
@@ -104,6 +106,16 @@ pub enum RemoteError {
 /// Batches of a layer's chunks to prefetch, each with the rank of its first read.
 type Batches = Vec<(u64, Vec<ChunkRef>)>;
 
+/// What a layer's resolution made for its first mount.
+struct Fresh {
+    index: LayerIndex,
+    spans: Option<SpanTable>,
+    /// Batches of its profile to fetch now.
+    prefetch: Option<Batches>,
+    /// Its feed, when its prefetch started before the mount.
+    feed: Option<Feed>,
+}
+
 /// A mounted layer, the switch that stops its background fetch and prefetch, and what its
 /// first reads touched.
 struct MountEntry {
@@ -118,6 +130,8 @@ pub struct RemoteLayers {
     cache: Arc<ChunkCache>,
     mounter: Arc<dyn Mounter>,
     artifacts: ArtifactCache,
+    /// Layers resolved ahead of their Prepare (at their image's first one).
+    ahead: Ahead,
     /// Mirrors by registry host, tried first for blob reads.
     mirrors: HashMap<String, Vec<String>>,
     /// Most bytes of a mirror's whole-blob answer to a range read read through before the
@@ -172,6 +186,7 @@ impl RemoteLayers {
     ) -> Self {
         Self {
             artifacts: ArtifactCache::new(client.clone()),
+            ahead: Ahead::default(),
             client,
             cache,
             mounter,
@@ -304,100 +319,36 @@ impl RemoteLayers {
         &self.cache
     }
 
-    /// Finds the layer's streaming form, fetches its TOC into `dir/toc` and mounts it on
-    /// `dir/fs`.
+    /// Finds the layer's streaming form, saves its TOC into `dir/toc` and mounts it on
+    /// `dir/fs`. The image's first Prepare also starts resolving its other layers
+    /// ([`resolve`]), which the Prepares that follow take ready.
     pub async fn mount(
-        &self,
+        self: &Arc<Self>,
         id: u64,
         dir: &Path,
         request: &LayerRequest,
     ) -> Result<RemoteSource, RemoteError> {
         let artifact = self.artifacts.get(request).await?;
-        let (toc_descriptor, data_descriptor) = artifact.layer(&request.layer_digest)?;
-        let repo = &artifact.repository;
-        // The client checks the blob against the digest the artifact manifest pins.
-        let blob = self
-            .client
-            .get_blob_bytes(repo, &toc_descriptor.digest, MAX_TOC_BLOB)
-            .await?;
-        // One decode at a time, off the runtime's threads: a TOC at the limits costs up to the
-        // format's decode budget while it is decoded, and two at once would cost twice that.
-        let _one_at_a_time = self.toc_decodes.acquire().await.expect("never closed");
-        let toc = {
-            let blob = blob.clone();
-            tokio::task::spawn_blocking(move || Toc::decode(&blob))
-                .await
-                .expect("TOC decoding does not panic")
-        }
-        .map_err(|source| RemoteError::Toc {
-            layer: request.layer_digest,
-            source,
-        })?;
-        if let Err(error) = artifact.expect_claims(
-            toc_descriptor.digest,
-            request.layer_digest,
-            toc.layer_digest(),
-            toc.diff_id(),
-        ) {
-            self.artifacts.reject(&artifact, error.to_string());
-            return Err(error);
-        }
-        // The chunked kind's TOC names the artifact's data blob; the index kind's, the layer
-        // itself (checked by the format) and the artifact's checkpoints blob.
-        let (data_digest, data_size, checkpoints) = match (artifact.kind, toc.checkpoints_blob()) {
-            (ArtifactKind::Chunked, None)
-                if toc.data_digest() == data_descriptor.digest
-                    && toc.data_size() == data_descriptor.size =>
-            {
-                (data_descriptor.digest, data_descriptor.size, None)
+        self.resolve_ahead(&artifact, request.layer_digest);
+        let resolved = match self.ahead.take(artifact.digest, request.layer_digest).await {
+            Some(resolved) => {
+                self.metrics.layers_resolved_ahead.inc();
+                resolved
             }
-            (ArtifactKind::Index, Some((digest, size)))
-                if digest == data_descriptor.digest && size == data_descriptor.size =>
-            {
-                (
-                    toc.data_digest(),
-                    toc.data_size(),
-                    Some(CheckpointsBlob { digest, size }),
-                )
-            }
-            _ => {
-                return Err(RemoteError::InvalidArtifact {
-                    artifact: artifact.digest,
-                    reason: format!(
-                        "TOC {} names another data blob than the manifest, or is of another kind",
-                        toc_descriptor.digest
-                    ),
-                });
-            }
+            None => self.resolve(&artifact, request.layer_digest).await?,
         };
-        let spans = SpanTable::of_toc(&toc);
-        // The layer's index: what the mount serves from, saved beside the TOC so the layer can
-        // drop it when idle and load it again (and a restart mount it) without decoding.
-        let toc = Arc::new(toc);
-        let index = {
-            let toc = toc.clone();
-            let toc_digest = toc_descriptor.digest;
-            tokio::task::spawn_blocking(move || {
-                LayerIndex::build(&toc, toc_digest, &FsOptions::default())
-            })
-            .await
-            .expect("building a layer index does not panic")
-        }
-        .map_err(|source| RemoteError::Fs {
-            layer: request.layer_digest,
+        let Resolved {
+            toc_blob,
             source,
-        })?;
-        let source = RemoteSource {
-            registry: repo.registry.clone(),
-            repository: repo.name.clone(),
-            layer_digest: request.layer_digest,
-            toc_digest: toc_descriptor.digest,
-            data_digest,
-            data_size,
-            checkpoints,
-        };
-        write_atomically(&dir.join("toc"), &blob)?;
-        if let Some(spans) = spans {
+            index,
+            spans,
+            prefetch,
+            feed,
+            held: _,
+        } = resolved;
+        write_atomically(&dir.join("toc"), &toc_blob)?;
+        drop(toc_blob);
+        if let Some(spans) = &spans {
             let path = dir.join(SPANS_FILE);
             spans.save(&path).map_err(|source| RemoteError::Io {
                 action: "saving the span table",
@@ -410,23 +361,13 @@ impl RemoteLayers {
             layer: request.layer_digest,
             source: e,
         })?;
-        let prefetch = match artifact.profile() {
-            Some(profile) if self.prefetch => profile.layer(&request.layer_digest).map(|listed| {
-                plan_within_budget(
-                    &*toc,
-                    listed,
-                    self.prefetch_budget(),
-                    artifact.prefetch_planned(),
-                )
-            }),
-            _ => None,
+        let fresh = Fresh {
+            index,
+            spans,
+            prefetch,
+            feed,
         };
-        // The decoded TOC goes now: the mount keeps only the index.
-        drop(toc);
-        drop(blob);
-        drop(_one_at_a_time);
-        tokio::task::spawn_blocking(streamsnap_fs::trim_heap);
-        self.mount_layer(id, dir, &source, None, Some(index), prefetch)?;
+        self.mount_layer(id, dir, &source, None, Some(fresh))?;
         Ok(source)
     }
 
@@ -456,7 +397,7 @@ impl RemoteLayers {
         if held.is_none() {
             crate::mounter::detach_all_under(&dir.join("fs"));
         }
-        self.mount_layer(id, dir, source, held, None, None)?;
+        self.mount_layer(id, dir, source, held, None)?;
         if resend {
             self.resend(id);
         }
@@ -473,29 +414,10 @@ impl RemoteLayers {
         }
     }
 
-    /// Mounts (or, with `held`, serves again) the layer of snapshot `id` from its files in
-    /// `dir`; `index`: its index, just built, to start with; `prefetch`: batches of its
-    /// profile to fetch now.
-    fn mount_layer(
-        &self,
-        id: u64,
-        dir: &Path,
-        source: &RemoteSource,
-        held: Option<FuseConnection>,
-        index: Option<LayerIndex>,
-        prefetch: Option<Batches>,
-    ) -> Result<(), RemoteError> {
-        let _span = tracing::info_span!("layer", id, digest = %source.layer_digest).entered();
-        let fs_dir = dir.join("fs");
-        // A kept connection is still mounted there, and nobody serves it until the session
-        // below runs: touching the path now (even a stat) would wait forever.
-        if held.is_none() {
-            std::fs::create_dir_all(&fs_dir).map_err(|e| RemoteError::Io {
-                action: "creating",
-                path: fs_dir.clone(),
-                source: e,
-            })?;
-        }
+    /// The blob a layer's chunks are read from (through the mirrors; for the index kind, its
+    /// spans inflated with the checkpoints' windows, `spans` being its span table) and a new
+    /// stop switch.
+    fn feed(&self, source: &RemoteSource, spans: Option<SpanTable>) -> Result<Feed, RemoteError> {
         let repo = Repository::new(source.registry.clone(), source.repository.clone());
         let mirrors = self
             .mirrors
@@ -513,13 +435,13 @@ impl RemoteLayers {
             .with_max_skip(self.mirror_max_skip),
         );
         if let Some(checkpoints) = source.checkpoints {
-            // The index kind: spans of the layer blob, inflated with the checkpoints' windows.
-            let path = dir.join(SPANS_FILE);
-            let table = SpanTable::load(&path).map_err(|source| RemoteError::Io {
-                action: "loading the span table",
-                path,
-                source,
-            })?;
+            let Some(table) = spans else {
+                return Err(RemoteError::Io {
+                    action: "finding the span table of",
+                    path: source.layer_digest.to_string().into(),
+                    source: std::io::ErrorKind::NotFound.into(),
+                });
+            };
             let windows = Arc::new(
                 RegistryBlob::new(
                     self.client.clone(),
@@ -537,6 +459,77 @@ impl RemoteLayers {
                 self.cache.fetch_deadline(),
             ));
         }
+        Ok(Feed {
+            blob,
+            stop: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Asks the prefetcher for `batches` of the layer's profile, read through `feed`.
+    fn start_prefetch(&self, source: &RemoteSource, feed: &Feed, batches: Batches) {
+        tracing::debug!(
+            layer = %source.layer_digest,
+            batches = batches.len(),
+            "prefetching the layer's chunks the start-up profile lists"
+        );
+        if batches.is_empty() {
+            return;
+        }
+        self.metrics.prefetch_layers.inc();
+        let job = LayerJob::new(
+            source.layer_digest.to_string(),
+            feed.blob.clone(),
+            self.cache.clone(),
+            feed.stop.clone(),
+        );
+        self.prefetcher.submit(&job, batches);
+    }
+
+    /// Mounts (or, with `held`, serves again) the layer of snapshot `id` from its files in
+    /// `dir`; `fresh`: what its resolution just made (its index, span table and profile
+    /// batches to fetch now, and its feed if the prefetch started already).
+    fn mount_layer(
+        &self,
+        id: u64,
+        dir: &Path,
+        source: &RemoteSource,
+        held: Option<FuseConnection>,
+        fresh: Option<Fresh>,
+    ) -> Result<(), RemoteError> {
+        let _span = tracing::info_span!("layer", id, digest = %source.layer_digest).entered();
+        let fs_dir = dir.join("fs");
+        // A kept connection is still mounted there, and nobody serves it until the session
+        // below runs: touching the path now (even a stat) would wait forever.
+        if held.is_none() {
+            std::fs::create_dir_all(&fs_dir).map_err(|e| RemoteError::Io {
+                action: "creating",
+                path: fs_dir.clone(),
+                source: e,
+            })?;
+        }
+        let (index, spans, prefetch, feed) = match fresh {
+            Some(fresh) => (Some(fresh.index), fresh.spans, fresh.prefetch, fresh.feed),
+            None => (None, None, None, None),
+        };
+        let feed = match feed {
+            Some(feed) => feed,
+            None => {
+                // A remount reads the index kind's span table from beside the TOC.
+                let spans = match (source.checkpoints, spans) {
+                    (Some(_), None) => {
+                        let path = dir.join(SPANS_FILE);
+                        Some(SpanTable::load(&path).map_err(|source| RemoteError::Io {
+                            action: "loading the span table",
+                            path,
+                            source,
+                        })?)
+                    }
+                    (_, spans) => spans,
+                };
+                self.feed(source, spans)?
+            }
+        };
+        let blob = feed.blob.clone();
         let log = Arc::new(AccessLog::new(self.reads.clone()));
         let reader = Arc::new(
             CacheReader::new(
@@ -591,7 +584,7 @@ impl RemoteLayers {
                 }
             }
         }
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = feed.stop.clone();
         self.mounts.lock().expect("mounts lock").insert(
             id,
             MountEntry {
@@ -603,20 +596,7 @@ impl RemoteLayers {
         );
         self.metrics.remote_mounts.inc();
         if let Some(batches) = prefetch {
-            tracing::debug!(
-                batches = batches.len(),
-                "prefetching the layer's chunks the start-up profile lists"
-            );
-            if !batches.is_empty() {
-                self.metrics.prefetch_layers.inc();
-                let job = LayerJob::new(
-                    source.layer_digest.to_string(),
-                    blob.clone(),
-                    self.cache.clone(),
-                    stop.clone(),
-                );
-                self.prefetcher.submit(&job, batches);
-            }
+            self.start_prefetch(source, &feed, batches);
         }
         self.background.start(
             layer,
