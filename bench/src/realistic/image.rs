@@ -160,15 +160,25 @@ impl ImageCache {
         })
     }
 
-    /// The data layer: one file of `bytes` pseudo-random bytes behind a short header. Gzip
+    /// The data layer: one file of `bytes` pseudo-random bytes behind a short header
+    /// (incompressible; with `compressible`, 512 random bytes per 4 KiB page and zeros). Gzip
     /// level 2, not 1: zlib-rs's level 1 (zlib-ng's "quick" strategy) writes the whole stream
     /// as one static-Huffman block, which expands random data by about 6% and has no block
     /// boundary for the index kind to start a span at; level 2 stores random data in stored
     /// blocks, as gzip at its default level (Docker's, containerd's) does.
-    pub fn data_layer(&self, bytes: u64) -> anyhow::Result<LayerInfo> {
+    pub fn data_layer(&self, bytes: u64, compressible: bool) -> anyhow::Result<LayerInfo> {
         const LEVEL: u32 = 2;
-        let recipe = format!("v{RECIPE_VERSION} data {bytes} level {LEVEL}");
-        let name = format!("data-{bytes}");
+        let (recipe, name) = if compressible {
+            (
+                format!("v{RECIPE_VERSION} data {bytes} compressible level {LEVEL}"),
+                format!("data-{bytes}-compressible"),
+            )
+        } else {
+            (
+                format!("v{RECIPE_VERSION} data {bytes} level {LEVEL}"),
+                format!("data-{bytes}"),
+            )
+        };
         self.layer(&name, &recipe, LEVEL, |w| {
             let mut builder = tar::Builder::new(w);
             dir_entry(&mut builder, "data/")?;
@@ -177,7 +187,8 @@ impl ImageCache {
             header.set_mode(0o644);
             header.set_size(bytes);
             header.set_mtime(1_700_000_000);
-            builder.append_data(&mut header, DATA_PATH, DataReader::new(bytes))?;
+            let data = DataReader::new(bytes, compressible);
+            builder.append_data(&mut header, DATA_PATH, data)?;
             builder.into_inner()?;
             Ok(2)
         })
@@ -307,20 +318,46 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-/// `len` bytes: [`DATA_MAGIC`], then xorshift64* output (incompressible, deterministic).
+/// SplitMix64's output for `x`: a stateless pseudo-random word.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// `len` bytes: [`DATA_MAGIC`], then xorshift64* output (incompressible, deterministic); with
+/// `compressible`, only the first [`RANDOM_PER_PAGE`] bytes of each 4 KiB page of the file are
+/// random, the rest zeros.
 struct DataReader {
     left: u64,
     state: u64,
     header: &'static [u8],
+    /// Offset in the file of the next byte.
+    at: u64,
+    compressible: bool,
 }
 
+/// Random bytes at the start of each 4 KiB page of compressible data.
+const RANDOM_PER_PAGE: u64 = 512;
+const PAGE: u64 = 4096;
+
 impl DataReader {
-    fn new(len: u64) -> Self {
+    fn new(len: u64, compressible: bool) -> Self {
         Self {
             left: len,
             state: 0x9e37_79b9_7f4a_7c15,
             header: DATA_MAGIC,
+            at: 0,
+            compressible,
         }
+    }
+
+    fn next_word(&mut self) -> [u8; 8] {
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        self.state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes()
     }
 }
 
@@ -335,13 +372,26 @@ impl Read for DataReader {
             n = self.header.len().min(want);
             buf[..n].copy_from_slice(&self.header[..n]);
             self.header = &self.header[n..];
+            self.at += n as u64;
         }
-        for chunk in buf[n..want].chunks_mut(8) {
-            self.state ^= self.state >> 12;
-            self.state ^= self.state << 25;
-            self.state ^= self.state >> 27;
-            let word = self.state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
-            chunk.copy_from_slice(&word[..chunk.len()]);
+        if self.compressible {
+            // Each random byte is a function of its offset, so the bytes do not depend on the
+            // sizes the reader is called with.
+            for byte in &mut buf[n..want] {
+                let in_page = self.at % PAGE;
+                *byte = if in_page < RANDOM_PER_PAGE {
+                    splitmix64(self.at / 8).to_le_bytes()[(self.at % 8) as usize]
+                } else {
+                    0
+                };
+                self.at += 1;
+            }
+        } else {
+            for chunk in buf[n..want].chunks_mut(8) {
+                let word = self.next_word();
+                chunk.copy_from_slice(&word[..chunk.len()]);
+            }
+            self.at += (want - n) as u64;
         }
         self.left -= want as u64;
         Ok(want)
@@ -475,4 +525,53 @@ fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
         )
     };
     usize::try_from(n).ok().map(|n| buf[..n].to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(mut reader: DataReader, buf_len: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = vec![0; buf_len];
+        loop {
+            let n = reader.read(&mut buf).unwrap();
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[test]
+    fn compressible_data_is_random_at_the_start_of_each_page_and_zeros_after() {
+        let len = 5 * PAGE + 100;
+        // Odd read sizes: the layout must not depend on how the reader is called.
+        let data = read_all(DataReader::new(len, true), 1000);
+        assert_eq!(data, read_all(DataReader::new(len, true), 4096 * 3 + 7));
+        assert_eq!(data.len() as u64, len);
+        assert!(data.starts_with(DATA_MAGIC));
+        for (i, page) in data.chunks(PAGE as usize).enumerate() {
+            let random = &page[..RANDOM_PER_PAGE.min(page.len() as u64) as usize];
+            assert!(
+                random.iter().filter(|&&b| b != 0).count() > random.len() * 3 / 4,
+                "page {i}"
+            );
+            if page.len() > RANDOM_PER_PAGE as usize {
+                assert!(
+                    page[RANDOM_PER_PAGE as usize..].iter().all(|&b| b == 0),
+                    "page {i}"
+                );
+            }
+        }
+        // The incompressible data is random after the header.
+        let random = read_all(DataReader::new(len, false), 64 << 10);
+        assert!(
+            random[DATA_MAGIC.len()..]
+                .iter()
+                .filter(|&&b| b == 0)
+                .count()
+                < 200
+        );
+    }
 }

@@ -78,6 +78,15 @@ pub struct Args {
     /// Skip the sequential read and stat figures.
     #[arg(long)]
     pub skip_fs: bool,
+    /// Full pulls per point (the first round always has one: it records the access trace);
+    /// the streamsnap contenders still run `--runs` times. A 30 GiB full pull takes minutes.
+    #[arg(long)]
+    pub full_pull_runs: Option<usize>,
+    /// Fill the data file with compressible bytes (512 random bytes per 4 KiB page, the rest
+    /// zeros: about 7x smaller gzipped) instead of incompressible ones, so images of tens of
+    /// GiB unpacked fit the registry and containerd's content store.
+    #[arg(long)]
+    pub compressible_data: bool,
     /// Write the results as JSON here (for bench/plot.py).
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -111,7 +120,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let mut figures = Figures::new(&args, shape, software_summary(&software));
     for (n, &gib) in args.sizes_gib.iter().enumerate() {
-        let point = match placement(&args.cache_dir, &software, gib, args.registry_tmpfs)? {
+        let fits = placement(
+            &args.cache_dir,
+            &software,
+            gib,
+            args.compressible_data,
+            args.registry_tmpfs,
+        )?;
+        let point = match fits {
             Err(reason) => {
                 eprintln!("skipping the {gib} GiB point: {reason}");
                 SizePoint::skipped(gib, reason)
@@ -156,13 +172,19 @@ fn placement(
     cache_dir: &Path,
     software: &[LayerInfo],
     gib: u64,
+    compressible: bool,
     tmpfs: bool,
 ) -> anyhow::Result<Result<bool, String>> {
     let compressed: u64 = software.iter().map(|l| l.size).sum();
     let unpacked: u64 = software.iter().map(|l| l.tar_size).sum();
-    let data = gib * GIB + gib * GIB / 32;
-    let registry = 2 * compressed + 2 * data;
-    let containerd = compressed + unpacked + 2 * data;
+    let data = gib * GIB;
+    let data_compressed = if compressible {
+        data / 6
+    } else {
+        data + data / 32
+    };
+    let registry = 2 * compressed + 2 * data_compressed;
+    let containerd = compressed + unpacked + data_compressed + data;
     let free = free_bytes(cache_dir)?.min(free_bytes(&std::env::temp_dir())?);
     let in_memory = tmpfs && mem_available()? >= registry + 4 * GIB;
     let disk_need = if in_memory {
@@ -258,8 +280,12 @@ fn measure_size(
         registry_in_memory,
     } = plan;
     let prepare = Instant::now();
-    let data = cache.data_layer(gib * GIB)?;
-    let tag = format!("data-{gib}g");
+    let data = cache.data_layer(gib * GIB, args.compressible_data)?;
+    let tag = if args.compressible_data {
+        format!("data-{gib}g-compressible")
+    } else {
+        format!("data-{gib}g")
+    };
     let mut layers = software.to_vec();
     layers.push(data.clone());
     let image = cache.tag_image(&tag, layers)?;
@@ -319,8 +345,21 @@ fn measure_size(
     let mut point = SizePoint::new(gib, &image);
     point.calibration = calibration;
     point.registry_in_memory = registry_in_memory;
+    let full_pulls = args.full_pull_runs.unwrap_or(args.runs).max(1);
+    if full_pulls < args.runs {
+        eprintln!(
+            "{gib} GiB point: {full_pulls} full pull(s), {} runs of each streamsnap contender",
+            args.runs
+        );
+    }
     for round in 0..args.runs {
         let wall = Instant::now();
+        if round >= full_pulls {
+            streamsnap_rounds(
+                &proxy, &reference, &direct, streamsnap, gib, round, &mut point,
+            )?;
+            continue;
+        }
         let (overlay, containerd) = overlay_run(&proxy, &reference, &format!("o{gib}-{round}"))?;
         eprintln!(
             "  round {round}: overlayfs {:.2} s (with setup {:.0} s)",
@@ -342,65 +381,9 @@ fn measure_size(
             "  round {round}: overlayfs teardown {:.0} s",
             secs(teardown.elapsed())
         );
-        let seed = tempfile::Builder::new()
-            .prefix("ss-seed-")
-            .tempdir_in("/tmp")?;
-        // The first cold run's daemon records what the start read: pushed as the image's
-        // start-up profile, it is what the cold + profile runs prefetch.
-        let profile = if round == 0 {
-            Some(
-                tempfile::Builder::new()
-                    .prefix("ss-profile-")
-                    .tempfile_in("/tmp")?,
-            )
-        } else {
-            None
-        };
-        let cold = streamsnap_run_with(
-            &proxy,
-            &reference,
-            &format!("c{gib}-{round}"),
-            None,
-            Some(seed.path()),
-            &SnapshotterdOptions {
-                prefetch_profile: false,
-                ..daemon_options()
-            },
-            profile.as_ref().map(|p| p.path()),
+        streamsnap_rounds(
+            &proxy, &reference, &direct, streamsnap, gib, round, &mut point,
         )?;
-        if let Some(profile) = &profile {
-            push_profile(streamsnap, &direct, profile.path())?;
-        }
-        eprintln!(
-            "  round {round}: streamsnap cold {:.2} s ({:.1} MB fetched)",
-            cold.ready_s,
-            cold.bytes as f64 / 1e6
-        );
-        point.cold.push(cold);
-        let profiled = streamsnap_run(
-            &proxy,
-            &reference,
-            &format!("p{gib}-{round}"),
-            None,
-            None,
-            true,
-        )?;
-        eprintln!(
-            "  round {round}: streamsnap cold with the profile {:.2} s ({:.1} MB fetched)",
-            profiled.ready_s,
-            profiled.bytes as f64 / 1e6
-        );
-        point.profiled.push(profiled);
-        let warm = streamsnap_run(
-            &proxy,
-            &reference,
-            &format!("w{gib}-{round}"),
-            Some(seed.path()),
-            None,
-            false,
-        )?;
-        eprintln!("  round {round}: streamsnap warm {:.2} s", warm.ready_s);
-        point.warm.push(warm);
     }
     if first && !args.skip_fs {
         point.fs.streamsnap = Some(fsbench::streamsnap_side(&reference, &image)?);
@@ -412,6 +395,79 @@ fn measure_size(
     drop(storage);
     drop(registry);
     Ok(point)
+}
+
+/// One round of the three streamsnap contenders: cold (its first round records the profile and
+/// pushes it), cold + profile, warm.
+fn streamsnap_rounds(
+    proxy: &ShapingProxy,
+    reference: &str,
+    direct: &str,
+    streamsnap: &Path,
+    gib: u64,
+    round: usize,
+    point: &mut SizePoint,
+) -> anyhow::Result<()> {
+    let seed = tempfile::Builder::new()
+        .prefix("ss-seed-")
+        .tempdir_in("/tmp")?;
+    // The first cold run's daemon records what the start read: pushed as the image's
+    // start-up profile, it is what the cold + profile runs prefetch.
+    let profile = if round == 0 {
+        Some(
+            tempfile::Builder::new()
+                .prefix("ss-profile-")
+                .tempfile_in("/tmp")?,
+        )
+    } else {
+        None
+    };
+    let cold = streamsnap_run_with(
+        proxy,
+        reference,
+        &format!("c{gib}-{round}"),
+        None,
+        Some(seed.path()),
+        &SnapshotterdOptions {
+            prefetch_profile: false,
+            ..daemon_options()
+        },
+        profile.as_ref().map(|p| p.path()),
+    )?;
+    if let Some(profile) = &profile {
+        push_profile(streamsnap, direct, profile.path())?;
+    }
+    eprintln!(
+        "  round {round}: streamsnap cold {:.2} s ({:.1} MB fetched)",
+        cold.ready_s,
+        cold.bytes as f64 / 1e6
+    );
+    point.cold.push(cold);
+    let profiled = streamsnap_run(
+        proxy,
+        reference,
+        &format!("p{gib}-{round}"),
+        None,
+        None,
+        true,
+    )?;
+    eprintln!(
+        "  round {round}: streamsnap cold with the profile {:.2} s ({:.1} MB fetched)",
+        profiled.ready_s,
+        profiled.bytes as f64 / 1e6
+    );
+    point.profiled.push(profiled);
+    let warm = streamsnap_run(
+        proxy,
+        reference,
+        &format!("w{gib}-{round}"),
+        Some(seed.path()),
+        None,
+        false,
+    )?;
+    eprintln!("  round {round}: streamsnap warm {:.2} s", warm.ready_s);
+    point.warm.push(warm);
+    Ok(())
 }
 
 /// Checks the link: a request on a new connection, and a 64 MiB range of a layer blob.

@@ -20,6 +20,10 @@ pub struct Figures {
     pub machine: String,
     pub command: String,
     pub runs: usize,
+    /// Full pulls per point (`--full-pull-runs`; the runs otherwise).
+    pub full_pull_runs: usize,
+    /// The data file was compressible (`--compressible-data`).
+    pub compressible_data: bool,
     pub link_mbit: f64,
     pub rtt_ms: f64,
     /// name, compressed bytes, unpacked (tar) bytes, entries of each software layer.
@@ -36,6 +40,8 @@ impl Figures {
             machine: machine(),
             command: args.command.clone(),
             runs: args.runs,
+            full_pull_runs: args.full_pull_runs.unwrap_or(args.runs).clamp(1, args.runs),
+            compressible_data: args.compressible_data,
             link_mbit: shape.bytes_per_second as f64 * 8.0 / 1e6,
             rtt_ms: shape.rtt.as_secs_f64() * 1e3,
             software_layers: software,
