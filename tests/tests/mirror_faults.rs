@@ -217,6 +217,22 @@ fn a_stalled_mirror_costs_one_timeout_then_nothing() {
     assert_eq!(first.from_mirror + second.from_mirror, 0);
     let log = rig.log();
     assert!(log.contains("mirror failed"), "no mirror failure logged");
+    assert_mirror_counted_down(&rig);
+}
+
+/// The mirror's failure is in the metrics: found down at least once, and down now (it still
+/// stalls or refuses; a background HEAD cannot have found it back).
+fn assert_mirror_counted_down(rig: &Rig) {
+    let metrics = rig.metrics();
+    let label = format!("mirror=\"{}\"", rig.mirror.addr());
+    let failures = metric(
+        &metrics,
+        "streamsnap_snapshotter_mirror_failures_total",
+        &[&label],
+    );
+    assert!(failures >= 1.0, "no mirror failure counted:\n{metrics}");
+    let down = metric(&metrics, "streamsnap_snapshotter_mirror_down", &[&label]);
+    assert_eq!(down, 1.0, "the mirror is not shown down:\n{metrics}");
 }
 
 #[test]
@@ -238,6 +254,7 @@ fn a_refusing_mirror_costs_nothing() {
         rig.log().contains("mirror failed"),
         "no mirror failure logged"
     );
+    assert_mirror_counted_down(&rig);
 }
 
 #[test]

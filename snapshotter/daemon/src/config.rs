@@ -341,6 +341,15 @@ impl Config {
             self.fetch.timeout_seconds > 0,
             "fetch.timeout_seconds must be at least 1"
         );
+        let mirrors = self.registry.hosts.values().any(|h| !h.mirrors.is_empty());
+        anyhow::ensure!(
+            !mirrors || self.fetch.timeout_seconds < self.fetch.deadline_seconds,
+            "fetch.timeout_seconds ({}) must be below fetch.deadline_seconds ({}) when mirrors \
+             are configured: a read waits up to timeout_seconds for a stalled mirror before it \
+             goes to the origin, within its deadline (half of it or less is best)",
+            self.fetch.timeout_seconds,
+            self.fetch.deadline_seconds
+        );
         anyhow::ensure!(
             self.fetch.verify_attempts > 0,
             "fetch.verify_attempts must be at least 1"
@@ -468,6 +477,26 @@ mod tests {
             Config::parse("[fetch]\ndeadline_seconds = 0\n").unwrap_err()
         );
         assert!(error.contains("deadline_seconds"), "{error}");
+    }
+
+    #[test]
+    fn with_mirrors_the_request_timeout_must_leave_time_within_the_read_deadline() {
+        let mirrors = "[registry.hosts.\"r:5000\"]\nmirrors = [\"m:5000\"]\n";
+        let error = format!(
+            "{:#}",
+            Config::parse(&format!(
+                "[fetch]\ndeadline_seconds = 30\ntimeout_seconds = 30\n{mirrors}"
+            ))
+            .unwrap_err()
+        );
+        assert!(error.contains("timeout_seconds (30)"), "{error}");
+        assert!(error.contains("deadline_seconds (30)"), "{error}");
+        Config::parse(&format!(
+            "[fetch]\ndeadline_seconds = 31\ntimeout_seconds = 30\n{mirrors}"
+        ))
+        .unwrap();
+        // Without mirrors the deadline bounds a read whatever the timeout.
+        Config::parse("[fetch]\ndeadline_seconds = 4\ntimeout_seconds = 30\n").unwrap();
     }
 }
 

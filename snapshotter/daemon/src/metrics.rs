@@ -50,6 +50,10 @@ pub struct Metrics {
     /// them, and layers whose profile prefetch started.
     pub prefetch_bytes: IntCounter,
     pub prefetch_layers: IntCounter,
+    /// Per mirror: 1 while it is down (reads go past it to the next source), and the times it
+    /// was found down (no answer in time, refused connections, 5xx, wrong bytes).
+    pub mirror_down: IntGaugeVec,
+    pub mirror_failures: IntCounterVec,
     /// Layers a Prepare found resolved ahead (TOC fetched, checked and indexed at their
     /// image's first Prepare).
     pub layers_resolved_ahead: IntCounter,
@@ -132,6 +136,20 @@ impl Metrics {
             "streamsnap_snapshotter_prefetch_layers_total",
             "Layer mounts that started prefetching the chunks of a start-up profile",
         )?;
+        let mirror_down = IntGaugeVec::new(
+            Opts::new(
+                "streamsnap_snapshotter_mirror_down",
+                "1 while a mirror is down and chunk reads go past it to the next source",
+            ),
+            &["mirror"],
+        )?;
+        let mirror_failures = IntCounterVec::new(
+            Opts::new(
+                "streamsnap_snapshotter_mirror_failures_total",
+                "Times a mirror was found down (no answer in time, refused, 5xx, wrong bytes)",
+            ),
+            &["mirror"],
+        )?;
         let layers_resolved_ahead = IntCounter::new(
             "streamsnap_snapshotter_layers_resolved_ahead_total",
             "Layers whose Prepare found them resolved ahead, at their image's first Prepare",
@@ -188,6 +206,8 @@ impl Metrics {
         registry.register(Box::new(prefetch_bytes.clone()))?;
         registry.register(Box::new(prefetch_layers.clone()))?;
         registry.register(Box::new(layers_resolved_ahead.clone()))?;
+        registry.register(Box::new(mirror_down.clone()))?;
+        registry.register(Box::new(mirror_failures.clone()))?;
         Ok(Self {
             registry,
             snapshots,
@@ -203,6 +223,8 @@ impl Metrics {
             prefetch_bytes,
             prefetch_layers,
             layers_resolved_ahead,
+            mirror_down,
+            mirror_failures,
             handovers,
             fuse_resends,
             fuse_resend_supported,

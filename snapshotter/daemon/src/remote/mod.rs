@@ -192,7 +192,10 @@ impl RemoteLayers {
             mounter,
             mirrors,
             mirror_max_skip: DEFAULT_MIRROR_MAX_SKIP,
-            mirror_health: Arc::default(),
+            mirror_health: Arc::new(MirrorHealth::with_metrics(registry_blob::MirrorMetrics {
+                down: metrics.mirror_down.clone(),
+                failures: metrics.mirror_failures.clone(),
+            })),
             background: Background::new(background),
             mounts: Mutex::new(HashMap::new()),
             fallback_logged: Mutex::new(HashMap::new()),

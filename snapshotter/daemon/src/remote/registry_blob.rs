@@ -97,6 +97,16 @@ enum Attempt {
 #[derive(Debug, Default)]
 pub struct MirrorHealth {
     down: Mutex<HashMap<String, Down>>,
+    metrics: Option<MirrorMetrics>,
+}
+
+/// What [`MirrorHealth`] counts, by mirror (`host[:port]`, from the config: a bounded set).
+#[derive(Clone, Debug)]
+pub struct MirrorMetrics {
+    /// 1 while the mirror is down (reads go past it), 0 once it answers again.
+    pub down: prometheus::IntGaugeVec,
+    /// Times the mirror was found down.
+    pub failures: prometheus::IntCounterVec,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -121,6 +131,14 @@ enum Health {
 }
 
 impl MirrorHealth {
+    /// Counts into `metrics`.
+    pub fn with_metrics(metrics: MirrorMetrics) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..Self::default()
+        }
+    }
+
     fn down(&self) -> std::sync::MutexGuard<'_, HashMap<String, Down>> {
         self.down
             .lock()
@@ -164,6 +182,10 @@ impl MirrorHealth {
             back: None,
         };
         all.insert(mirror.to_owned(), down);
+        if let Some(metrics) = &self.metrics {
+            metrics.failures.with_label_values(&[mirror]).inc();
+            metrics.down.with_label_values(&[mirror]).set(1);
+        }
         Some(wait)
     }
 
@@ -176,6 +198,9 @@ impl MirrorHealth {
         state.probing = false;
         if answered {
             state.back = Some(Instant::now());
+            if let Some(metrics) = &self.metrics {
+                metrics.down.with_label_values(&[mirror]).set(0);
+            }
             return Duration::ZERO;
         }
         let wait = state.next;
