@@ -4,6 +4,11 @@ data layer's size for the full pull, streamsnap cold and warm, and the physical 
 
     python3 bench/plot.py RESULTS.json OUT.png
 
+With --points, one group of bars per measured point of several invocations (other links, a
+30 GiB image), each labelled:
+
+    python3 bench/plot.py --points OUT.png "80 ms RTT=rtt80.json" "compressible=big30.json"
+
 Needs matplotlib (bench/run.sh installs it into a venv under the cache dir).
 """
 
@@ -57,7 +62,64 @@ def main(src, out):
     print("wrote", out)
 
 
+CONTENDERS = [
+    ("overlay", "overlayfs: full pull + run"),
+    ("cold", "streamsnap, cold cache"),
+    ("profiled", "streamsnap, cold + profile"),
+    ("warm", "streamsnap, warm cache"),
+]
+
+
+def points_main(out, labelled):
+    groups = []
+    for item in labelled:
+        label, _, path = item.partition("=")
+        with open(path) as f:
+            figures = json.load(f)
+        for p in figures["points"]:
+            if p.get("skipped") or not p["cold"]:
+                continue
+            groups.append(
+                (
+                    "%s\n%d GiB, %.0f Mbit/s + %.0f ms"
+                    % (label, p["data_gib"], figures["link_mbit"], figures["rtt_ms"]),
+                    p,
+                )
+            )
+    fig, ax = plt.subplots(figsize=(max(7, 2.2 * len(groups)), 4.8), dpi=120)
+    width = 0.8 / len(CONTENDERS)
+    for i, (key, name) in enumerate(CONTENDERS):
+        xs, med, lo, hi = [], [], [], []
+        for g, (_, p) in enumerate(groups):
+            samples = ready(p.get(key) or [])
+            if not samples:
+                continue
+            m = statistics.median(samples)
+            xs.append(g + (i - 1.5) * width)
+            med.append(m)
+            lo.append(m - min(samples))
+            hi.append(max(samples) - m)
+        ax.bar(xs, med, width, yerr=[lo, hi], capsize=3, label=name)
+    for g, (_, p) in enumerate(groups):
+        limit = p["limit"]["limit_s"]
+        ax.plot([g - 0.45, g + 0.45], [limit, limit], "k--", lw=1)
+    ax.plot([], [], "k--", lw=1, label="physical limit (lazy start)")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([label for label, _ in groups], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("time to ready (s, log scale), median, min..max")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title("Time to ready: other links and a 30 GiB image")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
+    fig.tight_layout()
+    fig.savefig(out)
+    print("wrote", out)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) >= 4 and sys.argv[1] == "--points":
+        points_main(sys.argv[2], sys.argv[3:])
+    elif len(sys.argv) == 3:
+        main(sys.argv[1], sys.argv[2])
+    else:
         sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2])

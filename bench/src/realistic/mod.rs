@@ -75,6 +75,10 @@ pub struct Args {
     /// (over the original gzip layers; issue 18). Prints the artifact's share of the image.
     #[arg(long, default_value = "chunked", value_parser = ["chunked", "index"])]
     pub kind: String,
+    /// Largest uncompressed chunk of the chunked kind (`create --chunk-size`; its default
+    /// when unset): smaller chunks fetch fewer bytes the start never reads, in more requests.
+    #[arg(long)]
+    pub chunk_size: Option<u64>,
     /// Skip the sequential read and stat figures.
     #[arg(long)]
     pub skip_fs: bool,
@@ -307,14 +311,19 @@ fn measure_size(
         cache.forget(&data);
     }
     let convert = Instant::now();
-    let converted = streamsnap_e2e::run(Command::new(streamsnap).args([
+    let mut create = Command::new(streamsnap);
+    create.args([
         "artifact-streaming",
         "create",
         "--image",
         &direct,
         "--kind",
         &args.kind,
-    ]))?;
+    ]);
+    if let Some(bytes) = args.chunk_size {
+        create.arg("--chunk-size").arg(bytes.to_string());
+    }
+    let converted = streamsnap_e2e::run(&mut create)?;
     let convert_s = convert.elapsed().as_secs_f64();
     // The summary line says what the artifact costs the registry: "-> N streaming (KIND, P% of
     // the image)".
