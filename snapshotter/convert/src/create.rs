@@ -22,60 +22,7 @@ use crate::layer::{ConvertOptions, ConvertedLayer, convert_layer};
 use crate::source::{SourceImage, SourceLayer, resolve};
 
 /// What kind of streaming artifact [`create`] makes (docs/format.md).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ArtifactKind {
-    /// The layers' content in independently compressed chunks: a second copy of the image,
-    /// the fastest to read and any layer compression.
-    #[default]
-    Chunked,
-    /// Only an index over the ORIGINAL gzip layers (TOC and decompression checkpoints): no
-    /// second copy; gzip layers only.
-    Index,
-}
-
-impl ArtifactKind {
-    /// The artifact manifest's `artifactType`.
-    pub fn artifact_type(self) -> &'static str {
-        match self {
-            Self::Chunked => media::ARTIFACT_TYPE,
-            Self::Index => media::INDEX_ARTIFACT_TYPE,
-        }
-    }
-
-    /// The kind of an `artifactType`, if it is a streaming artifact's.
-    pub fn of_artifact_type(artifact_type: &str) -> Option<Self> {
-        [Self::Chunked, Self::Index]
-            .into_iter()
-            .find(|kind| kind.artifact_type() == artifact_type)
-    }
-
-    /// Its name on the command line and in the service's API.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Chunked => "chunked",
-            Self::Index => "index",
-        }
-    }
-}
-
-impl std::fmt::Display for ArtifactKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for ArtifactKind {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "chunked" => Ok(Self::Chunked),
-            "index" => Ok(Self::Index),
-            other => Err(format!(
-                "unknown artifact kind {other:?} (chunked or index)"
-            )),
-        }
-    }
-}
+pub use streamsnap_format::media::ArtifactKind;
 
 /// Options of [`create`].
 #[derive(Clone, Debug, Default)]

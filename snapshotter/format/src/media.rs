@@ -13,6 +13,74 @@ pub const INDEX_ARTIFACT_TYPE: &str = "application/vnd.streamsnap.streaming.inde
 /// An index layer's checkpoints blob: decompression windows, one zstd frame each.
 pub const CHECKPOINTS: &str = "application/vnd.streamsnap.checkpoints.v1+zstd";
 
+/// The two kinds of streaming artifact (docs/format.md): what the converter makes, the service
+/// keeps per repository, and the node reads. Named `chunked` and `index` on the command line, in
+/// the service's API (serde) and in the console.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ArtifactKind {
+    /// The layers' content in independently compressed chunks: a second copy of the image,
+    /// the fastest to read and any layer compression.
+    #[default]
+    Chunked,
+    /// Only an index over the ORIGINAL gzip layers (TOC and decompression checkpoints): no
+    /// second copy; gzip layers only.
+    Index,
+}
+
+impl ArtifactKind {
+    pub const ALL: [Self; 2] = [Self::Chunked, Self::Index];
+
+    /// The artifact manifest's `artifactType`.
+    pub fn artifact_type(self) -> &'static str {
+        match self {
+            Self::Chunked => ARTIFACT_TYPE,
+            Self::Index => INDEX_ARTIFACT_TYPE,
+        }
+    }
+
+    /// The kind of an `artifactType`, if it is a streaming artifact's.
+    pub fn of_artifact_type(artifact_type: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.artifact_type() == artifact_type)
+    }
+
+    /// The media type of the second blob of each layer pair (after the TOC).
+    pub fn data_media_type(self) -> &'static str {
+        match self {
+            Self::Chunked => CHUNKS,
+            Self::Index => CHECKPOINTS,
+        }
+    }
+
+    /// Its name on the command line, in the service's API and in the console.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Chunked => "chunked",
+            Self::Index => "index",
+        }
+    }
+}
+
+impl std::fmt::Display for ArtifactKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ArtifactKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| format!("unknown artifact kind {s:?} (chunked or index)"))
+    }
+}
+
 /// `artifactType` of a start-up profile manifest (see [`Profile`](crate::Profile)).
 pub const PROFILE_ARTIFACT_TYPE: &str = "application/vnd.streamsnap.profile.v1";
 /// A start-up profile blob: JSON, [`Profile`](crate::Profile).
@@ -82,5 +150,26 @@ impl LayerCompression {
             | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Some(Self::Zstd),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_has_one_name_one_artifact_type_and_one_serde_form() {
+        for kind in ArtifactKind::ALL {
+            assert_eq!(kind.as_str().parse::<ArtifactKind>(), Ok(kind));
+            assert_eq!(
+                ArtifactKind::of_artifact_type(kind.artifact_type()),
+                Some(kind)
+            );
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(json, format!("\"{kind}\""));
+            assert_eq!(serde_json::from_str::<ArtifactKind>(&json).unwrap(), kind);
+        }
+        assert_eq!(ArtifactKind::of_artifact_type(PROFILE_ARTIFACT_TYPE), None);
+        assert!("zstd".parse::<ArtifactKind>().is_err());
     }
 }

@@ -74,46 +74,7 @@ impl fmt::Display for Streaming {
 /// What kind of streaming artifact a repository's conversions make (docs/format.md): `chunked`
 /// (the content in zstd chunks, a second copy of the image) or `index` (a table of contents and
 /// decompression checkpoints over the original gzip layers: no second copy, gzip layers only).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ArtifactKind {
-    #[default]
-    Chunked,
-    Index,
-}
-
-impl ArtifactKind {
-    pub const ALL: [Self; 2] = [Self::Chunked, Self::Index];
-
-    /// Its name in the API, on the command line and in the console.
-    pub fn as_str(self) -> &'static str {
-        self.convert().name()
-    }
-
-    /// The converter's kind.
-    pub fn convert(self) -> streamsnap_convert::ArtifactKind {
-        match self {
-            Self::Chunked => streamsnap_convert::ArtifactKind::Chunked,
-            Self::Index => streamsnap_convert::ArtifactKind::Index,
-        }
-    }
-}
-
-impl fmt::Display for ArtifactKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for ArtifactKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|kind| kind.as_str() == s)
-            .ok_or_else(|| format!("unknown artifact kind {s:?} (chunked or index)"))
-    }
-}
+pub use streamsnap_format::media::ArtifactKind;
 
 /// What started an operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -491,7 +452,6 @@ mod tests {
         );
         for kind in ArtifactKind::ALL {
             assert_eq!(kind.as_str().parse::<ArtifactKind>(), Ok(kind));
-            assert_eq!(kind.convert().name(), kind.as_str());
         }
         assert!(
             "zstd"

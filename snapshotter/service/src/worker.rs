@@ -239,7 +239,7 @@ async fn run(service: &Arc<Service>, op: Operation) {
         digest: Some(op.manifest_digest),
     };
     let options = CreateOptions {
-        kind: kind.convert(),
+        kind,
         convert: ConvertOptions {
             max_chunk_size: op
                 .options

@@ -53,38 +53,7 @@ pub struct Artifact {
     resolving_ahead: std::sync::atomic::AtomicBool,
 }
 
-/// The two kinds of streaming artifact (docs/format.md).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ArtifactKind {
-    Chunked,
-    Index,
-}
-
-impl ArtifactKind {
-    /// The kind an `artifactType` names, if it is a streaming artifact's.
-    pub fn of(artifact_type: Option<&str>) -> Option<Self> {
-        match artifact_type? {
-            media::ARTIFACT_TYPE => Some(Self::Chunked),
-            media::INDEX_ARTIFACT_TYPE => Some(Self::Index),
-            _ => None,
-        }
-    }
-
-    pub fn artifact_type(self) -> &'static str {
-        match self {
-            Self::Chunked => media::ARTIFACT_TYPE,
-            Self::Index => media::INDEX_ARTIFACT_TYPE,
-        }
-    }
-
-    /// The media type of the second blob of each layer pair.
-    fn data_media_type(self) -> &'static str {
-        match self {
-            Self::Chunked => media::CHUNKS,
-            Self::Index => media::CHECKPOINTS,
-        }
-    }
-}
+pub use streamsnap_format::media::ArtifactKind;
 
 impl Artifact {
     pub fn prefetch_planned(&self) -> &std::sync::atomic::AtomicU64 {
@@ -448,7 +417,10 @@ impl ArtifactCache {
                         .manifests
                         .iter()
                         .find(|d| {
-                            ArtifactKind::of(d.artifact_type.as_deref()) == Some(kind)
+                            d.artifact_type
+                                .as_deref()
+                                .and_then(ArtifactKind::of_artifact_type)
+                                == Some(kind)
                                 && d.annotations.get(media::ANNOTATION_FORMAT_VERSION)
                                     == Some(&version)
                         })
