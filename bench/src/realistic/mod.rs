@@ -79,6 +79,15 @@ pub struct Args {
     /// when unset): smaller chunks fetch fewer bytes the start never reads, in more requests.
     #[arg(long)]
     pub chunk_size: Option<u64>,
+    /// Push the start-up profile recorded by the access-trace run (kernel readahead off: only
+    /// the chunks the start touched) instead of the first cold run's (4 MiB of readahead: the
+    /// neighbours readahead brought along too).
+    #[arg(long)]
+    pub profile_without_readahead: bool,
+    /// Kernel readahead of the cold + profile runs' mounts, in bytes (the daemon's default
+    /// when unset).
+    #[arg(long)]
+    pub profiled_readahead_bytes: Option<u64>,
     /// Skip the sequential read and stat figures.
     #[arg(long)]
     pub skip_fs: bool,
@@ -361,12 +370,18 @@ fn measure_size(
             args.runs
         );
     }
+    let target = Target {
+        args,
+        proxy: &proxy,
+        reference: &reference,
+        direct: &direct,
+        streamsnap,
+        gib,
+    };
     for round in 0..args.runs {
         let wall = Instant::now();
         if round >= full_pulls {
-            streamsnap_rounds(
-                &proxy, &reference, &direct, streamsnap, gib, round, &mut point,
-            )?;
+            streamsnap_rounds(&target, round, &mut point)?;
             continue;
         }
         let (overlay, containerd) = overlay_run(&proxy, &reference, &format!("o{gib}-{round}"))?;
@@ -378,7 +393,7 @@ fn measure_size(
         point.overlay.push(overlay);
         if round == 0 {
             let mut trace = trace(&containerd, &reference, !args.skip_fs)?;
-            trace.read_bytes = Some(access_trace_bytes(&proxy, &reference, gib)?);
+            trace.read_bytes = Some(access_trace_bytes(&target)?);
             point.trace = Some(trace);
             if first && !args.skip_fs {
                 point.fs.overlay = Some(fsbench::overlay_side(&containerd, &reference)?);
@@ -390,9 +405,7 @@ fn measure_size(
             "  round {round}: overlayfs teardown {:.0} s",
             secs(teardown.elapsed())
         );
-        streamsnap_rounds(
-            &proxy, &reference, &direct, streamsnap, gib, round, &mut point,
-        )?;
+        streamsnap_rounds(&target, round, &mut point)?;
     }
     if first && !args.skip_fs {
         point.fs.streamsnap = Some(fsbench::streamsnap_side(&reference, &image)?);
@@ -406,23 +419,34 @@ fn measure_size(
     Ok(point)
 }
 
-/// One round of the three streamsnap contenders: cold (its first round records the profile and
-/// pushes it), cold + profile, warm.
-fn streamsnap_rounds(
-    proxy: &ShapingProxy,
-    reference: &str,
-    direct: &str,
-    streamsnap: &Path,
+/// What the runs of one point go to.
+struct Target<'a> {
+    args: &'a Args,
+    proxy: &'a ShapingProxy,
+    /// The image through the shaped link, and in the registry itself.
+    reference: &'a str,
+    direct: &'a str,
+    streamsnap: &'a Path,
     gib: u64,
-    round: usize,
-    point: &mut SizePoint,
-) -> anyhow::Result<()> {
+}
+
+/// One round of the three streamsnap contenders: cold (its first round records the profile and
+/// pushes it, unless the access-trace run did), cold + profile, warm.
+fn streamsnap_rounds(target: &Target, round: usize, point: &mut SizePoint) -> anyhow::Result<()> {
+    let Target {
+        args,
+        proxy,
+        reference,
+        direct,
+        streamsnap,
+        gib,
+    } = *target;
     let seed = tempfile::Builder::new()
         .prefix("ss-seed-")
         .tempdir_in("/tmp")?;
     // The first cold run's daemon records what the start read: pushed as the image's
     // start-up profile, it is what the cold + profile runs prefetch.
-    let profile = if round == 0 {
+    let profile = if round == 0 && !args.profile_without_readahead {
         Some(
             tempfile::Builder::new()
                 .prefix("ss-profile-")
@@ -452,13 +476,21 @@ fn streamsnap_rounds(
         cold.bytes as f64 / 1e6
     );
     point.cold.push(cold);
-    let profiled = streamsnap_run(
+    let mut options = SnapshotterdOptions {
+        prefetch_profile: true,
+        ..daemon_options()
+    };
+    if let Some(bytes) = args.profiled_readahead_bytes {
+        options.extra_config = format!("[fuse]\nreadahead_bytes = {bytes}\n");
+    }
+    let profiled = streamsnap_run_with(
         proxy,
         reference,
         &format!("p{gib}-{round}"),
         None,
         None,
-        true,
+        &options,
+        None,
     )?;
     eprintln!(
         "  round {round}: streamsnap cold with the profile {:.2} s ({:.1} MB fetched)",
@@ -578,11 +610,15 @@ fn overlay_run(
 
 /// The bytes the start-up reads through FUSE when the kernel reads only the pages asked for: a
 /// cold streamsnap run (untimed) with `[fuse] readahead_bytes = 0`.
-fn access_trace_bytes(proxy: &ShapingProxy, reference: &str, gib: u64) -> anyhow::Result<u64> {
+fn access_trace_bytes(target: &Target) -> anyhow::Result<u64> {
+    let profile = tempfile::Builder::new()
+        .prefix("ss-profile-")
+        .tempfile_in("/tmp")?;
+    let save = target.args.profile_without_readahead;
     let run = streamsnap_run_with(
-        proxy,
-        reference,
-        &format!("t{gib}"),
+        target.proxy,
+        target.reference,
+        &format!("t{}", target.gib),
         None,
         None,
         &SnapshotterdOptions {
@@ -590,7 +626,7 @@ fn access_trace_bytes(proxy: &ShapingProxy, reference: &str, gib: u64) -> anyhow
             prefetch_profile: false,
             ..daemon_options()
         },
-        None,
+        save.then(|| profile.path()),
     )?;
     let bytes = run
         .daemon
@@ -598,9 +634,14 @@ fn access_trace_bytes(proxy: &ShapingProxy, reference: &str, gib: u64) -> anyhow
         .map(|d| d.fuse_read_bytes as u64)
         .context("the trace run has no daemon figures")?;
     eprintln!(
-        "  access trace: the start-up read {:.1} MB through FUSE with the kernel's readahead off",
-        bytes as f64 / 1e6
+        "  access trace: the start-up read {:.1} MB through FUSE with the kernel's readahead off \
+         ({:.1} MB fetched)",
+        bytes as f64 / 1e6,
+        run.bytes as f64 / 1e6
     );
+    if save {
+        push_profile(target.streamsnap, target.direct, profile.path())?;
+    }
     Ok(bytes)
 }
 
