@@ -282,13 +282,14 @@ impl Replicas {
     }
 }
 
-/// An image whose conversion at zstd level 19 takes seconds: 40 MB of random lowercase text
-/// in an uncompressed layer (about 3 s on 2 idle cores). It must outlast the first heartbeat
+/// An image whose conversion at zstd level 19 takes seconds: 128 MB of random lowercase text
+/// in an uncompressed layer (about 6 s on 2 idle cores). It must outlast the first heartbeat
 /// (progress reaches the shared store once a second) by enough to act on the replica running
-/// it.
+/// it: 40 MB once converted in 1.8 s in CI, before a cancel sent right after the first
+/// progress arrived.
 fn slow_spec(seed: u64) -> ImageSpec {
     let mut rng = XorShift::new(seed);
-    let text: Vec<u8> = (0..40 << 20)
+    let text: Vec<u8> = (0..128 << 20)
         .map(|_| b'a' + (rng.next_u64() % 26) as u8)
         .collect();
     let tar = TarGen::new().file("data.txt", 0o644, &text).finish();
