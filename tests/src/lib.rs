@@ -25,6 +25,7 @@ pub mod image;
 pub mod k8s_tools;
 pub mod layer_view;
 pub mod layers;
+pub mod mirror_node;
 pub mod nginx;
 pub mod node_containerd;
 pub mod postgres;

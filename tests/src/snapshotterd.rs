@@ -58,6 +58,9 @@ pub struct SnapshotterdOptions {
     pub cache_memory_bytes: u64,
     /// `[fetch] deadline_seconds`: how long a read waits for an unreachable registry.
     pub fetch_deadline_seconds: u64,
+    /// `[fetch] timeout_seconds`: how long a request waits for an answer (the daemon's
+    /// default when `None`).
+    pub fetch_timeout_seconds: Option<u64>,
     /// `[registry] plain_http`: registries (`HOST:PORT`) reached over plain HTTP; loopback
     /// always is.
     pub plain_http: Vec<String>,
@@ -81,6 +84,7 @@ impl Default for SnapshotterdOptions {
             cache_max_bytes: 1 << 30,
             cache_memory_bytes: 16 << 20,
             fetch_deadline_seconds: 60,
+            fetch_timeout_seconds: None,
             plain_http: Vec::new(),
             extra_config: String::new(),
             metrics: false,
@@ -120,6 +124,12 @@ impl SnapshotterdOptions {
             self.fetch_deadline_seconds,
             self.prefetch_profile
         );
+        if let Some(seconds) = self.fetch_timeout_seconds {
+            toml = toml.replace(
+                "[fetch]\n",
+                &format!("[fetch]\ntimeout_seconds = {seconds}\n"),
+            );
+        }
         // With metrics on, tests and the bench read /debug/profile too; a node keeps it off
         // unless its config turns it on.
         if self.metrics {

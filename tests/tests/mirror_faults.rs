@@ -17,13 +17,13 @@
 use std::fs;
 use std::time::{Duration, Instant};
 
+use streamsnap_e2e::mirror_node::MirrorNode;
 use streamsnap_e2e::streaming_node::metric;
 use streamsnap_e2e::streaming_node::push_converted;
 use streamsnap_e2e::targen::pseudo_random_bytes;
 use streamsnap_e2e::{
-    Containerd, ContainerdOptions, CountingProxy, Fault, Registry, STREAMING_NODE_TOOLS,
-    Snapshotterd, SnapshotterdOptions, TarGen, require_root, require_root_tools, rpull,
-    run_container,
+    CountingProxy, Fault, Registry, STREAMING_NODE_TOOLS, TarGen, require_root, require_root_tools,
+    rpull, run_container,
 };
 use streamsnap_format::Digest;
 
@@ -64,37 +64,6 @@ fn origin(seed: u64) -> anyhow::Result<Origin> {
         image_path,
         files,
     })
-}
-
-/// A node: its daemon (the mirror configured for `origin`, [`TIMEOUT`]) and its containerd.
-struct NodeRig {
-    // Field order is drop order: containerd before the daemon it uses.
-    containerd: Containerd,
-    daemon: Snapshotterd,
-}
-
-fn node(origin: &str, mirror: &str) -> anyhow::Result<NodeRig> {
-    let mut daemon = Snapshotterd::start(SnapshotterdOptions {
-        extra_config: format!("[registry.hosts.\"{origin}\"]\nmirrors = [\"{mirror}\"]\n"),
-        metrics: true,
-        ..SnapshotterdOptions::default()
-    })?;
-    // The harness writes `[fetch]` itself (a TOML table cannot be opened twice): set the
-    // timeout in its file and start the daemon again.
-    daemon.terminate(Duration::from_secs(20))?;
-    let config = daemon.dir().join("config.toml");
-    let text = fs::read_to_string(&config)?;
-    anyhow::ensure!(text.contains("[fetch]\n"), "no [fetch] in:\n{text}");
-    let text = text.replace(
-        "[fetch]\n",
-        &format!("[fetch]\ntimeout_seconds = {}\n", TIMEOUT.as_secs()),
-    );
-    fs::write(&config, text)?;
-    daemon.restart()?;
-    let containerd = Containerd::start(
-        ContainerdOptions::default().with_proxy_snapshotter("streamsnap", daemon.socket()),
-    )?;
-    Ok(NodeRig { containerd, daemon })
 }
 
 /// What one container start cost.
@@ -140,7 +109,7 @@ fn read_files(rig: &Rig, id: &str, files: &[(String, String)]) -> anyhow::Result
 
 struct Rig {
     // Field order is drop order: the node before the proxies and the registry it reads.
-    node: NodeRig,
+    node: MirrorNode,
     mirror: CountingProxy,
     to_origin: CountingProxy,
     origin: Origin,
@@ -165,7 +134,12 @@ fn rig(seed: u64, set: impl FnOnce(&CountingProxy)) -> Rig {
     let to_origin = CountingProxy::start(&origin.registry.addr()).unwrap();
     let mirror = CountingProxy::start(&origin.registry.addr()).unwrap();
     set(&mirror);
-    let node = node(&to_origin.addr(), &mirror.addr()).unwrap();
+    let node = MirrorNode::start(
+        &to_origin.addr(),
+        Some(&mirror.addr()),
+        Some(TIMEOUT.as_secs()),
+    )
+    .unwrap();
     let image = format!("{}/{}", to_origin.addr(), origin.image_path);
     rpull(&node.containerd, &image, "streamsnap", true).unwrap();
     Rig {

@@ -22,13 +22,14 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
+use streamsnap_e2e::mirror_node::MirrorNode;
 use streamsnap_e2e::registry::AccessLogEntry;
 use streamsnap_e2e::streaming_node::metric;
 use streamsnap_e2e::streaming_node::push_converted;
 use streamsnap_e2e::targen::pseudo_random_bytes;
 use streamsnap_e2e::{
-    Containerd, ContainerdOptions, CountingProxy, Registry, STREAMING_NODE_TOOLS, Snapshotterd,
-    SnapshotterdOptions, TarGen, require_root, require_root_tools, rpull, run_container,
+    CountingProxy, Registry, STREAMING_NODE_TOOLS, TarGen, require_root, require_root_tools,
+    run_container,
 };
 use streamsnap_format::Digest;
 
@@ -77,52 +78,6 @@ fn origin() -> anyhow::Result<Origin> {
     })
 }
 
-/// A node: its daemon (the origin's mirror configured) and its containerd.
-struct NodeRig {
-    // Field order is drop order: containerd before the daemon it uses.
-    containerd: Containerd,
-    daemon: Snapshotterd,
-}
-
-fn node(origin: &str, mirror: &str) -> anyhow::Result<NodeRig> {
-    let daemon = Snapshotterd::start(SnapshotterdOptions {
-        extra_config: format!("[registry.hosts.\"{origin}\"]\nmirrors = [\"{mirror}\"]\n"),
-        metrics: true,
-        ..SnapshotterdOptions::default()
-    })?;
-    let containerd = Containerd::start(
-        ContainerdOptions::default().with_proxy_snapshotter("streamsnap", daemon.socket()),
-    )?;
-    Ok(NodeRig { containerd, daemon })
-}
-
-/// Pulls the image lazily and starts a container reading every small file at once; checks
-/// their digests.
-fn start(node: &NodeRig, image: &str, id: &str, files: &[(String, String)]) -> anyhow::Result<()> {
-    rpull(&node.containerd, image, "streamsnap", true)?;
-    let script = files
-        .iter()
-        .map(|(path, _)| format!("sha256sum {path} &"))
-        .collect::<Vec<_>>()
-        .join(" ")
-        + " wait";
-    let out = run_container(
-        &node.containerd,
-        image,
-        "streamsnap",
-        id,
-        &["sh", "-c", &script],
-    )?;
-    for (path, digest) in files {
-        let line = format!("{digest}  {path}");
-        ensure!(
-            out.lines().any(|l| l == line),
-            "{path}: wrong content or missing; sha256sum said:\n{out}"
-        );
-    }
-    Ok(())
-}
-
 fn blob_gets<'a>(log: &'a [AccessLogEntry], digests: &BTreeSet<String>) -> Vec<&'a AccessLogEntry> {
     log.iter()
         .filter(|e| e.blob_get_digest().is_some_and(|d| digests.contains(d)))
@@ -165,9 +120,9 @@ fn a_cold_pull_through_mirror_costs_no_whole_blob_and_a_warm_one_serves_every_ch
     let origin_before = origin.registry.access_log().unwrap().len();
 
     // The first node, through the cold mirror.
-    let first = node(&to_origin.addr(), &to_mirror.addr()).unwrap();
+    let first = MirrorNode::start(&to_origin.addr(), Some(&to_mirror.addr()), None).unwrap();
     let (o0, m0) = (to_origin.downstream_bytes(), to_mirror.downstream_bytes());
-    start(&first, &image, "cold", &origin.files).unwrap();
+    first.start_reading(&image, "cold", &origin.files).unwrap();
     let (from_origin, from_mirror) = (
         to_origin.downstream_bytes() - o0,
         to_mirror.downstream_bytes() - m0,
@@ -271,8 +226,8 @@ fn a_cold_pull_through_mirror_costs_no_whole_blob_and_a_warm_one_serves_every_ch
     // A second node, after the mirror stored the blobs: every chunk read is a mirror hit.
     let origin_mark = origin_log.len();
     let mirror_mark = mirror_log.len();
-    let second = node(&to_origin.addr(), &to_mirror.addr()).unwrap();
-    start(&second, &image, "warm", &origin.files).unwrap();
+    let second = MirrorNode::start(&to_origin.addr(), Some(&to_mirror.addr()), None).unwrap();
+    second.start_reading(&image, "warm", &origin.files).unwrap();
     let origin_log = origin.registry.access_log().unwrap();
     let after = blob_gets(&origin_log[origin_mark..], &data_blobs);
     assert!(

@@ -18,15 +18,14 @@
 use std::collections::BTreeSet;
 use std::thread;
 
-use anyhow::ensure;
+use streamsnap_e2e::mirror_node::MirrorNode;
 use streamsnap_e2e::nginx::{CacheAccess, SliceCache, UPSTREAM_AGENT};
 use streamsnap_e2e::streaming_node::metric;
 use streamsnap_e2e::streaming_node::push_converted;
 use streamsnap_e2e::targen::pseudo_random_bytes;
 use streamsnap_e2e::{
-    Compression, Containerd, ContainerdOptions, CountingProxy, ImageSpec, LayerBlob, OciLayout,
-    Registry, STREAMING_NODE_TOOLS, Snapshotterd, SnapshotterdOptions, TarGen, http, require_root,
-    require_root_tools, rpull, run_container, skopeo_push,
+    Compression, CountingProxy, ImageSpec, LayerBlob, OciLayout, Registry, STREAMING_NODE_TOOLS,
+    TarGen, http, require_root, require_root_tools, skopeo_push,
 };
 use streamsnap_format::Digest;
 
@@ -236,55 +235,7 @@ fn origin() -> anyhow::Result<Origin> {
     })
 }
 
-/// A node: its daemon (with `mirror` as the origin's mirror, if any) and its containerd.
-struct NodeRig {
-    // Field order is drop order: containerd before the daemon it uses.
-    containerd: Containerd,
-    daemon: Snapshotterd,
-}
-
-fn node(origin: &str, mirror: Option<&str>) -> anyhow::Result<NodeRig> {
-    let daemon = Snapshotterd::start(SnapshotterdOptions {
-        extra_config: mirror
-            .map(|m| format!("[registry.hosts.\"{origin}\"]\nmirrors = [\"{m}\"]\n"))
-            .unwrap_or_default(),
-        metrics: true,
-        ..SnapshotterdOptions::default()
-    })?;
-    let containerd = Containerd::start(
-        ContainerdOptions::default().with_proxy_snapshotter("streamsnap", daemon.socket()),
-    )?;
-    Ok(NodeRig { containerd, daemon })
-}
-
-/// Pulls the image lazily and starts a container reading every file at once; checks their
-/// digests.
-fn start(node: &NodeRig, image: &str, id: &str, files: &[(String, String)]) -> anyhow::Result<()> {
-    rpull(&node.containerd, image, "streamsnap", true)?;
-    let script = files
-        .iter()
-        .map(|(path, _)| format!("sha256sum {path} &"))
-        .collect::<Vec<_>>()
-        .join(" ")
-        + " wait";
-    let out = run_container(
-        &node.containerd,
-        image,
-        "streamsnap",
-        id,
-        &["sh", "-c", &script],
-    )?;
-    for (path, digest) in files {
-        let line = format!("{digest}  {path}");
-        ensure!(
-            out.lines().any(|l| l == line),
-            "{path}: wrong content or missing; sha256sum said:\n{out}"
-        );
-    }
-    Ok(())
-}
-
-fn range_ignored(node: &NodeRig) -> f64 {
+fn range_ignored(node: &MirrorNode) -> f64 {
     let metrics = String::from_utf8(node.daemon.get("/metrics").unwrap()).unwrap();
     metric(
         &metrics,
@@ -305,26 +256,28 @@ fn two_nodes_through_a_slice_cache_cost_the_origin_about_one_lazy_start() {
     let image = format!("{}/{}", to_origin.addr(), origin.image_path);
 
     // One node's lazy start, without a mirror.
-    let alone = node(&to_origin.addr(), None).unwrap();
+    let alone = MirrorNode::start(&to_origin.addr(), None, None).unwrap();
     let e0 = to_origin.downstream_bytes();
-    start(&alone, &image, "alone", &origin.files).unwrap();
+    alone.start_reading(&image, "alone", &origin.files).unwrap();
     let one = to_origin.downstream_bytes() - e0;
     drop(alone);
 
     // The first node through the cold cache.
-    let first = node(&to_origin.addr(), Some(&cache.addr())).unwrap();
+    let first = MirrorNode::start(&to_origin.addr(), Some(&cache.addr()), None).unwrap();
     let mark = origin_mark(&origin.registry).unwrap();
     let e1 = to_origin.downstream_bytes();
-    start(&first, &image, "first", &origin.files).unwrap();
+    first.start_reading(&image, "first", &origin.files).unwrap();
     let first_cost = to_origin.downstream_bytes() - e1;
     let first_gets = origin_blob_gets(&origin.registry, mark).unwrap();
     assert_eq!(range_ignored(&first), 0.0);
 
     // The second node, the cache warm from the first.
-    let second = node(&to_origin.addr(), Some(&cache.addr())).unwrap();
+    let second = MirrorNode::start(&to_origin.addr(), Some(&cache.addr()), None).unwrap();
     let mark = origin_mark(&origin.registry).unwrap();
     let e2 = to_origin.downstream_bytes();
-    start(&second, &image, "second", &origin.files).unwrap();
+    second
+        .start_reading(&image, "second", &origin.files)
+        .unwrap();
     let second_cost = to_origin.downstream_bytes() - e2;
     let second_gets = origin_blob_gets(&origin.registry, mark).unwrap();
     assert_eq!(range_ignored(&second), 0.0);
