@@ -49,8 +49,8 @@ pub struct Artifact {
     prefetch_planned: std::sync::atomic::AtomicU64,
     /// The covered layers in the artifact's (the image's) order.
     order: Vec<Digest>,
-    /// Whether a Prepare started resolving the layers ahead.
-    resolving_ahead: std::sync::atomic::AtomicBool,
+    /// When a Prepare last started resolving the layers ahead.
+    resolving_ahead: Mutex<Option<Instant>>,
 }
 
 pub use streamsnap_format::media::ArtifactKind;
@@ -65,11 +65,18 @@ impl Artifact {
         &self.order
     }
 
-    /// True for the first caller only: the one that resolves the layers ahead.
-    pub fn begin_resolving_ahead(&self) -> bool {
-        !self
+    /// True for the caller that resolves the layers ahead: the first, and again once `every`
+    /// has passed (the image is pulled again while the artifact is remembered).
+    pub fn begin_resolving_ahead(&self, every: Duration) -> bool {
+        let mut last = self
             .resolving_ahead
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_some_and(|at| at.elapsed() < every) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 
     /// Checks a layer's TOC claims against the image: the layer is one of the image's and the

@@ -712,11 +712,7 @@ fn plan_within_budget(
     loop {
         let used = planned.load(Ordering::SeqCst);
         let batches = profile::plan(table, listed, budget.saturating_sub(used));
-        let bytes: u64 = batches
-            .iter()
-            .flat_map(|(_, chunks)| chunks)
-            .map(|c| u64::from(c.size))
-            .sum();
+        let bytes = batch_bytes(&batches);
         if planned
             .compare_exchange(used, used + bytes, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
@@ -724,6 +720,15 @@ fn plan_within_budget(
             return batches;
         }
     }
+}
+
+/// Decoded bytes of `batches`: what they take of their image's prefetch budget.
+fn batch_bytes(batches: &Batches) -> u64 {
+    batches
+        .iter()
+        .flat_map(|(_, chunks)| chunks)
+        .map(|c| u64::from(c.size))
+        .sum()
 }
 
 /// The `reason` label of a fallback: a small fixed set.

@@ -30,7 +30,8 @@ use tokio::sync::{OwnedMutexGuard, Semaphore};
 
 use super::spans::SpanTable;
 use super::{
-    Artifact, ArtifactKind, Batches, MAX_TOC_BLOB, RemoteError, RemoteLayers, plan_within_budget,
+    Artifact, ArtifactKind, Batches, MAX_TOC_BLOB, RemoteError, RemoteLayers, batch_bytes,
+    plan_within_budget,
 };
 use crate::store::{CheckpointsBlob, RemoteSource};
 
@@ -260,7 +261,7 @@ impl RemoteLayers {
     /// other layers in the background, each starting its profile's prefetch as soon as it is
     /// checked. Layers mounted already are left out (containerd will not prepare them).
     pub(super) fn resolve_ahead(self: &Arc<Self>, artifact: &Arc<Artifact>, requested: Digest) {
-        if !artifact.begin_resolving_ahead() {
+        if !artifact.begin_resolving_ahead(AHEAD_TTL) {
             return;
         }
         let mounted: Vec<Digest> = {
@@ -318,6 +319,12 @@ impl RemoteLayers {
             tracing::debug!(
                 "the indexes held for Prepares are at their cap; this layer resolves at its own"
             );
+            // Its Prepare plans its profile again: give back what this plan took.
+            if let Some(batches) = &resolved.prefetch {
+                artifact
+                    .prefetch_planned()
+                    .fetch_sub(batch_bytes(batches), Ordering::SeqCst);
+            }
             return;
         };
         resolved.held = Some(held);
