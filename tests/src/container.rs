@@ -215,6 +215,19 @@ impl Drop for RootfsGuard<'_> {
     }
 }
 
+/// Checks `sha256sum`'s output `out` has the line `DIGEST  PATH` for each of `files` (path,
+/// sha256 hex): every file was read with the right bytes.
+pub fn ensure_sha256sums(out: &str, files: &[(String, String)]) -> anyhow::Result<()> {
+    for (path, digest) in files {
+        let line = format!("{digest}  {path}");
+        anyhow::ensure!(
+            out.lines().any(|l| l == line),
+            "{path}: wrong content or missing; sha256sum said:\n{out}"
+        );
+    }
+    Ok(())
+}
+
 /// Mounts the rootfs of `image` (pulled before, or unpacked now by `ctr`) read-only at
 /// `<containerd dir>/mnt/<key>`: `ctr images mount IMAGE TARGET` creates a view snapshot named
 /// TARGET on the image's top layer.

@@ -51,7 +51,9 @@ use anyhow::bail;
 
 pub use bins::{run, workspace_bin};
 pub use busybox::busybox_layer;
-pub use container::{RootfsGuard, mount_rootfs, pull, rpull, run_container, run_container_with};
+pub use container::{
+    RootfsGuard, ensure_sha256sums, mount_rootfs, pull, rpull, run_container, run_container_with,
+};
 pub use containerd::{CRI_NAMESPACE, Containerd, ContainerdOptions};
 pub use image::{Compression, ImageSpec, LayerBlob, OciLayout, WrittenImage, WrittenIndex};
 pub use layer_view::{EntryView, diff_views, tar_views, toc_views, toc_views_decoded};

@@ -1,8 +1,6 @@
 //! A node of the mirror tests: a daemon whose config sends an origin registry's chunk reads to
 //! a mirror first, and a containerd using it.
 
-use anyhow::ensure;
-
 use crate::{
     Containerd, ContainerdOptions, Snapshotterd, SnapshotterdOptions, rpull, run_container,
 };
@@ -64,13 +62,6 @@ impl MirrorNode {
             id,
             &["sh", "-c", &script],
         )?;
-        for (path, digest) in files {
-            let line = format!("{digest}  {path}");
-            ensure!(
-                out.lines().any(|l| l == line),
-                "{path}: wrong content or missing; sha256sum said:\n{out}"
-            );
-        }
-        Ok(())
+        crate::ensure_sha256sums(&out, files)
     }
 }

@@ -99,14 +99,7 @@ impl StreamingNode {
         let mut args = vec!["sha256sum"];
         args.extend(files.iter().map(|(p, _)| p.as_str()));
         let out = run_container(&self.containerd, &self.image, "streamsnap", id, &args)?;
-        for (path, digest) in files {
-            let line = format!("{digest}  {path}");
-            ensure!(
-                out.lines().any(|l| l == line),
-                "{path}: wrong content or missing; sha256sum said:\n{out}"
-            );
-        }
-        Ok(())
+        crate::ensure_sha256sums(&out, files)
     }
 
     pub fn metrics(&self) -> anyhow::Result<String> {

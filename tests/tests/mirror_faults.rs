@@ -93,13 +93,7 @@ fn read_files(rig: &Rig, id: &str, files: &[(String, String)]) -> anyhow::Result
         &["sh", "-c", &script],
     )?;
     let took = started.elapsed();
-    for (path, digest) in files {
-        let line = format!("{digest}  {path}");
-        anyhow::ensure!(
-            out.lines().any(|l| l == line),
-            "{path}: wrong content or missing; sha256sum said:\n{out}"
-        );
-    }
+    streamsnap_e2e::ensure_sha256sums(&out, files)?;
     Ok(Start {
         took,
         from_origin: rig.to_origin.downstream_bytes() - o0,

@@ -127,7 +127,7 @@ impl Node {
             &container_id(id),
             &args,
         )?;
-        ensure_sums(&out, files)
+        streamsnap_e2e::ensure_sha256sums(&out, files)
     }
 
     fn metrics(&self) -> anyhow::Result<String> {
@@ -153,17 +153,6 @@ impl Node {
 /// A container ID unique across the test processes sharing `/run/containerd/runc/k8s.io`.
 fn container_id(name: &str) -> String {
     format!("private-{name}-{}", std::process::id())
-}
-
-fn ensure_sums(out: &str, files: &[(String, String)]) -> anyhow::Result<()> {
-    for (path, digest) in files {
-        let line = format!("{digest}  {path}");
-        ensure!(
-            out.lines().any(|l| l == line),
-            "{path}: wrong content or missing; sha256sum said:\n{out}"
-        );
-    }
-    Ok(())
 }
 
 /// Files `indexes` of the image.
@@ -528,8 +517,8 @@ fn a_container_reads_new_files_through_refreshed_ten_second_tokens() -> anyhow::
     });
     let (mid, out) = container?;
     let elapsed = started.elapsed();
-    ensure_sums(&out, &early)?;
-    ensure_sums(&out, &late)?;
+    streamsnap_e2e::ensure_sha256sums(&out, &early)?;
+    streamsnap_e2e::ensure_sha256sums(&out, &late)?;
     ensure!(
         elapsed >= Duration::from_secs(LATER),
         "the container did not wait"
