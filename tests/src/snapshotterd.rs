@@ -116,20 +116,18 @@ impl SnapshotterdOptions {
             .map(|h| format!("{h:?}"))
             .collect::<Vec<_>>()
             .join(", ");
+        let timeout = self
+            .fetch_timeout_seconds
+            .map(|s| format!("timeout_seconds = {s}\n"))
+            .unwrap_or_default();
         let mut toml = format!(
-            "[cache]\nmax_size_bytes = {}\nmemory_bytes = {}\n\n[fetch]\ndeadline_seconds = \
+            "[cache]\nmax_size_bytes = {}\nmemory_bytes = {}\n\n[fetch]\n{timeout}deadline_seconds = \
              {}\nprefetch_profile = {}\n\n[registry]\nplain_http = [{plain_http}]\n",
             self.cache_max_bytes,
             self.cache_memory_bytes,
             self.fetch_deadline_seconds,
             self.prefetch_profile
         );
-        if let Some(seconds) = self.fetch_timeout_seconds {
-            toml = toml.replace(
-                "[fetch]\n",
-                &format!("[fetch]\ntimeout_seconds = {seconds}\n"),
-            );
-        }
         // With metrics on, tests and the bench read /debug/profile too; a node keeps it off
         // unless its config turns it on.
         if self.metrics {

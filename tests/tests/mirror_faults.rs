@@ -112,7 +112,7 @@ struct Rig {
 
 impl Rig {
     fn metrics(&self) -> String {
-        String::from_utf8(self.node.daemon.get("/metrics").unwrap()).unwrap()
+        self.node.metrics().unwrap()
     }
 
     fn log(&self) -> String {

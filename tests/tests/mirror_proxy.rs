@@ -156,7 +156,7 @@ fn a_cold_pull_through_mirror_costs_no_whole_blob_and_a_warm_one_serves_every_ch
         ),
     );
 
-    let metrics = String::from_utf8(first.daemon.get("/metrics").unwrap()).unwrap();
+    let metrics = first.metrics().unwrap();
     let ignored = metric(
         &metrics,
         "streamsnap_registry_requests_total",

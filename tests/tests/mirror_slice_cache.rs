@@ -236,7 +236,7 @@ fn origin() -> anyhow::Result<Origin> {
 }
 
 fn range_ignored(node: &MirrorNode) -> f64 {
-    let metrics = String::from_utf8(node.daemon.get("/metrics").unwrap()).unwrap();
+    let metrics = node.metrics().unwrap();
     metric(
         &metrics,
         "streamsnap_registry_requests_total",

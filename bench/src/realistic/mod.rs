@@ -446,15 +446,9 @@ fn streamsnap_rounds(target: &Target, round: usize, point: &mut SizePoint) -> an
         .tempdir_in("/tmp")?;
     // The first cold run's daemon records what the start read: pushed as the image's
     // start-up profile, it is what the cold + profile runs prefetch.
-    let profile = if round == 0 && !args.profile_without_readahead {
-        Some(
-            tempfile::Builder::new()
-                .prefix("ss-profile-")
-                .tempfile_in("/tmp")?,
-        )
-    } else {
-        None
-    };
+    let profile = (round == 0 && !args.profile_without_readahead)
+        .then(profile_file)
+        .transpose()?;
     let cold = streamsnap_run_with(
         proxy,
         reference,
@@ -611,10 +605,11 @@ fn overlay_run(
 /// The bytes the start-up reads through FUSE when the kernel reads only the pages asked for: a
 /// cold streamsnap run (untimed) with `[fuse] readahead_bytes = 0`.
 fn access_trace_bytes(target: &Target) -> anyhow::Result<u64> {
-    let profile = tempfile::Builder::new()
-        .prefix("ss-profile-")
-        .tempfile_in("/tmp")?;
-    let save = target.args.profile_without_readahead;
+    let profile = target
+        .args
+        .profile_without_readahead
+        .then(profile_file)
+        .transpose()?;
     let run = streamsnap_run_with(
         target.proxy,
         target.reference,
@@ -626,7 +621,7 @@ fn access_trace_bytes(target: &Target) -> anyhow::Result<u64> {
             prefetch_profile: false,
             ..daemon_options()
         },
-        save.then(|| profile.path()),
+        profile.as_ref().map(|p| p.path()),
     )?;
     let bytes = run
         .daemon
@@ -639,10 +634,17 @@ fn access_trace_bytes(target: &Target) -> anyhow::Result<u64> {
         bytes as f64 / 1e6,
         run.bytes as f64 / 1e6
     );
-    if save {
+    if let Some(profile) = &profile {
         push_profile(target.streamsnap, target.direct, profile.path())?;
     }
     Ok(bytes)
+}
+
+/// A temporary file for the start-up profile a run records.
+fn profile_file() -> anyhow::Result<tempfile::NamedTempFile> {
+    Ok(tempfile::Builder::new()
+        .prefix("ss-profile-")
+        .tempfile_in("/tmp")?)
 }
 
 /// Pushes the start-up profile a run saved (`profile`) for the image (`direct`: in the registry

@@ -343,15 +343,12 @@ impl RemoteLayers {
         let Resolved {
             toc_blob,
             source,
-            index,
-            spans,
-            prefetch,
-            feed,
+            fresh,
             held: _,
         } = resolved;
         write_atomically(&dir.join("toc"), &toc_blob)?;
         drop(toc_blob);
-        if let Some(spans) = &spans {
+        if let Some(spans) = &fresh.spans {
             let path = dir.join(SPANS_FILE);
             spans.save(&path).map_err(|source| RemoteError::Io {
                 action: "saving the span table",
@@ -360,16 +357,12 @@ impl RemoteLayers {
             })?;
         }
         let index_file = IndexFile::in_dir(dir, source.toc_digest);
-        streamsnap_fs::save_index(&index, &index_file.index).map_err(|e| RemoteError::Fs {
-            layer: request.layer_digest,
-            source: e,
+        streamsnap_fs::save_index(&fresh.index, &index_file.index).map_err(|e| {
+            RemoteError::Fs {
+                layer: request.layer_digest,
+                source: e,
+            }
         })?;
-        let fresh = Fresh {
-            index,
-            spans,
-            prefetch,
-            feed,
-        };
         self.mount_layer(id, dir, &source, None, Some(fresh))?;
         Ok(source)
     }
@@ -510,27 +503,21 @@ impl RemoteLayers {
                 source: e,
             })?;
         }
-        let (index, spans, prefetch, feed) = match fresh {
-            Some(fresh) => (Some(fresh.index), fresh.spans, fresh.prefetch, fresh.feed),
-            None => (None, None, None, None),
-        };
-        let feed = match feed {
-            Some(feed) => feed,
-            None => {
-                // A remount reads the index kind's span table from beside the TOC.
-                let spans = match (source.checkpoints, spans) {
-                    (Some(_), None) => {
-                        let path = dir.join(SPANS_FILE);
-                        Some(SpanTable::load(&path).map_err(|source| RemoteError::Io {
-                            action: "loading the span table",
-                            path,
-                            source,
-                        })?)
-                    }
-                    (_, spans) => spans,
+        let (index, prefetch, feed) = match fresh {
+            Some(Fresh {
+                index,
+                spans,
+                prefetch,
+                feed,
+            }) => {
+                let feed = match feed {
+                    Some(feed) => feed,
+                    None => self.feed(source, spans)?,
                 };
-                self.feed(source, spans)?
+                (Some(index), prefetch, feed)
             }
+            // A remount reads the index kind's span table from beside the TOC.
+            None => (None, None, self.feed(source, saved_spans(dir, source)?)?),
         };
         let blob = feed.blob.clone();
         let log = Arc::new(AccessLog::new(self.reads.clone()));
@@ -720,6 +707,21 @@ fn plan_within_budget(
             return batches;
         }
     }
+}
+
+/// The span table saved beside the TOC of `source`'s layer, if it is of the index kind.
+fn saved_spans(dir: &Path, source: &RemoteSource) -> Result<Option<SpanTable>, RemoteError> {
+    if source.checkpoints.is_none() {
+        return Ok(None);
+    }
+    let path = dir.join(SPANS_FILE);
+    SpanTable::load(&path)
+        .map(Some)
+        .map_err(|source| RemoteError::Io {
+            action: "loading the span table",
+            path,
+            source,
+        })
 }
 
 /// Decoded bytes of `batches`: what they take of their image's prefetch budget.

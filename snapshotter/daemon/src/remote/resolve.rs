@@ -30,7 +30,7 @@ use tokio::sync::{OwnedMutexGuard, Semaphore};
 
 use super::spans::SpanTable;
 use super::{
-    Artifact, ArtifactKind, Batches, MAX_TOC_BLOB, RemoteError, RemoteLayers, batch_bytes,
+    Artifact, ArtifactKind, Fresh, MAX_TOC_BLOB, RemoteError, RemoteLayers, batch_bytes,
     plan_within_budget,
 };
 use crate::store::{CheckpointsBlob, RemoteSource};
@@ -51,13 +51,8 @@ pub(super) struct Resolved {
     /// The TOC blob, saved beside the snapshot so a restart needs no network.
     pub toc_blob: Bytes,
     pub source: RemoteSource,
-    pub index: LayerIndex,
-    /// The index kind's span table.
-    pub spans: Option<SpanTable>,
-    /// Batches of its profile not asked for yet.
-    pub prefetch: Option<Batches>,
-    /// Where its chunks are read from, when its profile's prefetch already started.
-    pub feed: Option<Feed>,
+    /// What its first mount starts with.
+    pub fresh: Fresh,
     /// Its index's share of [`MAX_AHEAD_INDEX_BYTES`] while it waits for its Prepare.
     pub held: Option<Held>,
 }
@@ -249,10 +244,12 @@ impl RemoteLayers {
                 data_size,
                 checkpoints,
             },
-            index,
-            spans,
-            prefetch,
-            feed: None,
+            fresh: Fresh {
+                index,
+                spans,
+                prefetch,
+                feed: None,
+            },
             held: None,
         })
     }
@@ -315,31 +312,32 @@ impl RemoteLayers {
                 return;
             }
         };
-        let Some(held) = self.ahead.hold(resolved.index.len_bytes()) else {
+        let fresh = &mut resolved.fresh;
+        let Some(held) = self.ahead.hold(fresh.index.len_bytes()) else {
             tracing::debug!(
                 "the indexes held for Prepares are at their cap; this layer resolves at its own"
             );
             // Its Prepare plans its profile again: give back what this plan took.
-            if let Some(batches) = &resolved.prefetch {
+            if let Some(batches) = &fresh.prefetch {
                 artifact
                     .prefetch_planned()
                     .fetch_sub(batch_bytes(batches), Ordering::SeqCst);
             }
             return;
         };
-        resolved.held = Some(held);
-        if let Some(batches) = resolved.prefetch.take() {
-            match self.feed(&resolved.source, resolved.spans.clone()) {
+        if let Some(batches) = fresh.prefetch.take() {
+            match self.feed(&resolved.source, fresh.spans.clone()) {
                 Ok(feed) => {
                     self.start_prefetch(&resolved.source, &feed, batches);
-                    resolved.feed = Some(feed);
+                    fresh.feed = Some(feed);
                 }
                 Err(error) => {
                     tracing::debug!(%error, "no prefetch ahead of the mount");
-                    resolved.prefetch = Some(batches);
+                    fresh.prefetch = Some(batches);
                 }
             }
         }
+        resolved.held = Some(held);
         *slot = Some(resolved);
     }
 }
@@ -364,10 +362,12 @@ mod tests {
                 data_size: toc.data_size(),
                 checkpoints: None,
             },
-            index,
-            spans: None,
-            prefetch: None,
-            feed: None,
+            fresh: Fresh {
+                index,
+                spans: None,
+                prefetch: None,
+                feed: None,
+            },
             held: None,
         }
     }
