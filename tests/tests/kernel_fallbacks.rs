@@ -1,11 +1,14 @@
 //! Every optional kernel FUSE feature has a fallback that works (issue 14): with each of
-//! READDIRPLUS, zero-message opens and RESEND turned off by `[fuse] kernel_features_off` (and all
-//! at once), a converted image is pulled lazily, a container lists and checks its files, and the
-//! daemon is killed (SIGKILL) while a second container reads and restarted. The request counts by
-//! op show the feature really was off: plain `readdir` instead of `readdirplus`, an `open` per
-//! opened file instead of none, and after the crash a fresh mount of every layer instead of a
-//! takeover with the kernel resending. A run with nothing off validates the test itself. FUSE
-//! passthrough is not used, so it has nothing to turn off.
+//! READDIRPLUS, zero-message opens, RESEND and passthrough turned off by `[fuse]
+//! kernel_features_off` (and all at once), a converted image is pulled lazily, a container lists
+//! and checks its files, two more check them again (the files are whole on the node by then, so
+//! they are copied for passthrough and the last container's opens are passed through), and the
+//! daemon is killed (SIGKILL) while a fourth container reads and restarted. The request counts
+//! by op show the feature really was off: plain `readdir` instead of `readdirplus`, an `open` per
+//! opened file instead of none, no copy and no passthrough open, and after the crash a fresh
+//! mount of every layer instead of a takeover with the kernel resending. Passthrough needs the
+//! opens, so zero-message opens are used only with passthrough off. A run with nothing off
+//! validates the test itself.
 
 use std::process::{Child, Stdio};
 use std::thread;
@@ -27,6 +30,9 @@ struct Observed {
     readdirplus: f64,
     /// FUSE opens made by the listing container alone.
     opens_by_lister: f64,
+    /// Files copied for passthrough, and opens of the last checking container passed through.
+    passthrough_copies: f64,
+    passthrough_opens: f64,
     /// Passes the reader checked right, and passes (or errors) it saw fail, across the crash.
     reader_passes: usize,
     reader_failed: bool,
@@ -112,6 +118,8 @@ fn lazy_start_with_off(off: &[&str]) -> anyhow::Result<Observed> {
     }
     let after = node.metrics()?;
     let opens_by_lister = op_count(&after, "open") - op_count(&before, "open");
+    let (passthrough_copies, passthrough_opens) =
+        check_twice_more(&node, !off.contains(&"passthrough"))?;
 
     // A crash while a container reads.
     let reader = start_reader(&node)?;
@@ -149,6 +157,8 @@ fn lazy_start_with_off(off: &[&str]) -> anyhow::Result<Observed> {
         readdir: op_count(&after, "readdir"),
         readdirplus: op_count(&after, "readdirplus"),
         opens_by_lister,
+        passthrough_copies,
+        passthrough_opens,
         reader_passes,
         reader_failed,
         crash_takeovers: metric(
@@ -182,6 +192,82 @@ fn lazy_start_with_off(off: &[&str]) -> anyhow::Result<Observed> {
         );
     }
     Ok(observed)
+}
+
+/// Checks every file from a container, and the sums as a container prints them.
+fn check_files(node: &StreamingNode, name: &str) -> anyhow::Result<()> {
+    let out = run_container(
+        &node.containerd,
+        &node.image,
+        "streamsnap",
+        name,
+        &["sha256sum", "-c", "/data/sums"],
+    )?;
+    for (path, _) in &node.files {
+        ensure!(
+            out.contains(&format!("{path}: OK")),
+            "{path} did not check out:\n{out}"
+        );
+    }
+    Ok(())
+}
+
+/// Checks the files twice more: the first container's opens find them whole on the node and
+/// start their copies (waited for when passthrough is `on`), the second's may pass through.
+/// Returns the copies made and the second container's passthrough opens.
+fn check_twice_more(node: &StreamingNode, on: bool) -> anyhow::Result<(f64, f64)> {
+    const COPIES: &str = "streamsnap_fuse_passthrough_copies_total";
+    const OPENS: &str = "streamsnap_fuse_passthrough_opens_total";
+    check_files(node, "copier")?;
+    if on {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while metric(&node.metrics()?, COPIES, &[]) < FILES as f64 {
+            ensure!(
+                Instant::now() < deadline,
+                "the files were not copied for passthrough within 30 s:\n{}",
+                node.daemon.log_tail(20)
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let before = node.metrics()?;
+    check_files(node, "passer")?;
+    let after = node.metrics()?;
+    Ok((
+        metric(&after, COPIES, &[]),
+        metric(&after, OPENS, &[]) - metric(&before, OPENS, &[]),
+    ))
+}
+
+/// Passthrough on (this kernel has it): every data file was copied and every open of one by the
+/// last checking container passed through.
+fn check_passthrough_used(o: &Observed) -> anyhow::Result<()> {
+    if !kernel_at_least(6, 9) {
+        eprintln!("this kernel has no FUSE passthrough (Linux 6.9+ has): only its fallback");
+        return check_passthrough_off(o);
+    }
+    ensure!(
+        o.passthrough_copies >= FILES as f64 && o.passthrough_opens >= FILES as f64,
+        "{o:?}"
+    );
+    Ok(())
+}
+
+fn check_passthrough_off(o: &Observed) -> anyhow::Result<()> {
+    ensure!(
+        o.passthrough_copies == 0.0 && o.passthrough_opens == 0.0,
+        "{o:?}"
+    );
+    Ok(())
+}
+
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(a)), Some(Ok(b))) => (a, b) >= (major, minor),
+        _ => false,
+    }
 }
 
 /// READDIRPLUS on: listings come with attributes, never as plain readdir.
@@ -241,7 +327,9 @@ fn check_resend_off(o: &Observed) -> anyhow::Result<()> {
 fn with_every_feature_on_each_is_used() -> anyhow::Result<()> {
     let o = lazy_start_with_off(&[])?;
     check_readdirplus_used(&o)?;
-    check_zero_message_open_used(&o)?;
+    // Passthrough needs the opens.
+    check_zero_message_open_off(&o)?;
+    check_passthrough_used(&o)?;
     check_resend_used(&o)
 }
 
@@ -249,14 +337,24 @@ fn with_every_feature_on_each_is_used() -> anyhow::Result<()> {
 fn without_readdirplus_listings_are_plain_readdir() -> anyhow::Result<()> {
     let o = lazy_start_with_off(&["readdirplus"])?;
     check_readdirplus_off(&o)?;
+    check_passthrough_used(&o)?;
+    check_resend_used(&o)
+}
+
+#[test]
+fn without_passthrough_every_read_is_a_request_and_opens_take_none() -> anyhow::Result<()> {
+    let o = lazy_start_with_off(&["passthrough"])?;
+    check_readdirplus_used(&o)?;
+    check_passthrough_off(&o)?;
     check_zero_message_open_used(&o)?;
     check_resend_used(&o)
 }
 
 #[test]
-fn without_zero_message_opens_every_open_is_a_request() -> anyhow::Result<()> {
-    let o = lazy_start_with_off(&["zero_message_open"])?;
+fn without_passthrough_and_zero_message_opens_every_open_is_a_request() -> anyhow::Result<()> {
+    let o = lazy_start_with_off(&["passthrough", "zero_message_open"])?;
     check_readdirplus_used(&o)?;
+    check_passthrough_off(&o)?;
     check_zero_message_open_off(&o)?;
     check_resend_used(&o)
 }
@@ -265,14 +363,15 @@ fn without_zero_message_opens_every_open_is_a_request() -> anyhow::Result<()> {
 fn without_resend_a_crash_mounts_the_layers_afresh() -> anyhow::Result<()> {
     let o = lazy_start_with_off(&["resend"])?;
     check_readdirplus_used(&o)?;
-    check_zero_message_open_used(&o)?;
+    check_passthrough_used(&o)?;
     check_resend_off(&o)
 }
 
 #[test]
 fn with_every_feature_off_the_lazy_start_works() -> anyhow::Result<()> {
-    let o = lazy_start_with_off(&["readdirplus", "zero_message_open", "resend"])?;
+    let o = lazy_start_with_off(&["readdirplus", "zero_message_open", "resend", "passthrough"])?;
     check_readdirplus_off(&o)?;
     check_zero_message_open_off(&o)?;
+    check_passthrough_off(&o)?;
     check_resend_off(&o)
 }

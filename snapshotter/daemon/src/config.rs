@@ -99,6 +99,13 @@ pub struct FuseSection {
     /// Optional kernel FUSE features not to use even where the kernel offers them (a
     /// workaround for a kernel bug): each has a slower fallback that is always correct.
     pub kernel_features_off: Vec<KernelFeatureName>,
+    /// Most bytes of whole-file copies kept in `<root>/passthrough` for FUSE passthrough: a file
+    /// of at least `passthrough_min_file_bytes` whose chunks are all on the node is copied once,
+    /// and later opens let the kernel read the copy at local disk speed (Linux 6.9+). Counted
+    /// apart from the chunk cache (`[cache] max_size_bytes`); 0 turns passthrough off.
+    pub passthrough_max_bytes: u64,
+    /// Smaller files are read through FUSE only (their reads are few and cheap).
+    pub passthrough_min_file_bytes: u64,
 }
 
 /// An optional kernel FUSE feature, as named in `[fuse] kernel_features_off`.
@@ -111,6 +118,9 @@ pub enum KernelFeatureName {
     ZeroMessageOpen,
     /// Resending what a crashed daemon took: off, a crash remounts the layers afresh.
     Resend,
+    /// Reads of whole files on the node by the kernel from their copy: off, every read is a
+    /// request answered from the chunk cache.
+    Passthrough,
 }
 
 impl From<KernelFeatureName> for streamsnap_fs::KernelFeature {
@@ -119,6 +129,7 @@ impl From<KernelFeatureName> for streamsnap_fs::KernelFeature {
             KernelFeatureName::Readdirplus => Self::Readdirplus,
             KernelFeatureName::ZeroMessageOpen => Self::ZeroMessageOpen,
             KernelFeatureName::Resend => Self::Resend,
+            KernelFeatureName::Passthrough => Self::Passthrough,
         }
     }
 }
@@ -295,16 +306,36 @@ impl Default for FuseSection {
             metadata_idle_seconds: streamsnap_fs::MetadataConfig::DEFAULT_IDLE.as_secs(),
             metadata_cache_bytes: streamsnap_fs::MetadataConfig::DEFAULT_MAX_BYTES,
             kernel_features_off: Vec::new(),
+            passthrough_max_bytes: 2 << 30,
+            passthrough_min_file_bytes: 1 << 20,
         }
     }
 }
 
 impl FuseSection {
-    /// The optional kernel features the layers may use: all but `kernel_features_off`.
+    /// The optional kernel features the layers may use: all but `kernel_features_off`, and
+    /// passthrough only with room for copies.
     pub fn kernel_features(&self) -> streamsnap_fs::KernelFeatures {
+        let no_room = (self.passthrough_max_bytes == 0).then_some(KernelFeatureName::Passthrough);
         streamsnap_fs::KernelFeatures::without(
-            self.kernel_features_off.iter().map(|&name| name.into()),
+            self.kernel_features_off
+                .iter()
+                .copied()
+                .chain(no_room)
+                .map(Into::into),
         )
+    }
+
+    /// Where and how much of whole files are copied for passthrough; `None`: off.
+    pub fn passthrough(&self, root: &std::path::Path) -> Option<streamsnap_fs::PassthroughConfig> {
+        let features = self.kernel_features();
+        features
+            .allows(streamsnap_fs::KernelFeature::Passthrough)
+            .then(|| streamsnap_fs::PassthroughConfig {
+                dir: root.join("passthrough"),
+                capacity_bytes: self.passthrough_max_bytes,
+                min_file_bytes: self.passthrough_min_file_bytes,
+            })
     }
 
     /// How long unused layers keep their metadata in memory, and how much all may keep.
@@ -394,23 +425,44 @@ mod tests {
         let features = Config::parse("").unwrap().fuse.kernel_features();
         assert!(KernelFeature::ALL.iter().all(|&f| features.allows(f)));
         let config = Config::parse(
-            "[fuse]\nkernel_features_off = [\"readdirplus\", \"zero_message_open\", \"resend\"]\n",
+            "[fuse]\nkernel_features_off = [\"readdirplus\", \"zero_message_open\", \"resend\", \
+             \"passthrough\"]\n",
         )
         .unwrap();
         let features = config.fuse.kernel_features();
         assert!(KernelFeature::ALL.iter().all(|&f| !features.allows(f)));
+        assert!(config.fuse.passthrough(Path::new("/r")).is_none());
         let features = Config::parse("[fuse]\nkernel_features_off = [\"resend\"]\n")
             .unwrap()
             .fuse
             .kernel_features();
         assert!(!features.allows(KernelFeature::Resend));
         assert!(features.allows(KernelFeature::Readdirplus));
-        let error = Config::parse("[fuse]\nkernel_features_off = [\"passthrough\"]\n").unwrap_err();
+        let error = Config::parse("[fuse]\nkernel_features_off = [\"dax\"]\n").unwrap_err();
         let message = format!("{error:#}");
-        for valid in ["readdirplus", "zero_message_open", "resend"] {
+        for valid in ["readdirplus", "zero_message_open", "resend", "passthrough"] {
             assert!(message.contains(valid), "{message}");
         }
-        assert!(message.contains("passthrough"), "{message}");
+        assert!(message.contains("dax"), "{message}");
+    }
+
+    #[test]
+    fn passthrough_copies_go_under_the_root_within_their_cap_and_a_zero_cap_turns_it_off() {
+        use streamsnap_fs::KernelFeature;
+        let fuse = Config::parse("").unwrap().fuse;
+        let passthrough = fuse.passthrough(Path::new("/r")).unwrap();
+        assert_eq!(passthrough.dir, Path::new("/r/passthrough"));
+        assert_eq!(passthrough.capacity_bytes, 2 << 30);
+        assert_eq!(passthrough.min_file_bytes, 1 << 20);
+        let fuse = Config::parse("[fuse]\npassthrough_max_bytes = 0\n")
+            .unwrap()
+            .fuse;
+        assert!(fuse.passthrough(Path::new("/r")).is_none());
+        assert!(!fuse.kernel_features().allows(KernelFeature::Passthrough));
+        assert!(
+            fuse.kernel_features()
+                .allows(KernelFeature::ZeroMessageOpen)
+        );
     }
 
     #[test]

@@ -256,14 +256,25 @@ fn build_remote(
     .context("opening the chunk cache")?;
     let metadata = streamsnap_fs::MetadataCache::new(config.fuse.metadata(), fs_metrics.clone());
     metadata.start_sweeper(&handle);
+    let fs_metrics = Arc::new(fs_metrics);
+    let passthrough = match config.fuse.passthrough(&config.root) {
+        Some(passthrough) => {
+            let store = streamsnap_fs::PassthroughStore::open(passthrough)
+                .context("opening the passthrough directory ([fuse] passthrough_max_bytes)")?;
+            store.set_metrics(Arc::clone(&fs_metrics));
+            Some(store)
+        }
+        None => None,
+    };
     let mounter = FuseMounter::new(
         handle,
         streamsnap_fs::MountOptions {
             threads: config.fuse.threads,
             ttl: Duration::from_secs(config.fuse.attr_timeout_seconds),
             readahead_bytes: config.fuse.readahead_bytes,
-            metrics: Some(Arc::new(fs_metrics)),
+            metrics: Some(fs_metrics),
             kernel_features: config.fuse.kernel_features(),
+            passthrough,
             ..Default::default()
         },
     );

@@ -201,23 +201,31 @@ mod tests {
     #[test]
     fn offered_features_are_read_from_the_init_flags() {
         use crate::{KernelFeature, KernelFeatures};
+        // FUSE_PASSTHROUGH is bit 37: bit 5 of flags2.
+        let flags2 = FUSE_HAS_RESEND_IN_FLAGS2 | 1 << 5;
         let fd = std::fs::File::open("/dev/null").unwrap().into();
-        let all = FuseConnection::from_parts(
-            fd,
-            init_request(FUSE_INIT_EXT | 1 << 13 | 1 << 17, FUSE_HAS_RESEND_IN_FLAGS2),
-        )
-        .unwrap();
+        let all =
+            FuseConnection::from_parts(fd, init_request(FUSE_INIT_EXT | 1 << 13 | 1 << 17, flags2))
+                .unwrap();
         assert_eq!(
             KernelFeatures::without([KernelFeature::ZeroMessageOpen]).describe(Some(all.offered())),
-            "readdirplus: used, zero_message_open: off (config), resend: used, passthrough: not \
-             implemented"
+            "readdirplus: used, zero_message_open: off (config), resend: used, passthrough: used"
+        );
+        assert_eq!(
+            KernelFeatures::all().describe(Some(all.offered())),
+            "readdirplus: used, zero_message_open: not used (passthrough needs the opens), resend: \
+             used, passthrough: used"
+        );
+        assert_eq!(
+            KernelFeatures::without([KernelFeature::Passthrough]).describe(Some(all.offered())),
+            "readdirplus: used, zero_message_open: used, resend: used, passthrough: off (config)"
         );
         let fd = std::fs::File::open("/dev/null").unwrap().into();
         let old = FuseConnection::from_parts(fd, init_request(1 << 13, 0)).unwrap();
         assert_eq!(
             KernelFeatures::all().describe(Some(old.offered())),
             "readdirplus: used, zero_message_open: not offered by the kernel, resend: not offered \
-             by the kernel, passthrough: not implemented"
+             by the kernel, passthrough: not offered by the kernel"
         );
     }
 }

@@ -10,7 +10,10 @@
 //!   requests the dead one took, so it mounts the layers afresh instead of taking their
 //!   connections over (running containers reading them see errors; new ones work).
 //!
-//! FUSE passthrough is not used (not implemented), so it has nothing to turn off.
+//! - passthrough (FUSE_PASSTHROUGH, Linux 6.9+): files whose copy is on the node are read by the
+//!   kernel itself ([`crate::PassthroughStore`]); off, every read of them is a request answered
+//!   from the chunk cache. Passthrough needs the opens, so where it is used zero-message opens
+//!   are not: a mount uses one or the other.
 
 use std::fmt;
 
@@ -23,10 +26,17 @@ pub enum KernelFeature {
     ZeroMessageOpen,
     /// After a crash the kernel resends what the dead daemon took (FUSE_HAS_RESEND).
     Resend,
+    /// Whole files on the node are read by the kernel from their copy (FUSE_PASSTHROUGH).
+    Passthrough,
 }
 
 impl KernelFeature {
-    pub const ALL: [Self; 3] = [Self::Readdirplus, Self::ZeroMessageOpen, Self::Resend];
+    pub const ALL: [Self; 4] = [
+        Self::Readdirplus,
+        Self::ZeroMessageOpen,
+        Self::Resend,
+        Self::Passthrough,
+    ];
 
     /// The name used in the config, logs and metric labels.
     pub fn as_str(self) -> &'static str {
@@ -34,6 +44,7 @@ impl KernelFeature {
             Self::Readdirplus => "readdirplus",
             Self::ZeroMessageOpen => "zero_message_open",
             Self::Resend => "resend",
+            Self::Passthrough => "passthrough",
         }
     }
 
@@ -43,6 +54,7 @@ impl KernelFeature {
             Self::Readdirplus => 1 << 13,
             Self::ZeroMessageOpen => 1 << 17,
             Self::Resend => 1 << 39,
+            Self::Passthrough => 1 << 37,
         }
     }
 }
@@ -88,13 +100,17 @@ impl KernelFeatures {
 
     /// One line saying, for each feature, whether it is used with a kernel whose INIT flags are
     /// `offered` (`None`: not known yet), for the log: `readdirplus: used, resend: off (config),
-    /// ...`. Passthrough is listed as not implemented.
+    /// ...`. Zero-message opens are used only where passthrough is not.
     pub fn describe(self, offered: Option<u64>) -> String {
-        let mut parts: Vec<String> = KernelFeature::ALL
+        let parts: Vec<String> = KernelFeature::ALL
             .iter()
             .map(|&feature| {
+                let passthrough = self.allows(KernelFeature::Passthrough)
+                    && offered.is_some_and(|f| f & KernelFeature::Passthrough.init_bit() != 0);
                 let state = if !self.allows(feature) {
                     "off (config)"
+                } else if feature == KernelFeature::ZeroMessageOpen && passthrough {
+                    "not used (passthrough needs the opens)"
                 } else {
                     match offered {
                         Some(flags) if flags & feature.init_bit() != 0 => "used",
@@ -105,7 +121,6 @@ impl KernelFeatures {
                 format!("{feature}: {state}")
             })
             .collect();
-        parts.push("passthrough: not implemented".into());
         parts.join(", ")
     }
 }
@@ -142,7 +157,7 @@ mod tests {
         assert_eq!(
             features.describe(Some(offered)),
             "readdirplus: used, zero_message_open: not offered by the kernel, resend: off \
-             (config), passthrough: not implemented"
+             (config), passthrough: not offered by the kernel"
         );
         assert!(
             features

@@ -14,15 +14,16 @@
 //! queries overlayfs makes for every directory. Each of those kernel features can be turned off
 //! ([`KernelFeatures`]); the adapter then answers the plain requests the kernel sends instead.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno as FuseErrno, FileAttr, FileHandle, FileType,
+    AccessFlags, BackingId, CopyFileRangeFlags, Errno as FuseErrno, FileAttr, FileHandle, FileType,
     Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode,
     OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
@@ -38,10 +39,14 @@ use crate::layer::{Attr, FileKind};
 use crate::metadata::Layer;
 use crate::metrics::{Metrics, Op};
 use crate::mount::IntoLayer;
+use crate::passthrough::PassthroughStore;
 use crate::warnings::{READ_WARNING_INTERVAL, RateLimit};
 
 /// Readahead asked of the kernel (it may allow less): chunks are up to 1 MiB and fetched whole.
 const MAX_READAHEAD: u32 = 1 << 20;
+/// The open flags of a passthrough open: the kernel refuses any but a few next to
+/// FOPEN_PASSTHROUGH (FOPEN_KEEP_CACHE among them: the page cache is the backing file's).
+const PASSTHROUGH_FLAGS: FopenFlags = FopenFlags::empty();
 /// Background requests (readahead, async reads) the kernel may have in flight at once.
 const MAX_BACKGROUND: u16 = 64;
 /// Capabilities asked for when the kernel offers them: parallel reads of one file, lookups and
@@ -63,6 +68,28 @@ pub(crate) fn negotiate(offered: InitFlags, features: KernelFeatures) -> (InitFl
     let zero_message_open = features.allows(KernelFeature::ZeroMessageOpen)
         && offered.contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
     (wanted, zero_message_open)
+}
+
+/// Whether a session with a passthrough store uses passthrough with a kernel offering
+/// `offered`: where `features` allows it, on a connection whose INIT this process answers (a
+/// connection taken over keeps what the first answer asked for, and the opens the previous
+/// process saw are not known here).
+pub(crate) fn negotiate_passthrough(
+    offered: InitFlags,
+    features: KernelFeatures,
+    answers_init: bool,
+) -> bool {
+    answers_init
+        && features.allows(KernelFeature::Passthrough)
+        && offered.contains(InitFlags::FUSE_PASSTHROUGH)
+}
+
+/// The open files of an inode, as the kernel needs them to be: all read through the page cache
+/// of the mount, or all passed through to one backing file (it refuses a mix).
+#[derive(Debug)]
+enum OpenFile {
+    Cached(u32),
+    Passthrough(BackingId, u32),
 }
 
 /// Counts a request from the moment it is taken until its reply is sent (or the task ends).
@@ -98,6 +125,16 @@ pub struct FuseLayer {
     zero_message_open: bool,
     /// The optional kernel features this layer may use.
     features: KernelFeatures,
+    /// Where copies of whole files are kept for passthrough; `None`: not used.
+    passthrough_store: Option<Arc<PassthroughStore>>,
+    /// The process answers the connection's INIT (not a connection taken over).
+    answers_init: bool,
+    /// Passthrough was asked for at INIT: opens are tracked.
+    passthrough: AtomicBool,
+    /// The kernel refused a backing file: no more are tried on this mount.
+    backing_refused: AtomicBool,
+    /// Open files by inode, kept while passthrough is used.
+    open_files: Mutex<HashMap<u64, OpenFile>>,
 }
 
 impl FuseLayer {
@@ -114,7 +151,25 @@ impl FuseLayer {
             in_flight: Arc::default(),
             zero_message_open: false,
             features: KernelFeatures::default(),
+            passthrough_store: None,
+            answers_init: true,
+            passthrough: AtomicBool::new(false),
+            backing_refused: AtomicBool::new(false),
+            open_files: Mutex::default(),
         }
+    }
+
+    /// Passes files whose copy `store` holds through to the kernel (where the kernel and the
+    /// kernel features allow) and copies files that are whole on the node into it.
+    pub fn with_passthrough(mut self, store: Arc<PassthroughStore>) -> Self {
+        self.passthrough_store = Some(store);
+        self
+    }
+
+    /// Whether this process answers the connection's INIT (false: a connection taken over).
+    pub(crate) fn answering_init(mut self, answers_init: bool) -> Self {
+        self.answers_init = answers_init;
+        self
     }
 
     /// Uses only the optional kernel features `features` allows (all by default).
@@ -149,6 +204,63 @@ impl FuseLayer {
 
     fn attr(&self, attr: &Attr) -> FileAttr {
         to_file_attr(attr)
+    }
+
+    /// Answers an open while passthrough is used: passed through to the file's copy when the
+    /// store has one and no open of the inode reads through the page cache; otherwise cached,
+    /// and a copy is started if the file is whole on the node. Every open is counted until its
+    /// release, so the kernel never sees the two kinds mixed on one inode.
+    fn open_tracked(&self, index: &Arc<LayerIndex>, attr: &Attr, reply: ReplyOpen) {
+        let cached = FopenFlags::FOPEN_KEEP_CACHE;
+        let Some(store) = &self.passthrough_store else {
+            reply.opened(FileHandle(0), cached);
+            return;
+        };
+        let mut open_files = self.open_files.lock().unwrap_or_else(|e| e.into_inner());
+        match open_files.get_mut(&attr.ino) {
+            Some(OpenFile::Passthrough(backing, count)) => {
+                *count += 1;
+                self.metrics.passthrough_opened();
+                reply.opened_passthrough(FileHandle(1), PASSTHROUGH_FLAGS, backing);
+                return;
+            }
+            Some(OpenFile::Cached(count)) => {
+                *count += 1;
+                reply.opened(FileHandle(0), cached);
+                return;
+            }
+            None => {}
+        }
+        if attr.kind == FileKind::RegularFile && !self.backing_refused.load(Ordering::Relaxed) {
+            let toc = crate::passthrough::toc_key(index, &self.layer);
+            if let Some(file) = store.file(toc, attr.ino) {
+                match reply.open_backing(&file) {
+                    Ok(backing) => {
+                        self.metrics.passthrough_opened();
+                        reply.opened_passthrough(FileHandle(1), PASSTHROUGH_FLAGS, &backing);
+                        open_files.insert(attr.ino, OpenFile::Passthrough(backing, 1));
+                        return;
+                    }
+                    Err(error) => {
+                        // Not on this connection (a backing file on a stacked file system, a
+                        // kernel refusing): read through FUSE from now on.
+                        self.backing_refused.store(true, Ordering::Relaxed);
+                        tracing::warn!(
+                            layer = %self.layer.digest(),
+                            %error,
+                            "the kernel refused a passthrough file: this layer's reads go \
+                             through FUSE (turn passthrough off in [fuse] kernel_features_off \
+                             to stop trying)"
+                        );
+                    }
+                }
+            } else {
+                store.copy(&self.layer, index, toc, attr.ino, attr.size, &self.handle);
+            }
+        }
+        open_files.insert(attr.ino, OpenFile::Cached(1));
+        drop(open_files);
+        reply.opened(FileHandle(0), cached);
     }
 
     /// The layer's index, loaded if it was dropped; EIO (and a rate-limited warning) when it
@@ -275,9 +387,28 @@ fn read_failed(
 impl Filesystem for FuseLayer {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let offered = config.capabilities();
-        let (wanted, zero_message_open) = negotiate(offered, self.features);
+        let (wanted, mut zero_message_open) = negotiate(offered, self.features);
         // Only asks for what the kernel offers, so this cannot fail.
         let _ = config.add_capabilities(wanted);
+        let passthrough = self.passthrough_store.is_some()
+            && negotiate_passthrough(offered, self.features, self.answers_init);
+        if passthrough {
+            // Depth 1: the backing files must be on a file system that stacks on nothing, and
+            // overlayfs can still stack on this mount.
+            let _ = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH);
+            let _ = config.set_max_stack_depth(1);
+            zero_message_open = false;
+        }
+        if !self.answers_init
+            && offered.contains(InitFlags::FUSE_PASSTHROUGH | InitFlags::FUSE_NO_OPEN_SUPPORT)
+        {
+            // Taken over: the first answer may have asked for passthrough, and files may be
+            // open passed through that this process knows nothing of. The kernel refuses a
+            // cached open of such a file, so opens are left to the kernel (whatever the config
+            // says of zero-message opens) until the layer is mounted afresh.
+            zero_message_open = true;
+        }
+        self.passthrough.store(passthrough, Ordering::Relaxed);
         // Runs in every process that serves the connection (a handover replays the kept INIT).
         self.zero_message_open = zero_message_open;
         if let Err(kernel_max) = config.set_max_readahead(MAX_READAHEAD) {
@@ -289,6 +420,7 @@ impl Filesystem for FuseLayer {
             layer = %self.layer.digest(),
             capabilities = ?wanted,
             zero_message_open,
+            passthrough,
             "fuse session initialised"
         );
         Ok(())
@@ -339,17 +471,46 @@ impl Filesystem for FuseLayer {
         let result = if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             Err(Errno::EROFS)
         } else {
-            match self.index().and_then(|index| index.getattr(ino.0)) {
+            self.index().and_then(|index| match index.getattr(ino.0) {
                 Ok(attr) if attr.kind == FileKind::Directory => Err(Errno::EISDIR),
-                Ok(_) => Ok(()),
+                Ok(attr) => Ok((index, attr)),
                 Err(error) => Err(error),
-            }
+            })
         };
         self.done(Op::Open, started, &result);
         match result {
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok((index, attr)) if self.passthrough.load(Ordering::Relaxed) => {
+                self.open_tracked(&index, &attr, reply);
+            }
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(error) => reply.error(errno(error)),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let mut open_files = self.open_files.lock().unwrap_or_else(|e| e.into_inner());
+        let last = match open_files.get_mut(&ino.0) {
+            Some(OpenFile::Cached(count) | OpenFile::Passthrough(_, count)) => {
+                *count = count.saturating_sub(1);
+                *count == 0
+            }
+            None => false,
+        };
+        if last {
+            // Dropping the backing id closes it; the kernel keeps the file while it uses it.
+            open_files.remove(&ino.0);
+        }
+        drop(open_files);
+        reply.ok();
     }
 
     fn read(
@@ -830,6 +991,25 @@ mod tests {
         let (wanted, zero) = negotiate(offered, KernelFeatures::without([KernelFeature::Resend]));
         assert_eq!(wanted, WANTED_CAPABILITIES);
         assert!(zero);
+    }
+
+    #[test]
+    fn passthrough_is_used_only_where_offered_allowed_and_answered() {
+        let offered = WANTED_CAPABILITIES | InitFlags::FUSE_PASSTHROUGH;
+        assert!(negotiate_passthrough(offered, KernelFeatures::all(), true));
+        assert!(!negotiate_passthrough(
+            WANTED_CAPABILITIES,
+            KernelFeatures::all(),
+            true
+        ));
+        let off = KernelFeatures::without([KernelFeature::Passthrough]);
+        assert!(!negotiate_passthrough(offered, off, true));
+        // A connection taken over: the first answer decided, the opens before are unknown.
+        assert!(!negotiate_passthrough(
+            offered,
+            KernelFeatures::all(),
+            false
+        ));
     }
 
     #[test]

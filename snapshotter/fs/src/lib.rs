@@ -31,6 +31,7 @@ mod metadata;
 mod metrics;
 mod mount;
 mod ops;
+mod passthrough;
 mod table;
 #[cfg(test)]
 mod tests;
@@ -55,6 +56,7 @@ pub use mount::{
     mount, readahead, serve, set_readahead,
 };
 pub use nix::errno::Errno;
+pub use passthrough::{PassthroughConfig, PassthroughStore};
 
 /// A boxed future, as returned by [`ChunkReader::read_chunks`] (keeps the trait object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -77,6 +79,19 @@ pub trait ChunkReader: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<bytes::Bytes>, ReadError>> {
         let _ = table;
         self.read_chunks(chunks)
+    }
+
+    /// The chunks at these indices if every one of them is on the node (read and verified
+    /// locally, never fetched), for a passthrough copy ([`PassthroughStore`]); `None` if one is
+    /// not, or cannot be read. Reads made here are not file reads: a reader that records its
+    /// reads (an access trace) leaves these out. The default has nothing local.
+    fn local_chunks_in<'a>(
+        &'a self,
+        table: &'a dyn ChunkTable,
+        chunks: &[u32],
+    ) -> BoxFuture<'a, Option<Vec<bytes::Bytes>>> {
+        let _ = (table, chunks);
+        Box::pin(async { None })
     }
 }
 

@@ -57,6 +57,13 @@ pub struct Metrics {
     metadata_load_duration: Histogram,
     /// `streamsnap_fuse_metadata_evictions_total{reason}`: indexes dropped, idle or over budget.
     metadata_evictions: IntCounterVec,
+    /// `streamsnap_fuse_passthrough_opens_total`: opens answered with a passthrough file, whose
+    /// reads the kernel then serves from the node's copy without a request.
+    passthrough_opens: IntCounter,
+    /// `streamsnap_fuse_passthrough_copies_total`: files copied whole for passthrough.
+    passthrough_copies: IntCounter,
+    /// `streamsnap_fuse_passthrough_bytes`: bytes of passthrough copies on disk or being written.
+    passthrough_bytes: IntGauge,
 }
 
 impl fmt::Debug for Metrics {
@@ -90,6 +97,9 @@ impl Metrics {
                 Box::new(m.metadata_load_failures.clone()),
                 Box::new(m.metadata_load_duration.clone()),
                 Box::new(m.metadata_evictions.clone()),
+                Box::new(m.passthrough_opens.clone()),
+                Box::new(m.passthrough_copies.clone()),
+                Box::new(m.passthrough_bytes.clone()),
             ]
         })?;
         Ok(m)
@@ -172,7 +182,33 @@ impl Metrics {
                 .buckets(LOAD_DURATION_BUCKETS.to_vec()),
             )?,
             metadata_evictions,
+            passthrough_opens: IntCounter::new(
+                "streamsnap_fuse_passthrough_opens_total",
+                "Opens of layer files answered with a passthrough file: the kernel reads the \
+                 node's copy of the file itself",
+            )?,
+            passthrough_copies: IntCounter::new(
+                "streamsnap_fuse_passthrough_copies_total",
+                "Layer files copied whole from verified chunks on the node, for passthrough",
+            )?,
+            passthrough_bytes: IntGauge::new(
+                "streamsnap_fuse_passthrough_bytes",
+                "Bytes of passthrough copies of layer files on disk or being written",
+            )?,
         })
+    }
+
+    pub(crate) fn passthrough_opened(&self) {
+        self.passthrough_opens.inc();
+    }
+
+    pub(crate) fn passthrough_copied(&self) {
+        self.passthrough_copies.inc();
+    }
+
+    pub(crate) fn passthrough_bytes(&self, bytes: u64) {
+        self.passthrough_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// Accounts for a request of kind `op` that arrived at `started` and ended with `error`.

@@ -19,6 +19,7 @@ use crate::fuse::FuseLayer;
 use crate::layer::LayerFs;
 use crate::metadata::Layer;
 use crate::metrics::Metrics;
+use crate::passthrough::PassthroughStore;
 
 /// What [`mount`] and [`serve`] serve: a [`Layer`] (the daemon's, metadata loaded on demand),
 /// or a [`LayerFs`] built from a TOC in memory (resident).
@@ -64,6 +65,9 @@ pub struct MountOptions {
     /// default). A connection taken back from the holder keeps what its first INIT answer
     /// asked for (READDIRPLUS); zero-message opens follow this on every serve.
     pub kernel_features: KernelFeatures,
+    /// Where whole files are copied for FUSE passthrough; share one among all the mounts.
+    /// `None`: no passthrough (opens then take no request where the kernel allows).
+    pub passthrough: Option<Arc<PassthroughStore>>,
 }
 
 impl Default for MountOptions {
@@ -76,6 +80,7 @@ impl Default for MountOptions {
             readahead_bytes: DEFAULT_READAHEAD_BYTES,
             metrics: None,
             kernel_features: KernelFeatures::default(),
+            passthrough: None,
         }
     }
 }
@@ -148,10 +153,14 @@ pub fn serve(
     // tasks, so one loop is not a bottleneck.
     config.n_threads = Some(1);
     config.clone_fd = false;
-    let mut layer =
-        FuseLayer::new(fs, handle, options.ttl).with_kernel_features(options.kernel_features);
+    let mut layer = FuseLayer::new(fs, handle, options.ttl)
+        .with_kernel_features(options.kernel_features)
+        .answering_init(answer_init);
     if let Some(metrics) = &options.metrics {
         layer = layer.with_metrics(Arc::clone(metrics));
+    }
+    if let Some(store) = &options.passthrough {
+        layer = layer.with_passthrough(Arc::clone(store));
     }
     let in_flight = layer.in_flight();
     let (session_end, our_end) = socket_pair()?;

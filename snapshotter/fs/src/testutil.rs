@@ -168,6 +168,10 @@ pub struct MemoryChunks {
     calls: Mutex<Vec<Vec<u32>>>,
     delays: Mutex<HashMap<u32, Duration>>,
     failing: Mutex<HashSet<u32>>,
+    /// Chunks that are not on the node: `local_chunks_in` does not give them.
+    remote: Mutex<HashSet<u32>>,
+    /// Calls of `local_chunks_in` so far.
+    local_calls: Mutex<usize>,
 }
 
 impl MemoryChunks {
@@ -195,6 +199,15 @@ impl MemoryChunks {
     /// Calls that include `chunk` fail.
     pub fn fail(&self, chunk: u32) {
         self.failing.lock().unwrap().insert(chunk);
+    }
+
+    /// `chunk` is not on the node: reads fetch it, `local_chunks_in` does not give it.
+    pub fn remote(&self, chunk: u32) {
+        self.remote.lock().unwrap().insert(chunk);
+    }
+
+    pub fn local_calls(&self) -> usize {
+        *self.local_calls.lock().unwrap()
     }
 }
 
@@ -226,5 +239,25 @@ impl ChunkReader for MemoryChunks {
                 })
                 .collect()
         })
+    }
+
+    fn local_chunks_in<'a>(
+        &'a self,
+        _table: &'a dyn super::ChunkTable,
+        chunks: &[u32],
+    ) -> BoxFuture<'a, Option<Vec<Bytes>>> {
+        *self.local_calls.lock().unwrap() += 1;
+        let remote = self.remote.lock().unwrap();
+        let failing = self.failing.lock().unwrap();
+        let local = chunks
+            .iter()
+            .map(|&c| {
+                let on_node = !remote.contains(&c) && !failing.contains(&c);
+                on_node
+                    .then(|| self.chunks.get(c as usize).cloned())
+                    .flatten()
+            })
+            .collect();
+        Box::pin(async move { local })
     }
 }

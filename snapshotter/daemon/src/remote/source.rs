@@ -251,6 +251,19 @@ impl ChunkReader for CacheReader {
             })
         })
     }
+
+    /// Not recorded in the access log (a copy is not a read of the start-up) and never fetched.
+    fn local_chunks_in<'a>(
+        &'a self,
+        table: &'a dyn ChunkTable,
+        chunks: &[u32],
+    ) -> BoxFuture<'a, Option<Vec<Bytes>>> {
+        let refs: Option<Vec<ChunkRef>> = chunks
+            .iter()
+            .map(|&i| table.chunk(i).map(chunk_ref))
+            .collect();
+        Box::pin(async move { self.cache.get_local(&refs?).await })
+    }
 }
 
 #[cfg(test)]
@@ -347,6 +360,25 @@ mod tests {
         let (r, t) = reader(&toc, &blob);
         let ahead = r.ahead_of(&*t, 0, 4 << 20);
         assert_eq!(ahead.len(), MAX_READAHEAD_CHUNKS);
+    }
+
+    #[tokio::test]
+    async fn local_chunks_come_only_from_the_node_and_are_never_fetched() {
+        let rig = rig(0);
+        assert_eq!(rig.reader.local_chunks_in(&*rig.toc, &[3, 4]).await, None);
+        assert_eq!(
+            rig.blob.requests.load(Ordering::SeqCst),
+            0,
+            "nothing fetched"
+        );
+        let read = rig.reader.read_chunks_in(&*rig.toc, &[3]).await.unwrap();
+        assert_eq!(rig.blob.requests.load(Ordering::SeqCst), 1);
+        let local = rig.reader.local_chunks_in(&*rig.toc, &[3]).await.unwrap();
+        assert_eq!(local, read);
+        // One chunk off the node: none at all.
+        assert_eq!(rig.reader.local_chunks_in(&*rig.toc, &[3, 4]).await, None);
+        assert_eq!(rig.blob.requests.load(Ordering::SeqCst), 1);
+        assert_eq!(rig.cached(), vec![3]);
     }
 
     #[tokio::test]

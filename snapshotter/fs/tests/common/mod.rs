@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use streamsnap_fs::{BoxFuture, ChunkReader, ReadError};
+pub use streamsnap_fs::{BoxFuture, ChunkReader, ChunkTable, ReadError};
 use streamsnap_fs::{FsOptions, LayerFs, MountOptions, MountedLayer};
 
 #[path = "../../src/testutil.rs"]

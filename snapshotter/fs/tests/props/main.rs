@@ -9,7 +9,7 @@
 mod layer_props;
 mod read_props;
 
-pub use streamsnap_fs::{BoxFuture, ChunkReader, ReadError};
+pub use streamsnap_fs::{BoxFuture, ChunkReader, ChunkTable, ReadError};
 
 #[path = "../../src/testutil.rs"]
 pub mod testutil;
