@@ -23,6 +23,7 @@ pub(crate) mod runner;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
@@ -91,6 +92,10 @@ pub struct Args {
     /// Skip the sequential read and stat figures.
     #[arg(long)]
     pub skip_fs: bool,
+    /// Run every daemon with FUSE passthrough off (`[fuse] kernel_features_off =
+    /// ["passthrough"]`; zero-message opens instead), to compare with the default.
+    #[arg(long)]
+    pub passthrough_off: bool,
     /// Full pulls per point (the first round always has one: it records the access trace);
     /// the streamsnap contenders still run `--runs` times. A 30 GiB full pull takes minutes.
     #[arg(long)]
@@ -119,6 +124,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let streamsnap = workspace_bin("streamsnap")?;
     workspace_bin("streamsnap-snapshotterd")?;
     ensure!(args.runs >= 1, "--runs must be at least 1");
+    if args.passthrough_off {
+        let _ = FUSE_LINES.set("kernel_features_off = [\"passthrough\"]\n".into());
+    }
     let shape = LinkShape::mbit(args.mbit, args.rtt_ms);
     let started = Instant::now();
 
@@ -475,7 +483,7 @@ fn streamsnap_rounds(target: &Target, round: usize, point: &mut SizePoint) -> an
         ..daemon_options()
     };
     if let Some(bytes) = args.profiled_readahead_bytes {
-        options.extra_config = format!("[fuse]\nreadahead_bytes = {bytes}\n");
+        options.extra_config = fuse_config(&format!("readahead_bytes = {bytes}\n"));
     }
     let profiled = streamsnap_run_with(
         proxy,
@@ -617,7 +625,7 @@ fn access_trace_bytes(target: &Target) -> anyhow::Result<u64> {
         None,
         None,
         &SnapshotterdOptions {
-            extra_config: "[fuse]\nreadahead_bytes = 0\n".into(),
+            extra_config: fuse_config("readahead_bytes = 0\n"),
             prefetch_profile: false,
             ..daemon_options()
         },
@@ -686,9 +694,19 @@ pub(super) fn daemon_options() -> SnapshotterdOptions {
     SnapshotterdOptions {
         cache_max_bytes: CACHE_MAX_BYTES,
         cache_memory_bytes: CACHE_MEMORY_BYTES,
+        extra_config: fuse_config(""),
         ..SnapshotterdOptions::default()
     }
     .with_metrics()
+}
+
+/// `[fuse]` lines every daemon of this invocation gets (`--passthrough-off`).
+static FUSE_LINES: OnceLock<String> = OnceLock::new();
+
+/// The daemon's `[fuse]` section: this invocation's lines and `lines`.
+fn fuse_config(lines: &str) -> String {
+    let common = FUSE_LINES.get().map_or("", String::as_str);
+    format!("[fuse]\n{common}{lines}")
 }
 
 /// [`streamsnap_run`] with a given daemon config; with `save_profile`, what the daemon recorded

@@ -4,7 +4,8 @@
 //! without a request per read (Linux 6.9+, FUSE_PASSTHROUGH): reads then run at the speed of
 //! the local file system, page cache included. A layer's file content lives in chunks, several
 //! files to a chunk or several chunks to a file, so the backing file is a copy: when a file of
-//! at least `min_file_bytes` is opened and every chunk it needs is on the node, the store writes
+//! at least `min_file_bytes` is opened a second time and every chunk it needs is on the node (a
+//! file read once, as most are during a start-up, is not worth a copy), the store writes
 //! the file's bytes, read through the same verified chunk path as any FUSE read, into a file of
 //! its own under `dir`; later opens of that file (while no open of it without passthrough is
 //! held) hand the copy to the kernel. Nothing goes over the network for a copy: a chunk that is
@@ -33,6 +34,9 @@ use crate::{BoxFuture, ChunkReader, ReadError};
 
 /// Bytes read and written per step of a copy.
 const COPY_STEP: u32 = 4 << 20;
+/// Files remembered as opened once (a copy waits for the second open); forgotten all at once
+/// past this many.
+const MAX_OPENED_ONCE: usize = 1 << 16;
 
 /// Where copies go and how much room they get.
 #[derive(Clone, Debug)]
@@ -76,6 +80,8 @@ struct State {
     files: HashMap<Key, Stored>,
     /// Copies being written (their bytes are already counted in `used`).
     pending: HashSet<Key>,
+    /// Files opened once: the next open starts their copy.
+    opened_once: HashSet<Key>,
     /// Bytes of finished and pending copies.
     used: u64,
     clock: u64,
@@ -164,8 +170,10 @@ impl PassthroughStore {
         }
     }
 
-    /// Starts copying file `ino` (`size` bytes) of `layer` (indexed in `index`, whose files the
-    /// store names by `toc`) in the background on `handle`, unless
+    /// Notes an open of file `ino` (`size` bytes) of `layer` (indexed in `index`, whose files
+    /// the store names by `toc`); from its second open on, starts copying it in the background
+    /// on `handle` (a file read once, as most are during a start-up, is not worth the disk and
+    /// CPU a copy takes from the start), unless
     /// it is too small or too large, copied or being copied already, or there is no room. The
     /// copy stops at the first chunk that is not on the node.
     pub fn copy(
@@ -181,7 +189,7 @@ impl PassthroughStore {
             return;
         }
         let key = (toc, ino);
-        if !self.reserve(key, size) {
+        if !self.opened_before(key) || !self.reserve(key, size) {
             return;
         }
         let (store, layer, index) = (Arc::clone(self), Arc::clone(layer), Arc::clone(index));
@@ -213,6 +221,19 @@ impl PassthroughStore {
                 metrics.passthrough_bytes(store.used_bytes());
             }
         });
+    }
+
+    /// Whether `key` was opened before; remembers it otherwise.
+    fn opened_before(&self, key: Key) -> bool {
+        let mut state = self.lock();
+        if state.opened_once.remove(&key) {
+            return true;
+        }
+        if state.opened_once.len() >= MAX_OPENED_ONCE {
+            state.opened_once.clear();
+        }
+        state.opened_once.insert(key);
+        false
     }
 
     /// Counts `size` bytes for `key`, deleting the least recently used copies to make room.
@@ -388,6 +409,21 @@ mod tests {
         // Larger than the capacity: refused, nothing deleted.
         assert!(!store.reserve((toc, 9), 101));
         assert!(store.file(toc, 1).is_some());
+    }
+
+    #[test]
+    fn a_file_is_worth_a_copy_from_its_second_open_on() {
+        let (_dir, store) = store(100);
+        let toc = Digest::sha256(b"toc");
+        assert!(!store.opened_before((toc, 1)));
+        assert!(!store.opened_before((toc, 2)));
+        assert!(store.opened_before((toc, 1)));
+        assert!(
+            !store.opened_before((toc, 1)),
+            "counted again after a copy was asked for"
+        );
+        let state = store.lock();
+        assert_eq!(state.opened_once.len(), 2);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! FUSE passthrough (Linux 6.9+): a file whose chunks are all on the node is copied once, and
-//! later opens hand the copy to the kernel, which reads it without asking the daemon; through
+//! FUSE passthrough (Linux 6.9+): a file whose chunks are all on the node is copied once at its
+//! second open, and later opens hand the copy to the kernel, which reads it without asking the daemon; through
 //! overlayfs too, as a container reads. An open of the file held from before the copy keeps
 //! later opens cached (the kernel refuses a mix), a file with a chunk off the node is never
 //! copied, and with passthrough turned off no open is passed through. Needs root and /dev/fuse.
@@ -112,7 +112,8 @@ fn a_file_whole_on_the_node_is_read_by_the_kernel_from_its_copy() {
     let rig = Rig::new(&rt, KernelFeatures::all());
     let big = rig.mounted.join("data/big");
 
-    // First open: read through FUSE, and a copy started.
+    // First open: read through FUSE; the second starts a copy.
+    assert_eq!(read(&big), rig.big);
     assert_eq!(read(&big), rig.big);
     if !kernel_has_passthrough() {
         eprintln!("this kernel has no FUSE passthrough (Linux 6.9+ has): only reads are checked");
@@ -181,6 +182,7 @@ fn an_open_held_from_before_the_copy_keeps_the_next_opens_cached() {
     let rt = runtime();
     let rig = Rig::new(&rt, KernelFeatures::all());
     let big = rig.mounted.join("data/big");
+    assert_eq!(read(&big), rig.big);
     let mut held = File::open(&big).unwrap();
     common::wait_until("the copy", Duration::from_secs(10), || rig.copies() == 1.0);
     // The kernel would refuse a passthrough open next to a cached one: this open stays cached
