@@ -93,7 +93,10 @@ fn lazy_start_with_off(off: &[&str]) -> anyhow::Result<Observed> {
         .collect::<Vec<_>>()
         .join(", ");
     let options = SnapshotterdOptions {
-        extra_config: format!("[fuse]\nkernel_features_off = [{list}]\n"),
+        // The data files (3 MiB) are large enough to be copied for passthrough.
+        extra_config: format!(
+            "[fuse]\nkernel_features_off = [{list}]\npassthrough_min_file_bytes = 1048576\n"
+        ),
         ..SnapshotterdOptions::default().with_metrics()
     };
     let mut node = StreamingNode::start(options)?;

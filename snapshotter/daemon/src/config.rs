@@ -104,7 +104,9 @@ pub struct FuseSection {
     /// and later opens let the kernel read the copy at local disk speed (Linux 6.9+). Counted
     /// apart from the chunk cache (`[cache] max_size_bytes`); 0 turns passthrough off.
     pub passthrough_max_bytes: u64,
-    /// Smaller files are read through FUSE only (their reads are few and cheap).
+    /// Smaller files are read through FUSE only. A layer whose files this large hold less than
+    /// half its bytes keeps zero-message opens instead of passthrough (with passthrough every
+    /// open is a request).
     pub passthrough_min_file_bytes: u64,
 }
 
@@ -307,7 +309,7 @@ impl Default for FuseSection {
             metadata_cache_bytes: streamsnap_fs::MetadataConfig::DEFAULT_MAX_BYTES,
             kernel_features_off: Vec::new(),
             passthrough_max_bytes: 2 << 30,
-            passthrough_min_file_bytes: 1 << 20,
+            passthrough_min_file_bytes: 64 << 20,
         }
     }
 }
@@ -453,7 +455,7 @@ mod tests {
         let passthrough = fuse.passthrough(Path::new("/r")).unwrap();
         assert_eq!(passthrough.dir, Path::new("/r/passthrough"));
         assert_eq!(passthrough.capacity_bytes, 2 << 30);
-        assert_eq!(passthrough.min_file_bytes, 1 << 20);
+        assert_eq!(passthrough.min_file_bytes, 64 << 20);
         let fuse = Config::parse("[fuse]\npassthrough_max_bytes = 0\n")
             .unwrap()
             .fuse;

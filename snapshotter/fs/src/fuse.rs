@@ -84,6 +84,17 @@ pub(crate) fn negotiate_passthrough(
         && offered.contains(InitFlags::FUSE_PASSTHROUGH)
 }
 
+/// Whether a layer is worth passthrough, which costs every open of its files a request
+/// (zero-message opens are off with it): when files of at least `min_file_bytes` (the ones that
+/// get copies) hold at least half its bytes, as in layers of model weights or data. Layers of
+/// libraries and code, where a start-up opens thousands of files and reads little of each,
+/// keep zero-message opens (with such layers passed through too, the bench's warm start took
+/// 15% longer: docs/benchmarks.md).
+fn worth_passthrough(index: &LayerIndex, min_file_bytes: u64) -> bool {
+    let (large, all) = index.file_bytes(min_file_bytes.max(1));
+    large > 0 && large >= all / 2
+}
+
 /// The open files of an inode, as the kernel needs them to be: all read through the page cache
 /// of the mount, or all passed through to one backing file (it refuses a mix).
 #[derive(Debug)]
@@ -390,8 +401,13 @@ impl Filesystem for FuseLayer {
         let (wanted, mut zero_message_open) = negotiate(offered, self.features);
         // Only asks for what the kernel offers, so this cannot fail.
         let _ = config.add_capabilities(wanted);
-        let passthrough = self.passthrough_store.is_some()
-            && negotiate_passthrough(offered, self.features, self.answers_init);
+        let passthrough = self.passthrough_store.as_ref().is_some_and(|store| {
+            negotiate_passthrough(offered, self.features, self.answers_init)
+                && self
+                    .layer
+                    .index()
+                    .is_ok_and(|index| worth_passthrough(&index, store.config().min_file_bytes))
+        });
         if passthrough {
             // Depth 1: the backing files must be on a file system that stacks on nothing, and
             // overlayfs can still stack on this mount.
@@ -1010,6 +1026,29 @@ mod tests {
             KernelFeatures::all(),
             false
         ));
+    }
+
+    #[test]
+    fn only_layers_mostly_of_large_files_are_worth_passthrough() {
+        let index = |files: &[usize]| {
+            let mut b = crate::testutil::LayerBuilder::new(1 << 20);
+            for (i, &len) in files.iter().enumerate() {
+                b.file(&format!("f{i}"), 0o644, &vec![7u8; len]);
+            }
+            let (toc, _) = b.build();
+            let digest = streamsnap_format::Digest::sha256(b"toc");
+            LayerIndex::build(&toc, digest, &crate::layer::FsOptions::default()).unwrap()
+        };
+        assert!(
+            worth_passthrough(&index(&[3000, 2000]), 2500),
+            "3000 of 5000"
+        );
+        assert!(
+            !worth_passthrough(&index(&[3000, 2000, 2000]), 2500),
+            "3000 of 7000"
+        );
+        assert!(!worth_passthrough(&index(&[100, 200]), 2500), "none large");
+        assert!(!worth_passthrough(&index(&[]), 1), "no file");
     }
 
     #[test]

@@ -45,6 +45,15 @@ impl Rig {
     /// A layer with `big` (4 chunks), `other` (3 chunks, its second not on the node) and a small
     /// file, mounted with a passthrough store for files of at least 100 KiB.
     fn new(rt: &tokio::runtime::Runtime, features: KernelFeatures) -> Self {
+        Self::with_min(rt, features, 100 << 10)
+    }
+
+    /// With files of at least `min_file_bytes` copied.
+    fn with_min(
+        rt: &tokio::runtime::Runtime,
+        features: KernelFeatures,
+        min_file_bytes: u64,
+    ) -> Self {
         let mut b = LayerBuilder::new(CHUNK);
         b.dir("data", 0o755);
         let big = pattern(4 * CHUNK as usize, 7);
@@ -58,7 +67,7 @@ impl Rig {
         let store = PassthroughStore::open(PassthroughConfig {
             dir: store_dir.path().join("passthrough"),
             capacity_bytes: 1 << 30,
-            min_file_bytes: 100 << 10,
+            min_file_bytes,
         })
         .unwrap();
         let registry = prometheus::Registry::new();
@@ -228,4 +237,30 @@ fn with_passthrough_off_no_open_is_passed_through() {
         &[("op", "open")],
     );
     assert_eq!(opens, 1.0);
+}
+
+#[test]
+fn a_layer_without_a_file_large_enough_to_copy_keeps_zero_message_opens() {
+    if !fuse_available() {
+        return;
+    }
+    let rt = runtime();
+    // The largest file is 256 KiB.
+    let rig = Rig::with_min(&rt, KernelFeatures::all(), 1 << 20);
+    let big = rig.mounted.join("data/big");
+    for _ in 0..3 {
+        assert_eq!(read(&big), rig.big);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rig.opens(), 0.0);
+    assert_eq!(rig.copies(), 0.0);
+    let opens = metric(
+        &rig.registry,
+        "streamsnap_fuse_op_duration_seconds_count",
+        &[("op", "open")],
+    );
+    assert_eq!(
+        opens, 1.0,
+        "the first open is answered ENOSYS, the kernel sends no more"
+    );
 }

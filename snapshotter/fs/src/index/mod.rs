@@ -296,6 +296,19 @@ impl LayerIndex {
         u32_at(&self.bytes, header::FLAGS) & HAS_XATTRS != 0
     }
 
+    /// Bytes of the regular files of at least `min` bytes, and of all regular files (each
+    /// inode once, however many names it has; a pass over every inode).
+    pub fn file_bytes(&self, min: u64) -> (u64, u64) {
+        (1..=self.node_count() as u64)
+            .filter_map(|ino| self.node(ino))
+            .filter(|node| node.kind() == Kind::Regular)
+            .fold((0, 0), |(large, all), node| {
+                let size = node.size();
+                let large = if size >= min { large + size } else { large };
+                (large, all + size)
+            })
+    }
+
     pub(crate) fn statfs_totals(&self) -> (u64, u64) {
         (
             u64_at(&self.bytes, header::BLOCKS),
