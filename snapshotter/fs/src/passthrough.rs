@@ -30,6 +30,7 @@ use tokio::sync::Semaphore;
 use crate::index::{ChunkTable, LayerIndex};
 use crate::metadata::Layer;
 use crate::metrics::Metrics;
+use crate::warnings::{READ_WARNING_INTERVAL, RateLimit};
 use crate::{BoxFuture, ChunkReader, ReadError};
 
 /// Bytes read and written per step of a copy.
@@ -72,6 +73,8 @@ pub struct PassthroughStore {
     /// from reads.
     copying: Semaphore,
     metrics: Mutex<Option<Arc<Metrics>>>,
+    /// Copies the disk refused, warned of at most once a minute.
+    warnings: RateLimit,
 }
 
 #[derive(Debug, Default)]
@@ -114,6 +117,7 @@ impl PassthroughStore {
             state: Mutex::default(),
             copying: Semaphore::new(1),
             metrics: Mutex::default(),
+            warnings: RateLimit::new(READ_WARNING_INTERVAL),
         }))
     }
 
@@ -214,13 +218,34 @@ impl PassthroughStore {
                 Err(error) => {
                     let _ = fs::remove_file(store.temp_path(key));
                     store.abandon(key, size);
-                    tracing::debug!(toc = %key.0, ino, %error, "no passthrough copy");
+                    store.copy_failed(key, &error);
                 }
             }
             if let Some(metrics) = store.metrics() {
                 metrics.passthrough_bytes(store.used_bytes());
             }
         });
+    }
+
+    /// Logs a copy that failed: at debug level when a chunk was not on the node (normal), as a
+    /// warning at most once a minute when the disk refused it.
+    fn copy_failed(&self, (toc, ino): Key, error: &CopyError) {
+        match error {
+            CopyError::NotLocal(error) => {
+                tracing::debug!(%toc, ino, error, "no passthrough copy: not whole on the node");
+            }
+            CopyError::Io(error) => match self.warnings.allow(std::time::Instant::now()) {
+                Some(suppressed) => tracing::warn!(
+                    dir = %self.config.dir.display(),
+                    %error,
+                    suppressed,
+                    "cannot write a passthrough copy: the file is read through FUSE (correct, \
+                     slower); check the disk holding the directory, or lower [fuse] \
+                     passthrough_max_bytes"
+                ),
+                None => tracing::debug!(%toc, ino, %error, "cannot write a passthrough copy"),
+            },
+        }
     }
 
     /// Whether `key` was opened before; remembers it otherwise.
@@ -277,34 +302,49 @@ impl PassthroughStore {
         layer: &Arc<Layer>,
         index: &Arc<LayerIndex>,
         size: u64,
-    ) -> io::Result<()> {
+    ) -> Result<(), CopyError> {
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let temp = self.temp_path(key);
         let mut file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o400)
-            .open(&temp)?;
+            .open(&temp)
+            .map_err(CopyError::Io)?;
         let local = LocalOnly(Arc::clone(layer.reader()));
         let mut offset = 0u64;
         while offset < size {
             let data = crate::ops::read(index, &local, layer.options(), key.1, offset, COPY_STEP)
                 .await
-                .map_err(|errno| io::Error::other(format!("reading at {offset}: {errno}")))?;
+                .map_err(|errno| CopyError::NotLocal(format!("reading at {offset}: {errno}")))?;
             if data.is_empty() {
-                return Err(io::Error::other(format!("the file ends at {offset}")));
+                return Err(CopyError::NotLocal(format!("the file ends at {offset}")));
             }
             offset += data.len() as u64;
             file = tokio::task::spawn_blocking(move || file.write_all(&data).map(|()| file))
                 .await
-                .map_err(io::Error::other)??;
+                .map_err(io::Error::other)
+                .and_then(|written| written)
+                .map_err(CopyError::Io)?;
         }
         if offset != size {
-            return Err(io::Error::other(format!("read {offset} bytes of {size}")));
+            return Err(CopyError::NotLocal(format!(
+                "read {offset} bytes of {size}"
+            )));
         }
-        fs::set_permissions(&temp, fs::Permissions::from_mode(0o400))?;
-        fs::rename(&temp, self.path(key))
+        fs::set_permissions(&temp, fs::Permissions::from_mode(0o400))
+            .and_then(|()| fs::rename(&temp, self.path(key)))
+            .map_err(CopyError::Io)
     }
+}
+
+/// Why a copy was not made.
+#[derive(Debug)]
+enum CopyError {
+    /// A chunk of the file could not be read from the node (not there, or not verified).
+    NotLocal(String),
+    /// The copy could not be written.
+    Io(io::Error),
 }
 
 fn annotate(path: &Path, what: &str, error: io::Error) -> io::Error {

@@ -215,38 +215,9 @@ fn an_open_held_from_before_the_copy_keeps_the_next_opens_cached() {
     drop(held);
 }
 
-#[test]
-fn with_passthrough_off_no_open_is_passed_through() {
-    if !fuse_available() {
-        return;
-    }
-    let rt = runtime();
-    let rig = Rig::new(&rt, KernelFeatures::without([KernelFeature::Passthrough]));
-    let big = rig.mounted.join("data/big");
-    for _ in 0..3 {
-        assert_eq!(read(&big), rig.big);
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(rig.opens(), 0.0);
-    assert_eq!(rig.copies(), 0.0);
-    assert_eq!(rig.reader.local_calls(), 0);
-    // Opens take no request then (zero-message opens): only the first is asked.
-    let opens = metric(
-        &rig.registry,
-        "streamsnap_fuse_op_duration_seconds_count",
-        &[("op", "open")],
-    );
-    assert_eq!(opens, 1.0);
-}
-
-#[test]
-fn a_layer_without_a_file_large_enough_to_copy_keeps_zero_message_opens() {
-    if !fuse_available() {
-        return;
-    }
-    let rt = runtime();
-    // The largest file is 256 KiB.
-    let rig = Rig::with_min(&rt, KernelFeatures::all(), 1 << 20);
+/// Reads `data/big` three times and checks that no open was passed through, nothing was copied
+/// and opens took no request but the first (zero-message opens).
+fn assert_read_through_fuse_with_zero_message_opens(rig: &Rig) {
     let big = rig.mounted.join("data/big");
     for _ in 0..3 {
         assert_eq!(read(&big), rig.big);
@@ -263,4 +234,45 @@ fn a_layer_without_a_file_large_enough_to_copy_keeps_zero_message_opens() {
         opens, 1.0,
         "the first open is answered ENOSYS, the kernel sends no more"
     );
+}
+
+#[test]
+fn with_passthrough_off_no_open_is_passed_through() {
+    if !fuse_available() {
+        return;
+    }
+    let rt = runtime();
+    let rig = Rig::new(&rt, KernelFeatures::without([KernelFeature::Passthrough]));
+    assert_read_through_fuse_with_zero_message_opens(&rig);
+    assert_eq!(rig.reader.local_calls(), 0);
+}
+
+#[test]
+fn a_layer_without_a_file_large_enough_to_copy_keeps_zero_message_opens() {
+    if !fuse_available() {
+        return;
+    }
+    let rt = runtime();
+    // The largest file is 256 KiB.
+    let rig = Rig::with_min(&rt, KernelFeatures::all(), 1 << 20);
+    assert_read_through_fuse_with_zero_message_opens(&rig);
+}
+
+#[test]
+fn a_copy_the_disk_refuses_is_given_up_and_the_file_still_reads_right() {
+    if !fuse_available() || !kernel_has_passthrough() {
+        return;
+    }
+    let rt = runtime();
+    let rig = Rig::new(&rt, KernelFeatures::all());
+    // The directory is gone: creating the copy fails.
+    fs::remove_dir_all(&rig.store.config().dir).unwrap();
+    let big = rig.mounted.join("data/big");
+    for _ in 0..3 {
+        assert_eq!(read(&big), rig.big);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rig.copies(), 0.0);
+    assert_eq!(rig.opens(), 0.0);
+    assert_eq!(rig.store.used_bytes(), 0, "the room it took is given back");
 }

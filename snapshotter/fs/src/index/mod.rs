@@ -304,8 +304,12 @@ impl LayerIndex {
             .filter(|node| node.kind() == Kind::Regular)
             .fold((0, 0), |(large, all), node| {
                 let size = node.size();
-                let large = if size >= min { large + size } else { large };
-                (large, all + size)
+                let large = if size >= min {
+                    large.saturating_add(size)
+                } else {
+                    large
+                };
+                (large, all.saturating_add(size))
             })
     }
 
