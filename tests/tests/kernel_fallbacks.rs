@@ -1,11 +1,11 @@
 //! Every optional kernel FUSE feature has a fallback that works (issue 14): with each of
-//! READDIRPLUS, zero-message opens, RESEND and passthrough turned off by `[fuse]
+//! READDIRPLUS, zero-message opens, RESEND, passthrough and zero-message opendirs turned off by `[fuse]
 //! kernel_features_off` (and all at once), a converted image is pulled lazily, a container lists
 //! and checks its files, two more check them again (the files are whole on the node by then, so
 //! they are copied for passthrough and the last container's opens are passed through), and the
 //! daemon is killed (SIGKILL) while a fourth container reads and restarted. The request counts
 //! by op show the feature really was off: plain `readdir` instead of `readdirplus`, an `open` per
-//! opened file instead of none, no copy and no passthrough open, and after the crash a fresh
+//! opened file and an `opendir` per listed directory instead of none, no copy and no passthrough open, and after the crash a fresh
 //! mount of every layer instead of a takeover with the kernel resending. Passthrough needs the
 //! opens, so zero-message opens are used only with passthrough off. A run with nothing off
 //! validates the test itself.
@@ -28,8 +28,9 @@ struct Observed {
     /// FUSE requests by op over the start and the first container (before the crash).
     readdir: f64,
     readdirplus: f64,
-    /// FUSE opens made by the listing container alone.
+    /// FUSE opens of files and of directories made by the listing container alone.
     opens_by_lister: f64,
+    opendirs_by_lister: f64,
     /// Files copied for passthrough, and opens of the last checking container passed through.
     passthrough_copies: f64,
     passthrough_opens: f64,
@@ -121,6 +122,7 @@ fn lazy_start_with_off(off: &[&str]) -> anyhow::Result<Observed> {
     }
     let after = node.metrics()?;
     let opens_by_lister = op_count(&after, "open") - op_count(&before, "open");
+    let opendirs_by_lister = op_count(&after, "opendir") - op_count(&before, "opendir");
     let (passthrough_copies, passthrough_opens) =
         check_twice_more(&node, !off.contains(&"passthrough"))?;
 
@@ -160,6 +162,7 @@ fn lazy_start_with_off(off: &[&str]) -> anyhow::Result<Observed> {
         readdir: op_count(&after, "readdir"),
         readdirplus: op_count(&after, "readdirplus"),
         opens_by_lister,
+        opendirs_by_lister,
         passthrough_copies,
         passthrough_opens,
         reader_passes,
@@ -291,6 +294,18 @@ fn check_zero_message_open_used(o: &Observed) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Zero-message opendirs on: the kernel stopped sending opendirs after the first per layer.
+fn check_zero_message_opendir_used(o: &Observed) -> anyhow::Result<()> {
+    ensure!(o.opendirs_by_lister <= 2.0, "{o:?}");
+    Ok(())
+}
+
+/// Off: an opendir per directory listed (/, /bin, /etc and /data, in the layers holding them).
+fn check_zero_message_opendir_off(o: &Observed) -> anyhow::Result<()> {
+    ensure!(o.opendirs_by_lister >= 4.0, "{o:?}");
+    Ok(())
+}
+
 /// Off: an open per file opened (the sums and every data file at least).
 fn check_zero_message_open_off(o: &Observed) -> anyhow::Result<()> {
     ensure!(o.opens_by_lister >= (FILES + 1) as f64, "{o:?}");
@@ -330,6 +345,7 @@ fn check_resend_off(o: &Observed) -> anyhow::Result<()> {
 fn with_every_feature_on_each_is_used() -> anyhow::Result<()> {
     let o = lazy_start_with_off(&[])?;
     check_readdirplus_used(&o)?;
+    check_zero_message_opendir_used(&o)?;
     // Passthrough needs the opens.
     check_zero_message_open_off(&o)?;
     check_passthrough_used(&o)?;
@@ -372,9 +388,25 @@ fn without_resend_a_crash_mounts_the_layers_afresh() -> anyhow::Result<()> {
 
 #[test]
 fn with_every_feature_off_the_lazy_start_works() -> anyhow::Result<()> {
-    let o = lazy_start_with_off(&["readdirplus", "zero_message_open", "resend", "passthrough"])?;
+    let o = lazy_start_with_off(&[
+        "readdirplus",
+        "zero_message_open",
+        "resend",
+        "passthrough",
+        "zero_message_opendir",
+    ])?;
     check_readdirplus_off(&o)?;
+    check_zero_message_opendir_off(&o)?;
     check_zero_message_open_off(&o)?;
     check_passthrough_off(&o)?;
     check_resend_off(&o)
+}
+
+#[test]
+fn without_zero_message_opendirs_every_listing_opens_with_a_request() -> anyhow::Result<()> {
+    let o = lazy_start_with_off(&["zero_message_opendir"])?;
+    check_readdirplus_used(&o)?;
+    check_zero_message_opendir_off(&o)?;
+    check_passthrough_used(&o)?;
+    check_resend_used(&o)
 }

@@ -96,6 +96,10 @@ pub struct Args {
     /// ["passthrough"]`; zero-message opens instead), to compare with the default.
     #[arg(long)]
     pub passthrough_off: bool,
+    /// Optional kernel FUSE features every daemon leaves off (`[fuse] kernel_features_off`,
+    /// e.g. `zero_message_opendir`), to compare with the default.
+    #[arg(long, value_delimiter = ',')]
+    pub kernel_features_off: Vec<String>,
     /// Full pulls per point (the first round always has one: it records the access trace);
     /// the streamsnap contenders still run `--runs` times. A 30 GiB full pull takes minutes.
     #[arg(long)]
@@ -124,8 +128,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let streamsnap = workspace_bin("streamsnap")?;
     workspace_bin("streamsnap-snapshotterd")?;
     ensure!(args.runs >= 1, "--runs must be at least 1");
+    let mut off = args.kernel_features_off.clone();
     if args.passthrough_off {
-        let _ = FUSE_LINES.set("kernel_features_off = [\"passthrough\"]\n".into());
+        off.push("passthrough".into());
+    }
+    if !off.is_empty() {
+        let list: Vec<String> = off.iter().map(|name| format!("{name:?}")).collect();
+        let _ = FUSE_LINES.set(format!("kernel_features_off = [{}]\n", list.join(", ")));
     }
     let shape = LinkShape::mbit(args.mbit, args.rtt_ms);
     let started = Instant::now();

@@ -123,6 +123,8 @@ pub enum KernelFeatureName {
     /// Reads of whole files on the node by the kernel from their copy: off, every read is a
     /// request answered from the chunk cache.
     Passthrough,
+    /// Opens of directories without a request: off, every listing opens with a request.
+    ZeroMessageOpendir,
 }
 
 impl From<KernelFeatureName> for streamsnap_fs::KernelFeature {
@@ -132,6 +134,7 @@ impl From<KernelFeatureName> for streamsnap_fs::KernelFeature {
             KernelFeatureName::ZeroMessageOpen => Self::ZeroMessageOpen,
             KernelFeatureName::Resend => Self::Resend,
             KernelFeatureName::Passthrough => Self::Passthrough,
+            KernelFeatureName::ZeroMessageOpendir => Self::ZeroMessageOpendir,
         }
     }
 }
@@ -428,7 +431,7 @@ mod tests {
         assert!(KernelFeature::ALL.iter().all(|&f| features.allows(f)));
         let config = Config::parse(
             "[fuse]\nkernel_features_off = [\"readdirplus\", \"zero_message_open\", \"resend\", \
-             \"passthrough\"]\n",
+             \"passthrough\", \"zero_message_opendir\"]\n",
         )
         .unwrap();
         let features = config.fuse.kernel_features();
@@ -442,7 +445,13 @@ mod tests {
         assert!(features.allows(KernelFeature::Readdirplus));
         let error = Config::parse("[fuse]\nkernel_features_off = [\"dax\"]\n").unwrap_err();
         let message = format!("{error:#}");
-        for valid in ["readdirplus", "zero_message_open", "resend", "passthrough"] {
+        for valid in [
+            "readdirplus",
+            "zero_message_open",
+            "resend",
+            "passthrough",
+            "zero_message_opendir",
+        ] {
             assert!(message.contains(valid), "{message}");
         }
         assert!(message.contains("dax"), "{message}");

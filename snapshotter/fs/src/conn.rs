@@ -204,28 +204,33 @@ mod tests {
         // FUSE_PASSTHROUGH is bit 37: bit 5 of flags2.
         let flags2 = FUSE_HAS_RESEND_IN_FLAGS2 | 1 << 5;
         let fd = std::fs::File::open("/dev/null").unwrap().into();
-        let all =
-            FuseConnection::from_parts(fd, init_request(FUSE_INIT_EXT | 1 << 13 | 1 << 17, flags2))
-                .unwrap();
+        let all = FuseConnection::from_parts(
+            fd,
+            init_request(FUSE_INIT_EXT | 1 << 13 | 1 << 17 | 1 << 24, flags2),
+        )
+        .unwrap();
         assert_eq!(
             KernelFeatures::without([KernelFeature::ZeroMessageOpen]).describe(Some(all.offered())),
-            "readdirplus: used, zero_message_open: off (config), resend: used, passthrough: used"
+            "readdirplus: used, zero_message_open: off (config), resend: used, passthrough: used, \
+             zero_message_opendir: used"
         );
         assert_eq!(
             KernelFeatures::all().describe(Some(all.offered())),
             "readdirplus: used, zero_message_open: not used (passthrough needs the opens), resend: \
-             used, passthrough: used"
+             used, passthrough: used, zero_message_opendir: used"
         );
         assert_eq!(
             KernelFeatures::without([KernelFeature::Passthrough]).describe(Some(all.offered())),
-            "readdirplus: used, zero_message_open: used, resend: used, passthrough: off (config)"
+            "readdirplus: used, zero_message_open: used, resend: used, passthrough: off (config), \
+             zero_message_opendir: used"
         );
         let fd = std::fs::File::open("/dev/null").unwrap().into();
         let old = FuseConnection::from_parts(fd, init_request(1 << 13, 0)).unwrap();
         assert_eq!(
             KernelFeatures::all().describe(Some(old.offered())),
             "readdirplus: used, zero_message_open: not offered by the kernel, resend: not offered \
-             by the kernel, passthrough: not offered by the kernel"
+             by the kernel, passthrough: not offered by the kernel, zero_message_opendir: not \
+             offered by the kernel"
         );
     }
 }

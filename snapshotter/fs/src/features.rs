@@ -6,6 +6,8 @@
 //!   names it needs one request each.
 //! - zero-message opens (FUSE_NO_OPEN_SUPPORT): every open of a file is a request, answered
 //!   "read-only, keep the cache".
+//! - zero-message opendirs (FUSE_NO_OPENDIR_SUPPORT): every open of a directory is a request,
+//!   answered "keep the listing cached" (what the kernel assumes without the request).
 //! - RESEND (FUSE_NOTIFY_RESEND, Linux 6.9+): after a crash the next daemon cannot get back the
 //!   requests the dead one took, so it mounts the layers afresh instead of taking their
 //!   connections over (running containers reading them see errors; new ones work).
@@ -28,14 +30,18 @@ pub enum KernelFeature {
     Resend,
     /// Whole files on the node are read by the kernel from their copy (FUSE_PASSTHROUGH).
     Passthrough,
+    /// Opens of directories take no request once the first is answered ENOSYS
+    /// (FUSE_NO_OPENDIR_SUPPORT).
+    ZeroMessageOpendir,
 }
 
 impl KernelFeature {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::Readdirplus,
         Self::ZeroMessageOpen,
         Self::Resend,
         Self::Passthrough,
+        Self::ZeroMessageOpendir,
     ];
 
     /// The name used in the config, logs and metric labels.
@@ -45,6 +51,7 @@ impl KernelFeature {
             Self::ZeroMessageOpen => "zero_message_open",
             Self::Resend => "resend",
             Self::Passthrough => "passthrough",
+            Self::ZeroMessageOpendir => "zero_message_opendir",
         }
     }
 
@@ -55,6 +62,7 @@ impl KernelFeature {
             Self::ZeroMessageOpen => 1 << 17,
             Self::Resend => 1 << 39,
             Self::Passthrough => 1 << 37,
+            Self::ZeroMessageOpendir => 1 << 24,
         }
     }
 }
@@ -157,7 +165,8 @@ mod tests {
         assert_eq!(
             features.describe(Some(offered)),
             "readdirplus: used, zero_message_open: not offered by the kernel, resend: off \
-             (config), passthrough: not offered by the kernel"
+             (config), passthrough: not offered by the kernel, zero_message_opendir: not offered by \
+             the kernel"
         );
         assert!(
             features

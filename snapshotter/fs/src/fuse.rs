@@ -70,6 +70,14 @@ pub(crate) fn negotiate(offered: InitFlags, features: KernelFeatures) -> (InitFl
     (wanted, zero_message_open)
 }
 
+/// Whether the session answers opens of directories ENOSYS so the kernel stops sending them
+/// (FUSE_NO_OPENDIR_SUPPORT): the kernel then keeps every listing cached, as the answer would
+/// have told it.
+pub(crate) fn negotiate_opendir(offered: InitFlags, features: KernelFeatures) -> bool {
+    features.allows(KernelFeature::ZeroMessageOpendir)
+        && offered.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+}
+
 /// Whether a session with a passthrough store uses passthrough with a kernel offering
 /// `offered`: where `features` allows it, on a connection whose INIT this process answers (a
 /// connection taken over keeps what the first answer asked for, and the opens the previous
@@ -134,6 +142,8 @@ pub struct FuseLayer {
     in_flight: Arc<AtomicUsize>,
     /// The kernel opens files without asking once told ENOSYS (FUSE_NO_OPEN_SUPPORT).
     zero_message_open: bool,
+    /// The same for directories (FUSE_NO_OPENDIR_SUPPORT).
+    zero_message_opendir: bool,
     /// The optional kernel features this layer may use.
     features: KernelFeatures,
     /// Where copies of whole files are kept for passthrough; `None`: not used.
@@ -161,6 +171,7 @@ impl FuseLayer {
             load_warnings: RateLimit::new(READ_WARNING_INTERVAL),
             in_flight: Arc::default(),
             zero_message_open: false,
+            zero_message_opendir: false,
             features: KernelFeatures::default(),
             passthrough_store: None,
             answers_init: true,
@@ -427,6 +438,7 @@ impl Filesystem for FuseLayer {
         self.passthrough.store(passthrough, Ordering::Relaxed);
         // Runs in every process that serves the connection (a handover replays the kept INIT).
         self.zero_message_open = zero_message_open;
+        self.zero_message_opendir = negotiate_opendir(offered, self.features);
         if let Err(kernel_max) = config.set_max_readahead(MAX_READAHEAD) {
             let _ = config.set_max_readahead(kernel_max);
         }
@@ -436,6 +448,7 @@ impl Filesystem for FuseLayer {
             layer = %self.layer.digest(),
             capabilities = ?wanted,
             zero_message_open,
+            zero_message_opendir = self.zero_message_opendir,
             passthrough,
             "fuse session initialised"
         );
@@ -603,6 +616,13 @@ impl Filesystem for FuseLayer {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let started = Instant::now();
+        if self.zero_message_opendir {
+            // The kernel refuses writes to directories itself, and without an answer it keeps
+            // the listing cached (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR), the answer below.
+            self.metrics.observe(Op::Opendir, started, None);
+            reply.error(FuseErrno::ENOSYS);
+            return;
+        }
         let result = if flags.acc_mode() != OpenAccMode::O_RDONLY {
             Err(Errno::EROFS)
         } else {
@@ -1007,6 +1027,18 @@ mod tests {
         let (wanted, zero) = negotiate(offered, KernelFeatures::without([KernelFeature::Resend]));
         assert_eq!(wanted, WANTED_CAPABILITIES);
         assert!(zero);
+    }
+
+    #[test]
+    fn zero_message_opendirs_are_used_only_where_offered_and_allowed() {
+        let offered = WANTED_CAPABILITIES | InitFlags::FUSE_NO_OPENDIR_SUPPORT;
+        assert!(negotiate_opendir(offered, KernelFeatures::all()));
+        assert!(!negotiate_opendir(
+            WANTED_CAPABILITIES,
+            KernelFeatures::all()
+        ));
+        let off = KernelFeatures::without([KernelFeature::ZeroMessageOpendir]);
+        assert!(!negotiate_opendir(offered, off));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Each optional kernel feature turned off in `MountOptions::kernel_features` really is: the
-//! kernel sends the plain requests instead (READDIR rather than READDIRPLUS, an OPEN per open),
+//! kernel sends the plain requests instead (READDIR rather than READDIRPLUS, an OPEN per open, an
+//! OPENDIR per listing),
 //! counted by op in the metrics, and the layer still reads right. Needs root and /dev/fuse.
 
 mod common;
@@ -13,8 +14,8 @@ use common::testutil::LayerBuilder;
 use common::{Mounted, fuse_available, metric, mount_options, pattern, runtime};
 
 /// Lists the root and `etc`, and opens and reads `etc/data.bin` three times, on a layer mounted
-/// with `features`; returns the requests counted by op (readdir, readdirplus, open).
-fn requests_with(features: KernelFeatures) -> (f64, f64, f64) {
+/// with `features`; returns the requests counted by op (readdir, readdirplus, open, opendir).
+fn requests_with(features: KernelFeatures) -> (f64, f64, f64, f64) {
     let mut b = LayerBuilder::new(4096);
     b.dir("etc", 0o755);
     let data = pattern(20_000, 3);
@@ -41,7 +42,12 @@ fn requests_with(features: KernelFeatures) -> (f64, f64, f64) {
             &[("op", op)],
         )
     };
-    (count("readdir"), count("readdirplus"), count("open"))
+    (
+        count("readdir"),
+        count("readdirplus"),
+        count("open"),
+        count("opendir"),
+    )
 }
 
 #[test]
@@ -49,11 +55,12 @@ fn every_feature_on_lists_with_attributes_and_opens_without_requests() {
     if !fuse_available() {
         return;
     }
-    let (readdir, readdirplus, open) = requests_with(KernelFeatures::all());
+    let (readdir, readdirplus, open, opendir) = requests_with(KernelFeatures::all());
     assert_eq!(readdir, 0.0);
     assert!(readdirplus >= 2.0, "{readdirplus}");
-    // The first open is answered ENOSYS and the kernel sends no more.
+    // The first open (and opendir) is answered ENOSYS and the kernel sends no more.
     assert_eq!(open, 1.0);
+    assert_eq!(opendir, 1.0);
 }
 
 #[test]
@@ -61,7 +68,7 @@ fn without_readdirplus_the_kernel_lists_with_readdir() {
     if !fuse_available() {
         return;
     }
-    let (readdir, readdirplus, open) =
+    let (readdir, readdirplus, open, _) =
         requests_with(KernelFeatures::without([KernelFeature::Readdirplus]));
     assert!(readdir >= 2.0, "{readdir}");
     assert_eq!(readdirplus, 0.0);
@@ -73,7 +80,7 @@ fn without_zero_message_opens_every_open_is_a_request() {
     if !fuse_available() {
         return;
     }
-    let (readdir, readdirplus, open) =
+    let (readdir, readdirplus, open, _) =
         requests_with(KernelFeatures::without([KernelFeature::ZeroMessageOpen]));
     assert_eq!(readdir, 0.0);
     assert!(readdirplus >= 2.0, "{readdirplus}");
@@ -85,8 +92,23 @@ fn with_every_feature_off_the_layer_still_reads_right() {
     if !fuse_available() {
         return;
     }
-    let (readdir, readdirplus, open) = requests_with(KernelFeatures::without(KernelFeature::ALL));
+    let (readdir, readdirplus, open, opendir) =
+        requests_with(KernelFeatures::without(KernelFeature::ALL));
     assert!(readdir >= 2.0, "{readdir}");
     assert_eq!(readdirplus, 0.0);
     assert_eq!(open, 3.0);
+    assert_eq!(opendir, 2.0);
+}
+
+#[test]
+fn without_zero_message_opendirs_every_listing_opens_with_a_request() {
+    if !fuse_available() {
+        return;
+    }
+    let (readdir, readdirplus, open, opendir) =
+        requests_with(KernelFeatures::without([KernelFeature::ZeroMessageOpendir]));
+    assert_eq!(readdir, 0.0);
+    assert!(readdirplus >= 2.0, "{readdirplus}");
+    assert_eq!(open, 1.0);
+    assert_eq!(opendir, 2.0, "the root and etc");
 }
