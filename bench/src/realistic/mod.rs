@@ -92,12 +92,8 @@ pub struct Args {
     /// Skip the sequential read and stat figures.
     #[arg(long)]
     pub skip_fs: bool,
-    /// Run every daemon with FUSE passthrough off (`[fuse] kernel_features_off =
-    /// ["passthrough"]`; zero-message opens instead), to compare with the default.
-    #[arg(long)]
-    pub passthrough_off: bool,
     /// Optional kernel FUSE features every daemon leaves off (`[fuse] kernel_features_off`,
-    /// e.g. `zero_message_opendir`), to compare with the default.
+    /// e.g. `passthrough,zero_message_opendir`), to compare with the default.
     #[arg(long, value_delimiter = ',')]
     pub kernel_features_off: Vec<String>,
     /// Full pulls per point (the first round always has one: it records the access trace);
@@ -128,12 +124,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let streamsnap = workspace_bin("streamsnap")?;
     workspace_bin("streamsnap-snapshotterd")?;
     ensure!(args.runs >= 1, "--runs must be at least 1");
-    let mut off = args.kernel_features_off.clone();
-    if args.passthrough_off {
-        off.push("passthrough".into());
-    }
-    if !off.is_empty() {
-        let list: Vec<String> = off.iter().map(|name| format!("{name:?}")).collect();
+    if !args.kernel_features_off.is_empty() {
+        let list: Vec<String> = args
+            .kernel_features_off
+            .iter()
+            .map(|name| format!("{name:?}"))
+            .collect();
         let _ = FUSE_LINES.set(format!("kernel_features_off = [{}]\n", list.join(", ")));
     }
     let shape = LinkShape::mbit(args.mbit, args.rtt_ms);
@@ -709,7 +705,7 @@ pub(super) fn daemon_options() -> SnapshotterdOptions {
     .with_metrics()
 }
 
-/// `[fuse]` lines every daemon of this invocation gets (`--passthrough-off`).
+/// `[fuse]` lines every daemon of this invocation gets (`--kernel-features-off`).
 static FUSE_LINES: OnceLock<String> = OnceLock::new();
 
 /// The daemon's `[fuse]` section: this invocation's lines and `lines`.

@@ -259,9 +259,8 @@ fn build_remote(
     let fs_metrics = Arc::new(fs_metrics);
     let passthrough = match config.fuse.passthrough(&config.root) {
         Some(passthrough) => {
-            let store = streamsnap_fs::PassthroughStore::open(passthrough)
+            let store = streamsnap_fs::PassthroughStore::open(passthrough, Arc::clone(&fs_metrics))
                 .context("opening the passthrough directory ([fuse] passthrough_max_bytes)")?;
-            store.set_metrics(Arc::clone(&fs_metrics));
             Some(store)
         }
         None => None,

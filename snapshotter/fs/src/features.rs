@@ -110,11 +110,11 @@ impl KernelFeatures {
     /// `offered` (`None`: not known yet), for the log: `readdirplus: used, resend: off (config),
     /// ...`. Zero-message opens are used only where passthrough is not.
     pub fn describe(self, offered: Option<u64>) -> String {
+        let passthrough = self.allows(KernelFeature::Passthrough)
+            && offered.is_some_and(|f| f & KernelFeature::Passthrough.init_bit() != 0);
         let parts: Vec<String> = KernelFeature::ALL
             .iter()
             .map(|&feature| {
-                let passthrough = self.allows(KernelFeature::Passthrough)
-                    && offered.is_some_and(|f| f & KernelFeature::Passthrough.init_bit() != 0);
                 let state = if !self.allows(feature) {
                     "off (config)"
                 } else if feature == KernelFeature::ZeroMessageOpen && passthrough {

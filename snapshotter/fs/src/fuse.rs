@@ -146,12 +146,11 @@ pub struct FuseLayer {
     zero_message_opendir: bool,
     /// The optional kernel features this layer may use.
     features: KernelFeatures,
-    /// Where copies of whole files are kept for passthrough; `None`: not used.
+    /// Where copies of whole files are kept for passthrough; kept past INIT only where
+    /// passthrough was asked for (opens are then tracked). `None`: not used.
     passthrough_store: Option<Arc<PassthroughStore>>,
     /// The process answers the connection's INIT (not a connection taken over).
     answers_init: bool,
-    /// Passthrough was asked for at INIT: opens are tracked.
-    passthrough: AtomicBool,
     /// The kernel refused a backing file: no more are tried on this mount.
     backing_refused: AtomicBool,
     /// Open files by inode, kept while passthrough is used.
@@ -175,7 +174,6 @@ impl FuseLayer {
             features: KernelFeatures::default(),
             passthrough_store: None,
             answers_init: true,
-            passthrough: AtomicBool::new(false),
             backing_refused: AtomicBool::new(false),
             open_files: Mutex::default(),
         }
@@ -232,12 +230,14 @@ impl FuseLayer {
     /// store has one and no open of the inode reads through the page cache; otherwise cached,
     /// and a copy is started if the file is whole on the node. Every open is counted until its
     /// release, so the kernel never sees the two kinds mixed on one inode.
-    fn open_tracked(&self, index: &Arc<LayerIndex>, attr: &Attr, reply: ReplyOpen) {
+    fn open_tracked(
+        &self,
+        store: &Arc<PassthroughStore>,
+        index: &Arc<LayerIndex>,
+        attr: &Attr,
+        reply: ReplyOpen,
+    ) {
         let cached = FopenFlags::FOPEN_KEEP_CACHE;
-        let Some(store) = &self.passthrough_store else {
-            reply.opened(FileHandle(0), cached);
-            return;
-        };
         let mut open_files = self.open_files.lock().unwrap_or_else(|e| e.into_inner());
         match open_files.get_mut(&attr.ino) {
             Some(OpenFile::Passthrough(backing, count)) => {
@@ -435,7 +435,9 @@ impl Filesystem for FuseLayer {
             // says of zero-message opens) until the layer is mounted afresh.
             zero_message_open = true;
         }
-        self.passthrough.store(passthrough, Ordering::Relaxed);
+        if !passthrough {
+            self.passthrough_store = None;
+        }
         // Runs in every process that serves the connection (a handover replays the kept INIT).
         self.zero_message_open = zero_message_open;
         self.zero_message_opendir = negotiate_opendir(offered, self.features);
@@ -508,8 +510,8 @@ impl Filesystem for FuseLayer {
         };
         self.done(Op::Open, started, &result);
         match result {
-            Ok((index, attr)) if self.passthrough.load(Ordering::Relaxed) => {
-                self.open_tracked(&index, &attr, reply);
+            Ok((index, attr)) if let Some(store) = &self.passthrough_store => {
+                self.open_tracked(store, &index, &attr, reply);
             }
             Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(error) => reply.error(errno(error)),

@@ -16,13 +16,14 @@
 //! the process that wrote them: the directory is emptied when the store opens, so a restarted
 //! daemon copies again from verified chunks. The directory and the copies are root-only.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+use lru::LruCache;
 use streamsnap_format::Digest;
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
@@ -72,33 +73,28 @@ pub struct PassthroughStore {
     /// One copy at a time on the node: copies are background work and must not take the disk
     /// from reads.
     copying: Semaphore,
-    metrics: Mutex<Option<Arc<Metrics>>>,
+    /// Counts copies and their bytes (the node's FUSE metrics).
+    metrics: Arc<Metrics>,
     /// Copies the disk refused, warned of at most once a minute.
     warnings: RateLimit,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
-    /// Finished copies and when each was last handed out.
-    files: HashMap<Key, Stored>,
+    /// Finished copies and their sizes, least recently handed out first.
+    files: LruCache<Key, u64>,
     /// Copies being written (their bytes are already counted in `used`).
     pending: HashSet<Key>,
     /// Files opened once: the next open starts their copy.
     opened_once: HashSet<Key>,
     /// Bytes of finished and pending copies.
     used: u64,
-    clock: u64,
-}
-
-#[derive(Debug)]
-struct Stored {
-    size: u64,
-    last_used: u64,
 }
 
 impl PassthroughStore {
     /// Creates `config.dir` (mode 0700) and deletes whatever an earlier process left in it.
-    pub fn open(config: PassthroughConfig) -> io::Result<Arc<Self>> {
+    /// Counts copies and their bytes in `metrics`.
+    pub fn open(config: PassthroughConfig, metrics: Arc<Metrics>) -> io::Result<Arc<Self>> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         match fs::remove_dir_all(&config.dir) {
             Ok(()) => {}
@@ -114,23 +110,16 @@ impl PassthroughStore {
             .map_err(|e| annotate(&config.dir, "cannot make root-only", e))?;
         Ok(Arc::new(Self {
             config,
-            state: Mutex::default(),
+            state: Mutex::new(State {
+                files: LruCache::unbounded(),
+                pending: HashSet::new(),
+                opened_once: HashSet::new(),
+                used: 0,
+            }),
             copying: Semaphore::new(1),
-            metrics: Mutex::default(),
+            metrics,
             warnings: RateLimit::new(READ_WARNING_INTERVAL),
         }))
-    }
-
-    /// Counts copies and their bytes in `metrics`.
-    pub fn set_metrics(&self, metrics: Arc<Metrics>) {
-        *self.metrics.lock().unwrap_or_else(|e| e.into_inner()) = Some(metrics);
-    }
-
-    fn metrics(&self) -> Option<Arc<Metrics>> {
-        self.metrics
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
     }
 
     pub fn config(&self) -> &PassthroughConfig {
@@ -154,20 +143,18 @@ impl PassthroughStore {
         self.config.dir.join(format!(".tmp-{}-{ino}", toc.hex()))
     }
 
-    /// The finished copy of file `ino` of the layer indexed from TOC `toc`, opened for reading.
+    /// The finished copy of file `ino` of the layer indexed from TOC `toc`, opened for reading
+    /// (outside the store's lock).
     pub fn file(&self, toc: Digest, ino: u64) -> Option<File> {
         let key = (toc, ino);
-        let mut state = self.lock();
-        state.clock += 1;
-        let now = state.clock;
-        let stored = state.files.get_mut(&key)?;
-        stored.last_used = now;
+        self.lock().files.get(&key)?;
         match File::open(self.path(key)) {
             Ok(file) => Some(file),
             Err(error) => {
                 tracing::debug!(%toc, ino, %error, "passthrough copy gone");
-                if let Some(stored) = state.files.remove(&key) {
-                    state.used -= stored.size;
+                let mut state = self.lock();
+                if let Some(size) = state.files.pop(&key) {
+                    state.used -= size;
                 }
                 None
             }
@@ -204,15 +191,8 @@ impl PassthroughStore {
             };
             match store.write_copy(key, &layer, &index, size).await {
                 Ok(()) => {
-                    let mut state = store.lock();
-                    state.pending.remove(&key);
-                    state.clock += 1;
-                    let last_used = state.clock;
-                    state.files.insert(key, Stored { size, last_used });
-                    drop(state);
-                    if let Some(metrics) = store.metrics() {
-                        metrics.passthrough_copied();
-                    }
+                    store.finished(key, size);
+                    store.metrics.passthrough_copied();
                     tracing::debug!(toc = %key.0, ino, size, "file copied for passthrough");
                 }
                 Err(error) => {
@@ -221,10 +201,15 @@ impl PassthroughStore {
                     store.copy_failed(key, &error);
                 }
             }
-            if let Some(metrics) = store.metrics() {
-                metrics.passthrough_bytes(store.used_bytes());
-            }
+            store.metrics.passthrough_bytes(store.used_bytes());
         });
+    }
+
+    /// A pending copy of `size` bytes is in place: it can be handed out.
+    fn finished(&self, key: Key, size: u64) {
+        let mut state = self.lock();
+        state.pending.remove(&key);
+        state.files.put(key, size);
     }
 
     /// Logs a copy that failed: at debug level when a chunk was not on the node (normal), as a
@@ -264,21 +249,15 @@ impl PassthroughStore {
     /// Counts `size` bytes for `key`, deleting the least recently used copies to make room.
     fn reserve(&self, key: Key, size: u64) -> bool {
         let mut state = self.lock();
-        let known = state.files.contains_key(&key) || state.pending.contains(&key);
+        let known = state.files.contains(&key) || state.pending.contains(&key);
         if known || size > self.config.capacity_bytes {
             return false;
         }
         while state.used + size > self.config.capacity_bytes {
-            let Some(victim) = state
-                .files
-                .iter()
-                .min_by_key(|(_, stored)| stored.last_used)
-                .map(|(key, _)| *key)
-            else {
+            let Some((victim, victim_size)) = state.files.pop_lru() else {
                 return false;
             };
-            let stored = state.files.remove(&victim).expect("just found");
-            state.used -= stored.size;
+            state.used -= victim_size;
             // A copy the kernel still reads stays on disk until it is closed.
             let _ = fs::remove_file(self.path(victim));
         }
@@ -304,13 +283,16 @@ impl PassthroughStore {
         size: u64,
     ) -> Result<(), CopyError> {
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        let temp = self.temp_path(key);
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o400)
-            .open(&temp)
-            .map_err(CopyError::Io)?;
+        let (temp, path) = (self.temp_path(key), self.path(key));
+        let create = temp.clone();
+        let mut file = blocking(move || {
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o400)
+                .open(&create)
+        })
+        .await?;
         let local = LocalOnly(Arc::clone(layer.reader()));
         let mut offset = 0u64;
         while offset < size {
@@ -321,21 +303,31 @@ impl PassthroughStore {
                 return Err(CopyError::NotLocal(format!("the file ends at {offset}")));
             }
             offset += data.len() as u64;
-            file = tokio::task::spawn_blocking(move || file.write_all(&data).map(|()| file))
-                .await
-                .map_err(io::Error::other)
-                .and_then(|written| written)
-                .map_err(CopyError::Io)?;
+            file = blocking(move || file.write_all(&data).map(|()| file)).await?;
         }
         if offset != size {
             return Err(CopyError::NotLocal(format!(
                 "read {offset} bytes of {size}"
             )));
         }
-        fs::set_permissions(&temp, fs::Permissions::from_mode(0o400))
-            .and_then(|()| fs::rename(&temp, self.path(key)))
-            .map_err(CopyError::Io)
+        blocking(move || {
+            fs::set_permissions(&temp, fs::Permissions::from_mode(0o400))?;
+            fs::rename(&temp, path)
+        })
+        .await
     }
+}
+
+/// Runs file system work of a copy on tokio's blocking threads, away from the runtime's workers,
+/// which also answer the mounts' reads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<T, CopyError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(io::Error::other)
+        .and_then(|done| done)
+        .map_err(CopyError::Io)
 }
 
 /// Why a copy was not made.
@@ -385,12 +377,12 @@ mod tests {
 
     fn store(capacity_bytes: u64) -> (tempfile::TempDir, Arc<PassthroughStore>) {
         let dir = tempfile::tempdir().unwrap();
-        let store = PassthroughStore::open(PassthroughConfig {
+        let config = PassthroughConfig {
             dir: dir.path().join("pt"),
             capacity_bytes,
             min_file_bytes: 1,
-        })
-        .unwrap();
+        };
+        let store = PassthroughStore::open(config, Arc::default()).unwrap();
         (dir, store)
     }
 
@@ -406,7 +398,7 @@ mod tests {
             capacity_bytes: 10,
             min_file_bytes: 1,
         };
-        let _store = PassthroughStore::open(config).unwrap();
+        let _store = PassthroughStore::open(config, Arc::default()).unwrap();
         assert_eq!(fs::read_dir(&pt).unwrap().count(), 0);
         let mode = fs::metadata(&pt).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
@@ -423,17 +415,7 @@ mod tests {
         assert_eq!(store.used_bytes(), 80);
         for ino in 1..=2 {
             fs::write(store.path((toc, ino)), b"copy").unwrap();
-            let mut state = store.lock();
-            state.pending.remove(&(toc, ino));
-            state.clock += 1;
-            let last_used = state.clock;
-            state.files.insert(
-                (toc, ino),
-                Stored {
-                    size: 40,
-                    last_used,
-                },
-            );
+            store.finished((toc, ino), 40);
         }
         // 1 is used again, so 2 is the least recently used.
         assert!(store.file(toc, 1).is_some());
@@ -471,17 +453,7 @@ mod tests {
         let (_dir, store) = store(100);
         let toc = Digest::sha256(b"toc");
         assert!(store.reserve((toc, 5), 10));
-        {
-            let mut state = store.lock();
-            state.pending.remove(&(toc, 5));
-            state.files.insert(
-                (toc, 5),
-                Stored {
-                    size: 10,
-                    last_used: 0,
-                },
-            );
-        }
+        store.finished((toc, 5), 10);
         assert!(store.file(toc, 5).is_none());
         assert_eq!(store.used_bytes(), 0);
     }

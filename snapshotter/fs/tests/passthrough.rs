@@ -64,15 +64,14 @@ impl Rig {
         let (toc, reader) = b.build();
         reader.remote(5);
         let store_dir = tempfile::tempdir().unwrap();
-        let store = PassthroughStore::open(PassthroughConfig {
+        let registry = prometheus::Registry::new();
+        let metrics = Arc::new(Metrics::register(&registry).unwrap());
+        let config = PassthroughConfig {
             dir: store_dir.path().join("passthrough"),
             capacity_bytes: 1 << 30,
             min_file_bytes,
-        })
-        .unwrap();
-        let registry = prometheus::Registry::new();
-        let metrics = Arc::new(Metrics::register(&registry).unwrap());
-        store.set_metrics(Arc::clone(&metrics));
+        };
+        let store = PassthroughStore::open(config, Arc::clone(&metrics)).unwrap();
         let options = MountOptions {
             metrics: Some(metrics),
             kernel_features: features,

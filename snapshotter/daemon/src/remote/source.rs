@@ -224,11 +224,7 @@ impl ChunkReader for CacheReader {
         table: &'a dyn ChunkTable,
         chunks: &[u32],
     ) -> BoxFuture<'a, Result<Vec<Bytes>, ReadError>> {
-        let refs: Option<Vec<ChunkRef>> = chunks
-            .iter()
-            .map(|&i| table.chunk(i).map(chunk_ref))
-            .collect();
-        let Some(refs) = refs else {
+        let Some(refs) = chunk_refs(table, chunks) else {
             return Box::pin(async {
                 Err(ReadError::new("a chunk index past the layer's chunk table"))
             });
@@ -258,12 +254,17 @@ impl ChunkReader for CacheReader {
         table: &'a dyn ChunkTable,
         chunks: &[u32],
     ) -> BoxFuture<'a, Option<Vec<Bytes>>> {
-        let refs: Option<Vec<ChunkRef>> = chunks
-            .iter()
-            .map(|&i| table.chunk(i).map(chunk_ref))
-            .collect();
+        let refs = chunk_refs(table, chunks);
         Box::pin(async move { self.cache.get_local(&refs?).await })
     }
+}
+
+/// The cache's refs of the chunks at these indices of `table`; `None` if one is past its end.
+fn chunk_refs(table: &dyn ChunkTable, chunks: &[u32]) -> Option<Vec<ChunkRef>> {
+    chunks
+        .iter()
+        .map(|&i| table.chunk(i).map(chunk_ref))
+        .collect()
 }
 
 #[cfg(test)]
