@@ -71,6 +71,8 @@ pub struct SnapshotterdOptions {
     pub metrics: bool,
     /// `[fetch] prefetch_profile`: fetch what an image's start-up profile lists on mount.
     pub prefetch_profile: bool,
+    /// More `key = value` lines in the generated `[fetch]` section.
+    pub fetch_lines: String,
     /// More command-line flags, after `--address`, `--root` and `--config`.
     pub extra_args: Vec<String>,
     /// Environment variables set for the daemon (`PATH`, `SSL_CERT_FILE`, `DOCKER_CONFIG`, ...),
@@ -89,6 +91,7 @@ impl Default for SnapshotterdOptions {
             extra_config: String::new(),
             metrics: false,
             prefetch_profile: true,
+            fetch_lines: String::new(),
             extra_args: Vec::new(),
             env: Vec::new(),
         }
@@ -122,11 +125,12 @@ impl SnapshotterdOptions {
             .unwrap_or_default();
         let mut toml = format!(
             "[cache]\nmax_size_bytes = {}\nmemory_bytes = {}\n\n[fetch]\n{timeout}deadline_seconds = \
-             {}\nprefetch_profile = {}\n\n[registry]\nplain_http = [{plain_http}]\n",
+             {}\nprefetch_profile = {}\n{}\n[registry]\nplain_http = [{plain_http}]\n",
             self.cache_max_bytes,
             self.cache_memory_bytes,
             self.fetch_deadline_seconds,
-            self.prefetch_profile
+            self.prefetch_profile,
+            self.fetch_lines
         );
         // With metrics on, tests and the bench read /debug/profile too; a node keeps it off
         // unless its config turns it on.

@@ -96,6 +96,10 @@ pub struct Args {
     /// e.g. `passthrough,zero_message_opendir`), to compare with the default.
     #[arg(long, value_delimiter = ',')]
     pub kernel_features_off: Vec<String>,
+    /// A `[fetch]` setting every daemon gets, as `key=value` in TOML (repeatable; e.g.
+    /// `prefetch_in_flight_bytes=8388608`), to compare with the default.
+    #[arg(long = "fetch-config", value_name = "KEY=VALUE")]
+    pub fetch_config: Vec<String>,
     /// Full pulls per point (the first round always has one: it records the access trace);
     /// the streamsnap contenders still run `--runs` times. A 30 GiB full pull takes minutes.
     #[arg(long)]
@@ -132,6 +136,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .collect();
         let _ = FUSE_LINES.set(format!("kernel_features_off = [{}]\n", list.join(", ")));
     }
+    let mut fetch_lines = String::new();
+    for setting in &args.fetch_config {
+        let (key, value) = setting
+            .split_once('=')
+            .with_context(|| format!("--fetch-config {setting:?}: expected KEY=VALUE"))?;
+        fetch_lines.push_str(&format!("{} = {}\n", key.trim(), value.trim()));
+    }
+    let _ = FETCH_LINES.set(fetch_lines);
     let shape = LinkShape::mbit(args.mbit, args.rtt_ms);
     let started = Instant::now();
 
@@ -700,6 +712,7 @@ pub(super) fn daemon_options() -> SnapshotterdOptions {
         cache_max_bytes: CACHE_MAX_BYTES,
         cache_memory_bytes: CACHE_MEMORY_BYTES,
         extra_config: fuse_config(""),
+        fetch_lines: FETCH_LINES.get().cloned().unwrap_or_default(),
         ..SnapshotterdOptions::default()
     }
     .with_metrics()
@@ -707,6 +720,9 @@ pub(super) fn daemon_options() -> SnapshotterdOptions {
 
 /// `[fuse]` lines every daemon of this invocation gets (`--kernel-features-off`).
 static FUSE_LINES: OnceLock<String> = OnceLock::new();
+
+/// `[fetch]` lines every daemon of this invocation gets (`--fetch-config`).
+static FETCH_LINES: OnceLock<String> = OnceLock::new();
 
 /// The daemon's `[fuse]` section: this invocation's lines and `lines`.
 fn fuse_config(lines: &str) -> String {

@@ -295,6 +295,7 @@ fn build_remote(
     .with_prefetch(
         config.fetch.prefetch_profile,
         config.fetch.prefetch_max_bytes,
+        config.fetch.prefetch_in_flight_bytes,
     )
     .with_metadata(metadata)
     .with_trust(trust)

@@ -9,7 +9,7 @@ mod background;
 #[cfg(test)]
 mod fake;
 mod labels;
-mod profile;
+pub(crate) mod profile;
 mod registry_blob;
 mod resolve;
 mod source;
@@ -199,7 +199,7 @@ impl RemoteLayers {
             background: Background::new(background),
             mounts: Mutex::new(HashMap::new()),
             fallback_logged: Mutex::new(HashMap::new()),
-            prefetcher: Prefetcher::new(metrics.clone()),
+            prefetcher: Prefetcher::new(metrics.clone(), profile::DEFAULT_IN_FLIGHT),
             metrics,
             holder: None,
             readahead_bytes: 0,
@@ -248,10 +248,12 @@ impl RemoteLayers {
 
     /// When an image has a start-up profile, fetch the chunks it lists as soon as each layer
     /// is mounted, instead of one read at a time: at most `max_bytes` (decoded) per image, and
-    /// never more than a quarter of the cache's capacity.
-    pub fn with_prefetch(mut self, enabled: bool, max_bytes: u64) -> Self {
+    /// never more than a quarter of the cache's capacity, with about `in_flight` compressed
+    /// bytes of requests in flight node-wide.
+    pub fn with_prefetch(mut self, enabled: bool, max_bytes: u64, in_flight: u64) -> Self {
         self.prefetch = enabled;
         self.prefetch_max_bytes = max_bytes;
+        self.prefetcher = Prefetcher::new(self.metrics.clone(), in_flight);
         self
     }
 

@@ -30,8 +30,13 @@ const MAX_BATCH: u64 = 2 << 20;
 const MAX_BATCH_DECODED: u64 = 8 << 20;
 /// Most chunks in one batch.
 const MAX_BATCH_CHUNKS: usize = 1024;
-/// Batches in flight at once on the node: enough to hide the round trips and fill the link.
-const WORKERS: usize = 4;
+/// The default of `[fetch] prefetch_in_flight_bytes`: compressed bytes of batches in flight
+/// at once on the node. To keep a link full, what is in flight must cover the link's
+/// bandwidth times its round trip (1 Gbit/s at 80 ms: 10 MB).
+pub const DEFAULT_IN_FLIGHT: u64 = 16 << 20;
+/// The most `[fetch] prefetch_in_flight_bytes` may be: each batch in flight holds up to
+/// `MAX_BATCH` compressed and [`MAX_BATCH_DECODED`] decoded bytes.
+pub const MAX_IN_FLIGHT: u64 = 256 << 20;
 /// A layer's prefetch stops after this many failed batches (reads then fetch on demand).
 const MAX_FAILURES: u32 = 3;
 
@@ -215,11 +220,13 @@ struct Queue {
     workers: usize,
 }
 
-/// The node's prefetch queue: batches of every layer being prefetched, fetched [`WORKERS`] at a
-/// time, lowest rank first, so the chunks the start needs first arrive first whichever layer
+/// The node's prefetch queue: batches of every layer being prefetched, a few at a time (as
+/// many as `[fetch] prefetch_in_flight_bytes` holds), lowest rank first, so the chunks the start needs first arrive first whichever layer
 /// they are in. Chunks already cached are skipped; reads of chunks being fetched join the fetch.
 pub struct Prefetcher {
     queue: Mutex<Queue>,
+    /// Batches fetched at once.
+    workers: usize,
     metrics: Metrics,
 }
 
@@ -230,9 +237,13 @@ impl std::fmt::Debug for Prefetcher {
 }
 
 impl Prefetcher {
-    pub fn new(metrics: Metrics) -> Arc<Self> {
+    /// A queue that keeps about `in_flight` compressed bytes of batches in flight (one batch
+    /// at least; `in_flight` is capped at [`MAX_IN_FLIGHT`]).
+    pub fn new(metrics: Metrics, in_flight: u64) -> Arc<Self> {
+        let workers = in_flight.clamp(MAX_BATCH, MAX_IN_FLIGHT) / MAX_BATCH;
         Arc::new(Self {
             queue: Mutex::default(),
+            workers: usize::try_from(workers).expect("at most 128"),
             metrics,
         })
     }
@@ -258,7 +269,8 @@ impl Prefetcher {
                     job: job.clone(),
                 }));
             }
-            let start = WORKERS
+            let start = self
+                .workers
                 .saturating_sub(queue.workers)
                 .min(queue.pending.len());
             queue.workers += start;
@@ -415,7 +427,7 @@ mod tests {
         let (toc, blob) = layer(40, 4096, true);
         let source: Arc<dyn BlobSource> = blob.clone();
         let metrics = Metrics::new().unwrap();
-        let prefetcher = Prefetcher::new(metrics.clone());
+        let prefetcher = Prefetcher::new(metrics.clone(), DEFAULT_IN_FLIGHT);
         let job = LayerJob::new("test".into(), source, cache.clone(), Arc::default());
         prefetcher.submit(&job, plan(&*toc, &listed(&[30, 1, 2, 31], &[]), u64::MAX));
         let cached = || -> Vec<usize> {
@@ -433,11 +445,20 @@ mod tests {
         assert!(metrics.prefetch_bytes.get() > 0);
     }
 
+    #[test]
+    fn in_flight_bytes_give_whole_batches_and_at_least_one() {
+        let metrics = || Metrics::new().unwrap();
+        assert_eq!(Prefetcher::new(metrics(), DEFAULT_IN_FLIGHT).workers, 8);
+        assert_eq!(Prefetcher::new(metrics(), 1).workers, 1);
+        assert_eq!(Prefetcher::new(metrics(), 5 << 20).workers, 2);
+        assert_eq!(Prefetcher::new(metrics(), u64::MAX).workers, 128);
+    }
+
     #[tokio::test]
     async fn the_queue_serves_the_lowest_rank_of_any_layer_first() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(ChunkCache::open(CacheConfig::new(dir.path(), 1 << 30)).unwrap());
-        let prefetcher = Prefetcher::new(Metrics::new().unwrap());
+        let prefetcher = Prefetcher::new(Metrics::new().unwrap(), DEFAULT_IN_FLIGHT);
         let (_, blob) = layer(1, 16, false);
         let source: Arc<dyn BlobSource> = blob;
         let (a, b) = (
