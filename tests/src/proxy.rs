@@ -51,6 +51,8 @@ struct Shared {
     blackhole: AtomicBool,
     refuse: AtomicBool,
     latency_micros: AtomicU64,
+    /// Requests whose first line contains this are held until it changes.
+    hold: Mutex<Option<String>>,
     /// Injected faults on responses: what, and every how many responses (0 = off).
     fault: Mutex<Option<Fault>>,
     fault_every: AtomicU64,
@@ -81,6 +83,7 @@ impl CountingProxy {
             blackhole: AtomicBool::new(false),
             refuse: AtomicBool::new(false),
             latency_micros: AtomicU64::new(0),
+            hold: Mutex::new(None),
             fault: Mutex::new(None),
             fault_every: AtomicU64::new(0),
             responses: AtomicU64::new(0),
@@ -152,6 +155,13 @@ impl CountingProxy {
     /// Faults injected so far.
     pub fn faults_injected(&self) -> u64 {
         self.shared.faults_injected.load(Ordering::SeqCst)
+    }
+
+    /// Holds every request whose first line (`GET /v2/... HTTP/1.1`) contains `marker`
+    /// before it goes upstream, until the hold is lifted (`None`) or changed: a response that
+    /// takes as long as the test wants.
+    pub fn set_hold(&self, marker: Option<&str>) {
+        *self.shared.hold.lock().expect("proxy lock poisoned") = marker.map(str::to_owned);
     }
 
     pub fn set_refuse(&self, on: bool) {
@@ -269,6 +279,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared, counter: &Atomi
         if !wait_while_blackholed(shared) {
             break;
         }
+        if std::ptr::eq(counter, &shared.upstream_bytes) && !wait_while_held(shared, &buf[..n]) {
+            break;
+        }
         if std::ptr::eq(counter, &shared.downstream) {
             // On a keep-alive connection a response starts a read: the client sends its next
             // request only after reading the whole previous response.
@@ -326,6 +339,28 @@ fn delay(shared: &Shared) {
     if micros > 0 {
         thread::sleep(Duration::from_micros(micros));
     }
+}
+
+/// Waits while `request` (what was read from the client) starts with a first line the hold
+/// names; false when the proxy stops meanwhile.
+fn wait_while_held(shared: &Shared, request: &[u8]) -> bool {
+    let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let held = || {
+        shared
+            .hold
+            .lock()
+            .expect("proxy lock poisoned")
+            .as_deref()
+            .is_some_and(|marker| line.contains(marker))
+    };
+    while held() {
+        if shared.stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        thread::sleep(POLL);
+    }
+    true
 }
 
 /// Waits while the blackhole is on; false when the proxy stops meanwhile.
@@ -460,5 +495,36 @@ mod tests {
             round_trip(&proxy.addr(), b"ok", Duration::from_secs(5)).unwrap(),
             b"ok"
         );
+    }
+
+    #[test]
+    fn a_hold_keeps_the_requests_it_names_until_lifted() {
+        let proxy = CountingProxy::start(&echo_server()).unwrap();
+        proxy.set_hold(Some("/blobs/held"));
+        let held = round_trip(
+            &proxy.addr(),
+            b"GET /v2/r/blobs/held HTTP/1.1\r\n\r\n",
+            Duration::from_millis(300),
+        );
+        assert!(held.is_err(), "{held:?}");
+        // Others pass.
+        let other = b"GET /v2/r/blobs/other HTTP/1.1\r\n\r\n";
+        assert_eq!(
+            round_trip(&proxy.addr(), other, Duration::from_secs(5)).unwrap(),
+            other
+        );
+
+        let mut waiting = TcpStream::connect(proxy.addr()).unwrap();
+        waiting
+            .write_all(b"GET /v2/r/blobs/held HTTP/1.1\r\n\r\n")
+            .unwrap();
+        thread::sleep(Duration::from_millis(50));
+        proxy.set_hold(None);
+        waiting
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut got = [0u8; 8];
+        waiting.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"GET /v2/");
     }
 }

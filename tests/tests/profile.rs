@@ -11,7 +11,7 @@ use anyhow::{Context, ensure};
 use streamsnap_e2e::container::{rpull, run_container};
 use streamsnap_e2e::streaming_node::{FILE_SIZE, FILES, StreamingNode, metric};
 use streamsnap_e2e::{Containerd, ContainerdOptions, Snapshotterd, SnapshotterdOptions};
-use streamsnap_format::Profile;
+use streamsnap_format::{Profile, Toc};
 
 #[test]
 fn a_pushed_profile_is_prefetched_so_the_start_runs_without_the_registry() -> anyhow::Result<()> {
@@ -54,14 +54,38 @@ fn a_pushed_profile_is_prefetched_so_the_start_runs_without_the_registry() -> an
         ]),
     )?;
     let said = String::from_utf8_lossy(&out.stdout);
-    ensure!(said.contains("pushed start-up profile"), "{said}");
+    let profile_manifest = said
+        .strip_prefix("pushed start-up profile ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .with_context(|| format!("no profile digest in {said:?}"))?
+        .to_owned();
 
-    // A second node, empty cache: pulling mounts the layers, which starts the prefetch.
+    // A second node, empty cache: pulling mounts the layers, which starts the prefetch. The
+    // profile does not hold the layers' TOCs back: while the registry's answer for the profile
+    // manifest is held, the node fetches a TOC.
     let daemon = Snapshotterd::start(SnapshotterdOptions::default().with_metrics())?;
     let containerd = Containerd::start(
         ContainerdOptions::default().with_proxy_snapshotter("streamsnap", daemon.socket()),
     )?;
-    rpull(&containerd, &first.image, "streamsnap", true)?;
+    let mark = first.registry.access_log()?.len();
+    first.proxy.set_hold(Some(&profile_manifest));
+    let (toc_while_held, pulled) = thread::scope(|scope| {
+        let pull = scope.spawn(|| rpull(&containerd, &first.image, "streamsnap", true));
+        let toc = toc_fetched_since(&first, mark, Duration::from_secs(60));
+        first.proxy.set_hold(None);
+        (toc, pull.join().expect("the pull does not panic"))
+    });
+    pulled?;
+    ensure!(
+        toc_while_held?,
+        "no TOC was fetched while the profile manifest {profile_manifest} was held: the \
+         profile holds the TOCs back. The registry served:\n{:?}\ndaemon log:\n{}",
+        first.registry.access_log()?[mark..]
+            .iter()
+            .filter(|e| !e.uri.contains("barrier"))
+            .collect::<Vec<_>>(),
+        daemon.log_tail(40)
+    );
     let metrics = || -> anyhow::Result<String> { Ok(String::from_utf8(daemon.get("/metrics")?)?) };
     // Wait until the prefetch has settled: its byte count stops growing.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -157,4 +181,35 @@ fn profiles_for_missing_images_and_files_that_are_not_profiles_are_refused() -> 
     let stderr = String::from_utf8_lossy(&output.stderr);
     ensure!(stderr.contains("is not a profile"), "{stderr}");
     Ok(())
+}
+
+/// Whether the registry served a layer TOC after access log entry `mark`, waiting up to
+/// `within` for one.
+fn toc_fetched_since(node: &StreamingNode, mark: usize, within: Duration) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + within;
+    let repo = node.image.rsplit_once(':').map_or("", |(name, _)| name);
+    let repo = repo.split_once('/').map_or("", |(_, repo)| repo);
+    let mut checked = std::collections::HashSet::new();
+    loop {
+        for entry in &node.registry.access_log()?[mark..] {
+            let Some(digest) = entry.blob_get_digest() else {
+                continue;
+            };
+            if !checked.insert(digest.to_owned()) {
+                continue;
+            }
+            let blob = streamsnap_e2e::http::get(
+                &node.registry.addr(),
+                &format!("/v2/{repo}/blobs/{digest}"),
+                &[],
+            )?;
+            if Toc::decode(&blob.body).is_ok() {
+                return Ok(true);
+            }
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -152,11 +152,19 @@ impl RemoteLayers {
     ) -> Result<Resolved, RemoteError> {
         let (toc_descriptor, data_descriptor) = artifact.layer(&layer)?;
         let repo = &artifact.repository;
-        // The client checks the blob against the digest the artifact manifest pins.
-        let blob = self
-            .client
-            .get_blob_bytes(repo, &toc_descriptor.digest, MAX_TOC_BLOB)
-            .await?;
+        // The client checks the blob against the digest the artifact manifest pins. The profile
+        // may still be on its way: it arrives beside the TOC.
+        let (blob, profile) = tokio::join!(
+            self.client
+                .get_blob_bytes(repo, &toc_descriptor.digest, MAX_TOC_BLOB),
+            async {
+                match self.prefetch {
+                    true => artifact.profile().await,
+                    false => None,
+                }
+            }
+        );
+        let blob = blob?;
         // One decode at a time, off the runtime's threads: a TOC at the limits costs up to the
         // format's decode budget while it is decoded, and two at once would cost twice that.
         let _one_at_a_time = self.toc_decodes.acquire().await.expect("never closed");
@@ -218,8 +226,8 @@ impl RemoteLayers {
             .expect("building a layer index does not panic")
         }
         .map_err(|source| RemoteError::Fs { layer, source })?;
-        let prefetch = match artifact.profile() {
-            Some(profile) if self.prefetch => profile.layer(&layer).map(|listed| {
+        let prefetch = match &profile {
+            Some(profile) => profile.layer(&layer).map(|listed| {
                 plan_within_budget(
                     &*toc,
                     listed,
