@@ -123,6 +123,30 @@ fn a_pushed_profile_is_prefetched_so_the_start_runs_without_the_registry() -> an
         "prefetched {last} bytes: more than the start reads"
     );
 
+    // A profile is a hint: a third node, whose registry never answers for the profile,
+    // finishes its pull once the layers' wait for it (5 s) is over, without a prefetch.
+    {
+        let daemon = Snapshotterd::start(SnapshotterdOptions::default().with_metrics())?;
+        let containerd = Containerd::start(
+            ContainerdOptions::default().with_proxy_snapshotter("streamsnap", daemon.socket()),
+        )?;
+        first.proxy.set_hold(Some(&profile_manifest));
+        let pulled = rpull(&containerd, &first.image, "streamsnap", true);
+        let text = String::from_utf8(daemon.get("/metrics")?)?;
+        first.proxy.set_hold(None);
+        pulled?;
+        ensure!(
+            metric(&text, "streamsnap_snapshotter_prefetch_layers_total", &[]) == 0.0,
+            "a prefetch started without the profile:\n{text}"
+        );
+        ensure!(
+            std::fs::read_to_string(daemon.log_path())?
+                .contains("the image's start-up profile has not arrived"),
+            "{}",
+            daemon.log_tail(20)
+        );
+    }
+
     // The registry goes away; the same start reads every byte correctly from the cache.
     first.proxy.set_refuse(true);
     first.proxy.drop_connections();

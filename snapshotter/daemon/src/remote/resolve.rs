@@ -43,6 +43,9 @@ const MAX_AHEAD_TOC_BYTES: u64 = 64 << 20;
 const MAX_AHEAD_INDEX_BYTES: u64 = 128 << 20;
 /// TOCs fetched at once by one image's resolution ahead.
 const AHEAD_FETCHES: usize = 8;
+/// How long a layer whose TOC is in waits for the image's start-up profile: a registry that
+/// stalls the profile delays a pull by this much, not by its request timeouts and retries.
+pub const PROFILE_GRACE: Duration = Duration::from_secs(5);
 /// A layer resolved ahead and not taken by a Prepare within this is dropped.
 pub(super) const AHEAD_TTL: Duration = Duration::from_secs(120);
 
@@ -152,19 +155,22 @@ impl RemoteLayers {
     ) -> Result<Resolved, RemoteError> {
         let (toc_descriptor, data_descriptor) = artifact.layer(&layer)?;
         let repo = &artifact.repository;
-        // The client checks the blob against the digest the artifact manifest pins. The profile
-        // may still be on its way: it arrives beside the TOC.
-        let (blob, profile) = tokio::join!(
-            self.client
-                .get_blob_bytes(repo, &toc_descriptor.digest, MAX_TOC_BLOB),
-            async {
-                match self.prefetch {
-                    true => artifact.profile().await,
-                    false => None,
-                }
-            }
-        );
-        let blob = blob?;
+        // The client checks the blob against the digest the artifact manifest pins.
+        let blob = self
+            .client
+            .get_blob_bytes(repo, &toc_descriptor.digest, MAX_TOC_BLOB)
+            .await?;
+        // The profile has been on its way (in a task of its own) beside the TOC. It is only a
+        // hint: a layer waits for it [`PROFILE_GRACE`] at most, then reads on demand.
+        let profile = match self.prefetch {
+            true => tokio::time::timeout(PROFILE_GRACE, artifact.profile())
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::warn!(%layer, grace = ?PROFILE_GRACE, "the image's start-up profile has not arrived; this layer is mounted without its prefetch");
+                    None
+                }),
+            false => None,
+        };
         // One decode at a time, off the runtime's threads: a TOC at the limits costs up to the
         // format's decode budget while it is decoded, and two at once would cost twice that.
         let _one_at_a_time = self.toc_decodes.acquire().await.expect("never closed");
