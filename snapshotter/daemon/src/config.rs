@@ -297,7 +297,7 @@ impl Default for FetchSection {
             readahead_bytes: 4 << 20,
             prefetch_profile: true,
             prefetch_max_bytes: crate::remote::DEFAULT_PREFETCH_MAX_BYTES,
-            prefetch_in_flight_bytes: crate::remote::profile::DEFAULT_IN_FLIGHT,
+            prefetch_in_flight_bytes: crate::remote::DEFAULT_PREFETCH_IN_FLIGHT,
             mirror_max_skip_bytes: crate::remote::DEFAULT_MIRROR_MAX_SKIP,
         }
     }
@@ -396,10 +396,10 @@ impl Config {
             "fetch.verify_attempts must be at least 1"
         );
         anyhow::ensure!(
-            (1..=crate::remote::profile::MAX_IN_FLIGHT)
+            (1..=crate::remote::MAX_PREFETCH_IN_FLIGHT)
                 .contains(&self.fetch.prefetch_in_flight_bytes),
             "fetch.prefetch_in_flight_bytes must be between 1 and {} (256 MiB)",
-            crate::remote::profile::MAX_IN_FLIGHT
+            crate::remote::MAX_PREFETCH_IN_FLIGHT
         );
         anyhow::ensure!(self.fuse.threads > 0, "fuse.threads must be at least 1");
         anyhow::ensure!(

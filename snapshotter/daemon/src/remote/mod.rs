@@ -9,7 +9,7 @@ mod background;
 #[cfg(test)]
 mod fake;
 mod labels;
-pub(crate) mod profile;
+mod profile;
 mod registry_blob;
 mod resolve;
 mod source;
@@ -55,6 +55,10 @@ const MAX_TOC_BLOB: u64 = 128 << 20;
 /// Most decoded bytes one image's start-up profile prefetches by default (`[fetch]
 /// prefetch_max_bytes`).
 pub const DEFAULT_PREFETCH_MAX_BYTES: u64 = 1 << 30;
+/// The default and the largest `[fetch] prefetch_in_flight_bytes`.
+pub use profile::{
+    DEFAULT_IN_FLIGHT as DEFAULT_PREFETCH_IN_FLIGHT, MAX_IN_FLIGHT as MAX_PREFETCH_IN_FLIGHT,
+};
 /// A fallback is logged once per image per this period.
 const FALLBACK_LOG_PERIOD: Duration = Duration::from_secs(600);
 
@@ -199,7 +203,7 @@ impl RemoteLayers {
             background: Background::new(background),
             mounts: Mutex::new(HashMap::new()),
             fallback_logged: Mutex::new(HashMap::new()),
-            prefetcher: Prefetcher::new(metrics.clone(), profile::DEFAULT_IN_FLIGHT),
+            prefetcher: Prefetcher::new(metrics.clone(), DEFAULT_PREFETCH_IN_FLIGHT),
             metrics,
             holder: None,
             readahead_bytes: 0,

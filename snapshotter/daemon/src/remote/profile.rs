@@ -220,9 +220,10 @@ struct Queue {
     workers: usize,
 }
 
-/// The node's prefetch queue: batches of every layer being prefetched, a few at a time (as
-/// many as `[fetch] prefetch_in_flight_bytes` holds), lowest rank first, so the chunks the start needs first arrive first whichever layer
-/// they are in. Chunks already cached are skipped; reads of chunks being fetched join the fetch.
+/// The node's prefetch queue: batches of every layer being prefetched, as many at a time as
+/// `[fetch] prefetch_in_flight_bytes` holds, lowest rank first, so the chunks the start needs
+/// first arrive first whichever layer they are in. Chunks already cached are skipped; reads of
+/// chunks being fetched join the fetch.
 pub struct Prefetcher {
     queue: Mutex<Queue>,
     /// Batches fetched at once.

@@ -162,14 +162,15 @@ impl RemoteLayers {
             .await?;
         // The profile has been on its way (in a task of its own) beside the TOC. It is only a
         // hint: a layer waits for it [`PROFILE_GRACE`] at most, then reads on demand.
-        let profile = match self.prefetch {
-            true => tokio::time::timeout(PROFILE_GRACE, artifact.profile())
+        let profile = if self.prefetch {
+            tokio::time::timeout(PROFILE_GRACE, artifact.profile())
                 .await
                 .unwrap_or_else(|_| {
                     tracing::warn!(%layer, grace = ?PROFILE_GRACE, "the image's start-up profile has not arrived; this layer is mounted without its prefetch");
                     None
-                }),
-            false => None,
+                })
+        } else {
+            None
         };
         // One decode at a time, off the runtime's threads: a TOC at the limits costs up to the
         // format's decode budget while it is decoded, and two at once would cost twice that.
