@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +37,7 @@ use tracing::Instrument as _;
 use crate::features::{KernelFeature, KernelFeatures};
 use crate::index::LayerIndex;
 use crate::layer::{Attr, FileKind};
+use crate::merged::{Merged, MergedEntry, decode};
 use crate::metadata::Layer;
 use crate::metrics::{Metrics, Op};
 use crate::mount::IntoLayer;
@@ -155,6 +157,8 @@ pub struct FuseLayer {
     backing_refused: AtomicBool,
     /// Open files by inode, kept while passthrough is used.
     open_files: Mutex<HashMap<u64, OpenFile>>,
+    /// The layers below this one, merged with it into one tree (`None`: the layer alone).
+    merged: Option<Merged>,
 }
 
 impl FuseLayer {
@@ -176,7 +180,32 @@ impl FuseLayer {
             answers_init: true,
             backing_refused: AtomicBool::new(false),
             open_files: Mutex::default(),
+            merged: None,
         }
+    }
+
+    /// Serves the layer merged with `lowers` (the layers below it, nearest first, down to the
+    /// image's first layer) as one tree ([`crate::merged`]); no lowers: the layer alone, its
+    /// whiteouts and opaque directories presented for overlayfs. EINVAL for more layers than
+    /// [`MAX_MERGED_LAYERS`](crate::MAX_MERGED_LAYERS).
+    pub fn with_lowers(mut self, lowers: Vec<Arc<Layer>>) -> io::Result<Self> {
+        if lowers.is_empty() {
+            self.merged = None;
+            return Ok(self);
+        }
+        let mut layers = Vec::with_capacity(lowers.len() + 1);
+        layers.push(Arc::clone(&self.layer));
+        layers.extend(lowers);
+        self.merged = Some(Merged::new(layers).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "cannot merge more than {} layers into one mount",
+                    crate::MAX_MERGED_LAYERS
+                ),
+            )
+        })?);
+        Ok(self)
     }
 
     /// Passes files whose copy `store` holds through to the kernel (where the kernel and the
@@ -230,16 +259,19 @@ impl FuseLayer {
     /// store has one and no open of the inode reads through the page cache; otherwise cached,
     /// and a copy is started if the file is whole on the node. Every open is counted until its
     /// release, so the kernel never sees the two kinds mixed on one inode.
+    /// `attr` is the file's in `layer` (whose `index` it is from), `ino` the number presented.
     fn open_tracked(
         &self,
         store: &Arc<PassthroughStore>,
+        layer: &Arc<Layer>,
         index: &Arc<LayerIndex>,
         attr: &Attr,
+        ino: u64,
         reply: ReplyOpen,
     ) {
         let cached = FopenFlags::FOPEN_KEEP_CACHE;
         let mut open_files = self.open_files.lock().unwrap_or_else(|e| e.into_inner());
-        match open_files.get_mut(&attr.ino) {
+        match open_files.get_mut(&ino) {
             Some(OpenFile::Passthrough(backing, count)) => {
                 *count += 1;
                 self.metrics.passthrough_opened();
@@ -254,13 +286,13 @@ impl FuseLayer {
             None => {}
         }
         if attr.kind == FileKind::RegularFile && !self.backing_refused.load(Ordering::Relaxed) {
-            let toc = crate::passthrough::toc_key(index, &self.layer);
+            let toc = crate::passthrough::toc_key(index, layer);
             if let Some(file) = store.file(toc, attr.ino) {
                 match reply.open_backing(&file) {
                     Ok(backing) => {
                         self.metrics.passthrough_opened();
                         reply.opened_passthrough(FileHandle(1), PASSTHROUGH_FLAGS, &backing);
-                        open_files.insert(attr.ino, OpenFile::Passthrough(backing, 1));
+                        open_files.insert(ino, OpenFile::Passthrough(backing, 1));
                         return;
                     }
                     Err(error) => {
@@ -268,7 +300,7 @@ impl FuseLayer {
                         // kernel refusing): read through FUSE from now on.
                         self.backing_refused.store(true, Ordering::Relaxed);
                         tracing::warn!(
-                            layer = %self.layer.digest(),
+                            layer = %layer.digest(),
                             %error,
                             "the kernel refused a passthrough file: this layer's reads go \
                              through FUSE (turn passthrough off in [fuse] kernel_features_off \
@@ -277,10 +309,10 @@ impl FuseLayer {
                     }
                 }
             } else {
-                store.copy(&self.layer, index, toc, attr.ino, attr.size, &self.handle);
+                store.copy(layer, index, toc, attr.ino, attr.size, &self.handle);
             }
         }
-        open_files.insert(attr.ino, OpenFile::Cached(1));
+        open_files.insert(ino, OpenFile::Cached(1));
         drop(open_files);
         reply.opened(FileHandle(0), cached);
     }
@@ -288,8 +320,13 @@ impl FuseLayer {
     /// The layer's index, loaded if it was dropped; EIO (and a rate-limited warning) when it
     /// cannot be loaded.
     fn index(&self) -> Result<Arc<LayerIndex>, Errno> {
-        self.layer.index().map_err(|error| {
-            let layer = self.layer.digest();
+        self.load(&self.layer)
+    }
+
+    /// [`index`](Self::index) of any layer of the mount.
+    fn load(&self, layer: &Layer) -> Result<Arc<LayerIndex>, Errno> {
+        layer.index().map_err(|error| {
+            let layer = layer.digest();
             let error = crate::error_chain(&error);
             match self.load_warnings.allow(Instant::now()) {
                 Some(suppressed) => tracing::warn!(
@@ -304,6 +341,71 @@ impl FuseLayer {
             }
             Errno::EIO
         })
+    }
+}
+
+impl FuseLayer {
+    /// The attributes of presented node `ino`.
+    fn getattr_of(&self, ino: u64) -> Result<Attr, Errno> {
+        match &self.merged {
+            Some(merged) => merged.getattr(ino, &|layer| self.load(layer)),
+            None => self.index().and_then(|index| index.getattr(ino)),
+        }
+    }
+
+    /// The layer holding presented node `ino`, its index, and the node's number there.
+    fn locate(&self, ino: u64) -> Result<(Arc<Layer>, Arc<LayerIndex>, u64), Errno> {
+        match &self.merged {
+            Some(merged) => {
+                let (pos, local) = decode(ino);
+                let (layer, index) = merged.layer_index(pos, &|layer| self.load(layer))?;
+                Ok((Arc::clone(layer), index, local))
+            }
+            None => Ok((Arc::clone(&self.layer), self.index()?, ino)),
+        }
+    }
+
+    /// Whether the mount's layers are worth passthrough ([`worth_passthrough`], over all of
+    /// them when merged).
+    fn worth_passthrough(&self, min_file_bytes: u64) -> bool {
+        match &self.merged {
+            Some(merged) => merged
+                .file_bytes(min_file_bytes.max(1), &|layer| self.load(layer))
+                .is_ok_and(|(large, all)| large > 0 && large >= all / 2),
+            None => self
+                .index()
+                .is_ok_and(|index| worth_passthrough(&index, min_file_bytes)),
+        }
+    }
+
+    /// Whether some layer of the mount has xattrs.
+    fn has_xattrs(&self) -> Result<bool, Errno> {
+        match &self.merged {
+            Some(merged) => merged.has_xattrs(&|layer| self.load(layer)),
+            None => Ok(self.index()?.has_xattrs()),
+        }
+    }
+
+    /// The merged listing of `ino` after `offset` with every entry's attributes (as a lookup
+    /// answers, which remembers the directories listed).
+    fn merged_listing(
+        &self,
+        merged: &Merged,
+        ino: u64,
+        offset: u64,
+    ) -> Result<Vec<(MergedEntry, Attr)>, Errno> {
+        let load = |layer: &Layer| self.load(layer);
+        let entries = merged.readdir(ino, offset, &load)?;
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let attr = if entry.name == b"." || entry.name == b".." {
+                merged.getattr(entry.ino, &load)?
+            } else {
+                merged.lookup(ino, OsStr::from_bytes(&entry.name), &load)?
+            };
+            out.push((entry, attr));
+        }
+        Ok(out)
     }
 }
 
@@ -414,10 +516,7 @@ impl Filesystem for FuseLayer {
         let _ = config.add_capabilities(wanted);
         let passthrough = self.passthrough_store.as_ref().is_some_and(|store| {
             negotiate_passthrough(offered, self.features, self.answers_init)
-                && self
-                    .layer
-                    .index()
-                    .is_ok_and(|index| worth_passthrough(&index, store.config().min_file_bytes))
+                && self.worth_passthrough(store.config().min_file_bytes)
         });
         if passthrough {
             // Depth 1: the backing files must be on a file system that stacks on nothing, and
@@ -459,7 +558,10 @@ impl Filesystem for FuseLayer {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let started = Instant::now();
-        let result = self.index().and_then(|index| index.lookup(parent.0, name));
+        let result = match &self.merged {
+            Some(merged) => merged.lookup(parent.0, name, &|layer| self.load(layer)),
+            None => self.index().and_then(|index| index.lookup(parent.0, name)),
+        };
         self.done(Op::Lookup, started, &result);
         match result {
             Ok(attr) => reply.entry(&self.ttl, &self.attr(&attr), Generation(0)),
@@ -472,7 +574,7 @@ impl Filesystem for FuseLayer {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let started = Instant::now();
-        let result = self.index().and_then(|index| index.getattr(ino.0));
+        let result = self.getattr_of(ino.0);
         self.done(Op::Getattr, started, &result);
         match result {
             Ok(attr) => reply.attr(&self.ttl, &self.attr(&attr)),
@@ -482,7 +584,10 @@ impl Filesystem for FuseLayer {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let started = Instant::now();
-        let result = self.index().and_then(|index| index.readlink(ino.0));
+        let result = match &self.merged {
+            Some(merged) => merged.readlink(ino.0, &|layer| self.load(layer)),
+            None => self.index().and_then(|index| index.readlink(ino.0)),
+        };
         self.done(Op::Readlink, started, &result);
         match result {
             Ok(target) => reply.data(&target),
@@ -502,16 +607,17 @@ impl Filesystem for FuseLayer {
         let result = if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             Err(Errno::EROFS)
         } else {
-            self.index().and_then(|index| match index.getattr(ino.0) {
-                Ok(attr) if attr.kind == FileKind::Directory => Err(Errno::EISDIR),
-                Ok(attr) => Ok((index, attr)),
-                Err(error) => Err(error),
-            })
+            self.locate(ino.0)
+                .and_then(|(layer, index, local)| match index.getattr(local) {
+                    Ok(attr) if attr.kind == FileKind::Directory => Err(Errno::EISDIR),
+                    Ok(attr) => Ok((layer, index, attr)),
+                    Err(error) => Err(error),
+                })
         };
         self.done(Op::Open, started, &result);
         match result {
-            Ok((index, attr)) if let Some(store) = &self.passthrough_store => {
-                self.open_tracked(store, &index, &attr, reply);
+            Ok((layer, index, attr)) if let Some(store) = &self.passthrough_store => {
+                self.open_tracked(store, &layer, &index, &attr, ino.0, reply);
             }
             Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(error) => reply.error(errno(error)),
@@ -558,18 +664,17 @@ impl Filesystem for FuseLayer {
         let started = Instant::now();
         // Loaded here, on the session's thread, rather than in the task: a read seldom finds
         // the index dropped (its lookup came first), and a load must not hold a runtime thread.
-        let index = match self.index() {
-            Ok(index) => index,
+        let (layer, index, local) = match self.locate(ino.0) {
+            Ok(located) => located,
             Err(error) => {
                 self.metrics.observe(Op::Read, started, Some(error));
                 reply.error(errno(error));
                 return;
             }
         };
-        let layer = Arc::clone(&self.layer);
         let metrics = Arc::clone(&self.metrics);
         let warnings = Arc::clone(&self.read_warnings);
-        let span = tracing::debug_span!("layer_read", layer = %self.layer.digest());
+        let span = tracing::debug_span!("layer_read", layer = %layer.digest());
         let answering = InFlight::begin(&self.in_flight);
         // If the runtime is shutting down the task is dropped, and with it the reply: fuser then
         // answers EIO.
@@ -579,7 +684,7 @@ impl Filesystem for FuseLayer {
                 &index,
                 &**layer.reader(),
                 layer.options(),
-                ino.0,
+                local,
                 offset,
                 size,
             )
@@ -592,7 +697,7 @@ impl Filesystem for FuseLayer {
                 }
                 Err(error) => {
                     if error == Errno::EIO {
-                        read_failed(layer.digest(), &warnings, ino.0, offset, size);
+                        read_failed(layer.digest(), &warnings, local, offset, size);
                     }
                     reply.error(errno(error));
                 }
@@ -628,7 +733,7 @@ impl Filesystem for FuseLayer {
         let result = if flags.acc_mode() != OpenAccMode::O_RDONLY {
             Err(Errno::EROFS)
         } else {
-            match self.index().and_then(|index| index.getattr(ino.0)) {
+            match self.getattr_of(ino.0) {
                 Ok(attr) if attr.kind != FileKind::Directory => Err(Errno::ENOTDIR),
                 Ok(_) => Ok(()),
                 Err(error) => Err(error),
@@ -654,6 +759,30 @@ impl Filesystem for FuseLayer {
         mut reply: ReplyDirectory,
     ) {
         let started = Instant::now();
+        if let Some(merged) = &self.merged {
+            match merged.readdir(ino.0, offset, &|layer| self.load(layer)) {
+                Ok(entries) => {
+                    for entry in entries {
+                        let name = OsStr::from_bytes(&entry.name);
+                        if reply.add(
+                            INodeNo(entry.ino),
+                            entry.offset,
+                            file_type(entry.kind),
+                            name,
+                        ) {
+                            break;
+                        }
+                    }
+                    self.metrics.observe(Op::Readdir, started, None);
+                    reply.ok();
+                }
+                Err(error) => {
+                    self.metrics.observe(Op::Readdir, started, Some(error));
+                    reply.error(errno(error));
+                }
+            }
+            return;
+        }
         let index = match self.index() {
             Ok(index) => index,
             Err(error) => {
@@ -693,6 +822,31 @@ impl Filesystem for FuseLayer {
         mut reply: ReplyDirectoryPlus,
     ) {
         let started = Instant::now();
+        if let Some(merged) = &self.merged {
+            match self.merged_listing(merged, ino.0, offset) {
+                Ok(entries) => {
+                    for (entry, attr) in entries {
+                        if reply.add(
+                            INodeNo(entry.ino),
+                            entry.offset,
+                            OsStr::from_bytes(&entry.name),
+                            &self.ttl,
+                            &self.attr(&attr),
+                            Generation(0),
+                        ) {
+                            break;
+                        }
+                    }
+                    self.metrics.observe(Op::Readdirplus, started, None);
+                    reply.ok();
+                }
+                Err(error) => {
+                    self.metrics.observe(Op::Readdirplus, started, Some(error));
+                    reply.error(errno(error));
+                }
+            }
+            return;
+        }
         let index = match self.index() {
             Ok(index) => index,
             Err(error) => {
@@ -749,8 +903,12 @@ impl Filesystem for FuseLayer {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let started = Instant::now();
-        let s = match self.index() {
-            Ok(index) => index.statfs(),
+        let s = match &self.merged {
+            Some(merged) => merged.statfs(&|layer| self.load(layer)),
+            None => self.index().map(|index| index.statfs()),
+        };
+        let s = match s {
+            Ok(s) => s,
             Err(error) => {
                 self.metrics.observe(Op::Statfs, started, Some(error));
                 reply.error(errno(error));
@@ -772,47 +930,55 @@ impl Filesystem for FuseLayer {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let started = Instant::now();
-        let index = match self.index() {
-            Ok(index) => index,
+        let has_xattrs = match self.has_xattrs() {
+            Ok(has) => has,
             Err(error) => {
                 self.metrics.observe(Op::Getxattr, started, Some(error));
                 reply.error(errno(error));
                 return;
             }
         };
-        if !index.has_xattrs() {
+        if !has_xattrs {
             // The kernel stops asking this mount: every query then fails EOPNOTSUPP at once,
             // which overlayfs and capability checks read as "none".
             self.metrics.observe(Op::Getxattr, started, None);
             reply.error(FuseErrno::ENOSYS);
             return;
         }
-        let result = reply_xattr(reply, size, index.getxattr(ino.0, name));
+        let value = match &self.merged {
+            Some(merged) => merged.getxattr(ino.0, name, &|layer| self.load(layer)),
+            None => self.index().and_then(|index| index.getxattr(ino.0, name)),
+        };
+        let result = reply_xattr(reply, size, value);
         self.done(Op::Getxattr, started, &result);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let started = Instant::now();
-        let index = match self.index() {
-            Ok(index) => index,
+        let has_xattrs = match self.has_xattrs() {
+            Ok(has) => has,
             Err(error) => {
                 self.metrics.observe(Op::Listxattr, started, Some(error));
                 reply.error(errno(error));
                 return;
             }
         };
-        if !index.has_xattrs() {
+        if !has_xattrs {
             self.metrics.observe(Op::Listxattr, started, None);
             reply.error(FuseErrno::ENOSYS);
             return;
         }
-        let result = reply_xattr(reply, size, index.listxattr(ino.0));
+        let value = match &self.merged {
+            Some(merged) => merged.listxattr(ino.0, &|layer| self.load(layer)),
+            None => self.index().and_then(|index| index.listxattr(ino.0)),
+        };
+        let result = reply_xattr(reply, size, value);
         self.done(Op::Listxattr, started, &result);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let started = Instant::now();
-        let result = match self.index().and_then(|index| index.getattr(ino.0)) {
+        let result = match self.getattr_of(ino.0) {
             Ok(_) if mask.contains(AccessFlags::W_OK) => Err(Errno::EROFS),
             Ok(_) => Ok(()),
             Err(error) => Err(error),

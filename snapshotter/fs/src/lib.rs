@@ -27,6 +27,7 @@ mod fuse;
 mod handover;
 mod index;
 mod layer;
+mod merged;
 mod metadata;
 mod metrics;
 mod mount;
@@ -49,6 +50,7 @@ pub use fuse::FuseLayer;
 pub use handover::{HandoverReport, handover};
 pub use index::{ChunkInfo, ChunkTable, IndexError, LayerIndex};
 pub use layer::{Attr, DirEntry, FileKind, FsOptions, LayerFs, ROOT_INO, StatFs};
+pub use merged::MAX_MERGED_LAYERS;
 pub use metadata::{IndexFile, Layer, MetadataCache, MetadataConfig, save_index, trim_heap};
 pub use metrics::Metrics;
 pub use mount::{

@@ -68,6 +68,12 @@ pub struct MountOptions {
     /// Where whole files are copied for FUSE passthrough; share one among all the mounts.
     /// `None`: no passthrough (opens then take no request where the kernel allows).
     pub passthrough: Option<Arc<PassthroughStore>>,
+    /// The layers below the mounted one, nearest first, down to the image's first layer: the
+    /// mount then presents them merged with it as one tree (whiteouts and opaque directories
+    /// applied, not shown), and overlayfs needs no other lower directory. Empty: the layer
+    /// alone, as a lower directory of its own. At most [`MAX_MERGED_LAYERS`](crate::MAX_MERGED_LAYERS)
+    /// layers in all.
+    pub lowers: Vec<Arc<Layer>>,
 }
 
 impl Default for MountOptions {
@@ -81,6 +87,7 @@ impl Default for MountOptions {
             metrics: None,
             kernel_features: KernelFeatures::default(),
             passthrough: None,
+            lowers: Vec::new(),
         }
     }
 }
@@ -155,7 +162,8 @@ pub fn serve(
     config.clone_fd = false;
     let mut layer = FuseLayer::new(fs, handle, options.ttl)
         .with_kernel_features(options.kernel_features)
-        .answering_init(answer_init);
+        .answering_init(answer_init)
+        .with_lowers(options.lowers.clone())?;
     if let Some(metrics) = &options.metrics {
         layer = layer.with_metrics(Arc::clone(metrics));
     }
