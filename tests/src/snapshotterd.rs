@@ -481,9 +481,16 @@ pub struct ViewGuard<'a> {
     containerd: &'a Containerd,
     snapshotter: String,
     target: PathBuf,
+    /// The mounts the snapshotter gave for the view: (type, options).
+    mounts: Vec<(String, Vec<String>)>,
 }
 
 impl ViewGuard<'_> {
+    /// The mounts the snapshotter gave for the view, as (type, options), in order.
+    pub fn mounts(&self) -> &[(String, Vec<String>)] {
+        &self.mounts
+    }
+
     /// Where the view is mounted.
     pub fn path(&self) -> &Path {
         &self.target
@@ -529,10 +536,11 @@ pub fn mount_view<'a>(
     }
     let target = containerd.mount_dir().join(key);
     fs::create_dir(&target).with_context(|| format!("creating {}", target.display()))?;
-    let guard = ViewGuard {
+    let mut guard = ViewGuard {
         containerd,
         snapshotter: snapshotter.to_owned(),
         target,
+        mounts: Vec::new(),
     };
     let name = guard.target.to_string_lossy().into_owned();
     let parent = parent.to_string();
@@ -590,6 +598,7 @@ pub fn mount_view<'a>(
         }
         cmd.arg(&source).arg(&guard.target);
         run(&mut cmd).with_context(|| format!("mounting the view of {parent} ({m})"))?;
+        guard.mounts.push((kind, options));
     }
     Ok(guard)
 }

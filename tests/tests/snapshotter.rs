@@ -602,7 +602,9 @@ fn check_baseline(tree: &BTreeMap<PathBuf, Node>) -> anyhow::Result<()> {
 }
 
 /// Acceptance 3: every entry of a multi-layer image with whiteouts and opaque dirs compares
-/// equal between the streamsnap rootfs and the overlayfs rootfs.
+/// equal between the streamsnap rootfs and the overlayfs rootfs: with the layers mounted merged
+/// (the default: the view is the top layer's mount alone) and one mount per layer
+/// (`[fuse] merge_layers = false`: an overlay of every layer's mount).
 #[test]
 fn layered_rootfs_matches_overlayfs_entry_for_entry() -> anyhow::Result<()> {
     preflight()?;
@@ -612,11 +614,28 @@ fn layered_rootfs_matches_overlayfs_entry_for_entry() -> anyhow::Result<()> {
     let baseline = overlayfs_tree(&image, &written)?;
     check_view(&baseline, &upper_layers_view()).context("the overlayfs baseline")?;
     check_baseline(&baseline)?;
+    for merged in [true, false] {
+        compare_layered(&registry, &image, &written, &baseline, merged)
+            .with_context(|| format!("with merge_layers = {merged}"))?;
+    }
+    Ok(())
+}
 
-    let node = StreamsnapNode::start(SnapshotterdOptions::default().with_metrics(), false, &[])?;
+fn compare_layered(
+    registry: &Registry,
+    image: &str,
+    written: &WrittenImage,
+    baseline: &BTreeMap<PathBuf, Node>,
+    merged: bool,
+) -> anyhow::Result<()> {
+    let options = SnapshotterdOptions {
+        extra_config: format!("[fuse]\nmerge_layers = {merged}\n"),
+        ..SnapshotterdOptions::default().with_metrics()
+    };
+    let node = StreamsnapNode::start(options, false, &[])?;
     node.diagnose(|| {
         let log_start = registry.access_log()?.len();
-        rpull(&node.containerd, &image, SNAPSHOTTER, true)?;
+        rpull(&node.containerd, image, SNAPSHOTTER, true)?;
         // The first Prepare resolved every other layer ahead; each later Prepare took its own.
         let metrics = String::from_utf8(node.daemon.get("/metrics")?)?;
         let ahead = metric(
@@ -629,11 +648,30 @@ fn layered_rootfs_matches_overlayfs_entry_for_entry() -> anyhow::Result<()> {
             "{ahead} of {} layers were resolved ahead of their Prepare",
             written.layers.len()
         );
-        let rootfs = mount_view(&node.containerd, SNAPSHOTTER, &top(&written)?, "lazy")?;
+        let rootfs = mount_view(&node.containerd, SNAPSHOTTER, &top(written)?, "lazy")?;
+        let mounts = rootfs.mounts().to_vec();
         let tree = walk_tree(rootfs.path()).context("walking the streamsnap rootfs")?;
         drop(rootfs);
-        ensure_layers_not_downloaded(&access_log_since(&registry, log_start)?, &written)?;
-        let diff = diff_trees(&tree, &baseline);
+        if merged {
+            ensure!(
+                mounts.len() == 1 && mounts[0].0 == "bind",
+                "the view of a merged image is not its top layer's mount alone: {mounts:?}"
+            );
+        } else {
+            let lowers = mounts
+                .iter()
+                .flat_map(|(_, options)| options)
+                .find_map(|o| o.strip_prefix("lowerdir="))
+                .map(|l| l.split(':').count());
+            ensure!(
+                lowers == Some(written.layers.len()),
+                "the view of an image mounted one layer at a time has {lowers:?} lower \
+                 directories for {} layers: {mounts:?}",
+                written.layers.len()
+            );
+        }
+        ensure_layers_not_downloaded(&access_log_since(registry, log_start)?, written)?;
+        let diff = diff_trees(&tree, baseline);
         eprintln!(
             "compared {} entries of the streamsnap rootfs with {} of overlayfs: {} differences",
             tree.len(),

@@ -112,6 +112,11 @@ pub struct FuseSection {
     /// half its bytes keeps zero-message opens instead of passthrough (with passthrough every
     /// open is a request).
     pub passthrough_min_file_bytes: u64,
+    /// Mount each streamed layer merged with the streamed layers below it, so a container's
+    /// overlay has one lower directory and a lookup one FUSE request, instead of one mount per
+    /// layer asked in turn. Layers worth passthrough (see above) and the layers above them are
+    /// mounted one per layer. Applies to layers mounted from now on.
+    pub merge_layers: bool,
 }
 
 /// An optional kernel FUSE feature, as named in `[fuse] kernel_features_off`.
@@ -318,6 +323,7 @@ impl Default for FuseSection {
             kernel_features_off: Vec::new(),
             passthrough_max_bytes: 2 << 30,
             passthrough_min_file_bytes: 64 << 20,
+            merge_layers: true,
         }
     }
 }

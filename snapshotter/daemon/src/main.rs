@@ -299,7 +299,14 @@ fn build_remote(
     )
     .with_metadata(metadata)
     .with_trust(trust)
-    .with_kernel_features(config.fuse.kernel_features());
+    .with_kernel_features(config.fuse.kernel_features())
+    .with_merged_mounts(
+        config.fuse.merge_layers,
+        config
+            .fuse
+            .passthrough(&config.root)
+            .map(|passthrough| passthrough.min_file_bytes),
+    );
     // What the kernel offers is known at the first mount, which logs what is really used.
     tracing::info!(
         "fuse kernel features: {}",

@@ -9,13 +9,20 @@ use streamsnap_fs::{FuseConnection, Layer, MountOptions, MountedLayer};
 
 /// Mounts a layer filesystem on a directory.
 pub trait Mounter: Send + Sync + 'static {
-    /// A new mount.
-    fn mount(&self, fs: Arc<Layer>, mountpoint: &Path) -> io::Result<Box<dyn MountedFs>>;
+    /// A new mount; with `lowers` (the layers below, nearest first, down to the image's first)
+    /// the mount presents them merged with `fs` as one tree.
+    fn mount(
+        &self,
+        fs: Arc<Layer>,
+        lowers: Vec<Arc<Layer>>,
+        mountpoint: &Path,
+    ) -> io::Result<Box<dyn MountedFs>>;
     /// Serves a connection that is already mounted there and was initialised by a previous
-    /// process (taken back from the holder).
+    /// process (taken back from the holder), with the `lowers` it was mounted with.
     fn attach(
         &self,
         fs: Arc<Layer>,
+        lowers: Vec<Arc<Layer>>,
         connection: FuseConnection,
         mountpoint: &Path,
     ) -> io::Result<Box<dyn MountedFs>>;
@@ -43,19 +50,35 @@ impl FuseMounter {
     }
 }
 
+impl FuseMounter {
+    fn options(&self, lowers: Vec<Arc<Layer>>) -> MountOptions {
+        MountOptions {
+            lowers,
+            ..self.options.clone()
+        }
+    }
+}
+
 impl Mounter for FuseMounter {
-    fn mount(&self, fs: Arc<Layer>, mountpoint: &Path) -> io::Result<Box<dyn MountedFs>> {
+    fn mount(
+        &self,
+        fs: Arc<Layer>,
+        lowers: Vec<Arc<Layer>>,
+        mountpoint: &Path,
+    ) -> io::Result<Box<dyn MountedFs>> {
         if streamsnap_fs::is_stale_mount(mountpoint) {
             tracing::info!(mountpoint = %mountpoint.display(), "replacing a stale FUSE mount");
             streamsnap_fs::force_unmount(mountpoint)?;
         }
-        let mounted = streamsnap_fs::mount(fs, mountpoint, self.handle.clone(), &self.options)?;
+        let options = self.options(lowers);
+        let mounted = streamsnap_fs::mount(fs, mountpoint, self.handle.clone(), &options)?;
         Ok(Box::new(mounted))
     }
 
     fn attach(
         &self,
         fs: Arc<Layer>,
+        lowers: Vec<Arc<Layer>>,
         connection: FuseConnection,
         mountpoint: &Path,
     ) -> io::Result<Box<dyn MountedFs>> {
@@ -64,7 +87,7 @@ impl Mounter for FuseMounter {
             connection,
             mountpoint,
             self.handle.clone(),
-            &self.options,
+            &self.options(lowers),
             false,
         )?;
         Ok(Box::new(mounted))

@@ -152,19 +152,25 @@ impl Snapshotter {
         labels: &BTreeMap<String, String>,
         request: &LayerRequest,
     ) -> Result<String> {
-        if let Some(parent) = parent {
-            let parent_record = self.record(parent)?;
-            if parent_record.kind != Kind::Committed {
-                return Err(Error::FailedPrecondition(format!(
-                    "parent {parent:?} is not committed"
-                )));
+        // The snapshots below, nearest first, when they are all merged remote layers.
+        let lowers = match parent {
+            Some(parent) => {
+                let chain = self.chain(Some(parent))?;
+                if chain[0].kind != Kind::Committed {
+                    return Err(Error::FailedPrecondition(format!(
+                        "parent {parent:?} is not committed"
+                    )));
+                }
+                let merged = chain[0].remote.as_ref().is_some_and(|source| source.merged);
+                merged.then(|| chain.iter().map(|record| record.id).collect::<Vec<_>>())
             }
-        }
+            None => Some(Vec::new()),
+        };
         let id = self.store.write(|tx| tx.next_id())?;
         // The mount takes network round trips; Cleanup must leave its directory alone.
         let _creating = self.creating(id);
         let dir = self.snapshot_dir(id);
-        let mounted = remote.mount(id, &dir, request).await;
+        let mounted = remote.mount(id, &dir, request, lowers.as_deref()).await;
         let source = match mounted {
             Ok(source) => source,
             Err(error) => {

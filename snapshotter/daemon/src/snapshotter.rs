@@ -191,13 +191,16 @@ impl Snapshotter {
     }
 
     /// The mounts of a snapshot whose record is `record`, as containerd's overlayfs snapshotter
-    /// builds them.
+    /// builds them. A merged remote layer's mount holds the layers below it too: the lower
+    /// directories end there.
     pub(crate) fn mounts_of(&self, record: &Record) -> Result<Vec<Mount>> {
-        let lowers: Vec<String> = self
-            .chain(record.parent.as_deref())?
-            .iter()
-            .map(|r| self.fs_dir(r.id).display().to_string())
-            .collect();
+        let mut lowers: Vec<String> = Vec::new();
+        for lower in self.chain(record.parent.as_deref())? {
+            lowers.push(self.fs_dir(lower.id).display().to_string());
+            if lower.remote.as_ref().is_some_and(|source| source.merged) {
+                break;
+            }
+        }
         let own = self.fs_dir(record.id).display().to_string();
         let bind = |source: String, mode: &str| Mount {
             kind: "bind".into(),

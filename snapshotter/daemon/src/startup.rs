@@ -78,7 +78,25 @@ pub fn remount_remote_snapshots(
     }
     let mut cannot_resend_logged = false;
     let (mut mounted, mut failed) = (0, 0);
+    // Layers below first: a merged layer's mount serves them too. Each with the snapshots
+    // below it, nearest first.
+    let mut remote_records = Vec::new();
     for (key, record) in snapshotter.store.list()? {
+        if record.remote.is_none() {
+            continue;
+        }
+        let lowers: Vec<u64> = match snapshotter.chain(record.parent.as_deref()) {
+            Ok(chain) => chain.iter().map(|lower| lower.id).collect(),
+            Err(error) => {
+                failed += 1;
+                tracing::error!(key, error = %crate::error::chain(&error), "cannot serve a remote snapshot again: its parents are not all there");
+                continue;
+            }
+        };
+        remote_records.push((key, record, lowers));
+    }
+    remote_records.sort_by_key(|(_, _, lowers)| lowers.len());
+    for (key, record, lowers) in remote_records {
         let Some(source) = &record.remote else {
             continue;
         };
@@ -110,6 +128,7 @@ pub fn remount_remote_snapshots(
             record.id,
             &snapshotter.snapshot_dir(record.id),
             source,
+            &lowers,
             connection,
             resend,
         ) {

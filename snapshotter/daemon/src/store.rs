@@ -65,6 +65,11 @@ pub struct RemoteSource {
     /// before the index kind).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoints: Option<CheckpointsBlob>,
+    /// The layer's mount presents it merged with every layer below it (all remote, each merged
+    /// in turn, down to the image's first): overlayfs takes this mount as the only lower
+    /// directory from here down. False in records of builds before merged mounts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub merged: bool,
 }
 
 /// The checkpoints blob of a layer of the index kind.

@@ -94,17 +94,6 @@ pub(crate) fn negotiate_passthrough(
         && offered.contains(InitFlags::FUSE_PASSTHROUGH)
 }
 
-/// Whether a layer is worth passthrough, which costs every open of its files a request
-/// (zero-message opens are off with it): when files of at least `min_file_bytes` (the ones that
-/// get copies) hold at least half its bytes, as in layers of model weights or data. Layers of
-/// libraries and code, where a start-up opens thousands of files and reads little of each,
-/// keep zero-message opens (with such layers passed through too, the bench's warm start took
-/// 15% longer: docs/benchmarks.md).
-fn worth_passthrough(index: &LayerIndex, min_file_bytes: u64) -> bool {
-    let (large, all) = index.file_bytes(min_file_bytes.max(1));
-    large > 0 && large >= all / 2
-}
-
 /// The open files of an inode, as the kernel needs them to be: all read through the page cache
 /// of the mount, or all passed through to one backing file (it refuses a mix).
 #[derive(Debug)]
@@ -365,8 +354,8 @@ impl FuseLayer {
         }
     }
 
-    /// Whether the mount's layers are worth passthrough ([`worth_passthrough`], over all of
-    /// them when merged).
+    /// Whether the mount's layers are worth passthrough ([`LayerIndex::worth_passthrough`],
+    /// over all of them when merged).
     fn worth_passthrough(&self, min_file_bytes: u64) -> bool {
         match &self.merged {
             Some(merged) => merged
@@ -374,7 +363,7 @@ impl FuseLayer {
                 .is_ok_and(|(large, all)| large > 0 && large >= all / 2),
             None => self
                 .index()
-                .is_ok_and(|index| worth_passthrough(&index, min_file_bytes)),
+                .is_ok_and(|index| index.worth_passthrough(min_file_bytes)),
         }
     }
 
@@ -1239,16 +1228,13 @@ mod tests {
             let digest = streamsnap_format::Digest::sha256(b"toc");
             LayerIndex::build(&toc, digest, &crate::layer::FsOptions::default()).unwrap()
         };
+        assert!(index(&[3000, 2000]).worth_passthrough(2500), "3000 of 5000");
         assert!(
-            worth_passthrough(&index(&[3000, 2000]), 2500),
-            "3000 of 5000"
-        );
-        assert!(
-            !worth_passthrough(&index(&[3000, 2000, 2000]), 2500),
+            !index(&[3000, 2000, 2000]).worth_passthrough(2500),
             "3000 of 7000"
         );
-        assert!(!worth_passthrough(&index(&[100, 200]), 2500), "none large");
-        assert!(!worth_passthrough(&index(&[]), 1), "no file");
+        assert!(!index(&[100, 200]).worth_passthrough(2500), "none large");
+        assert!(!index(&[]).worth_passthrough(1), "no file");
     }
 
     #[test]

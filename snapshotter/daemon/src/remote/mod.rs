@@ -127,6 +127,8 @@ struct MountEntry {
     stop: Arc<AtomicBool>,
     layer: Digest,
     log: Arc<AccessLog>,
+    /// What the mount serves of its own layer: the merged mounts of the layers above read it.
+    served: Arc<Layer>,
 }
 
 pub struct RemoteLayers {
@@ -169,6 +171,11 @@ pub struct RemoteLayers {
     /// Whether the features in use were logged (once, at the first mount: only a mount tells
     /// what the kernel offers).
     features_logged: AtomicBool,
+    /// Mount each layer merged with the layers below it (`[fuse] merge_layers`).
+    merge_layers: bool,
+    /// `[fuse] passthrough_min_file_bytes` where passthrough is on: a layer worth passthrough
+    /// is mounted alone (a merged mount decides passthrough for all its files at once).
+    passthrough_min_file_bytes: Option<u64>,
 }
 
 impl std::fmt::Debug for RemoteLayers {
@@ -217,7 +224,48 @@ impl RemoteLayers {
             ),
             kernel_features: KernelFeatures::all(),
             features_logged: AtomicBool::new(false),
+            merge_layers: false,
+            passthrough_min_file_bytes: None,
         }
+    }
+
+    /// Mounts each layer merged with the layers below it where they allow (all remote and
+    /// merged in turn, no layer worth passthrough with `passthrough_min_file_bytes`, at most
+    /// [`streamsnap_fs::MAX_MERGED_LAYERS`]), so a container's overlay has one lower directory.
+    pub fn with_merged_mounts(
+        mut self,
+        enabled: bool,
+        passthrough_min_file_bytes: Option<u64>,
+    ) -> Self {
+        self.merge_layers = enabled;
+        self.passthrough_min_file_bytes = passthrough_min_file_bytes;
+        self
+    }
+
+    /// The layers the mounts of snapshots `ids` serve, in that order; `None` if one is not
+    /// mounted by this process.
+    fn served_layers(&self, ids: &[u64]) -> Option<Vec<Arc<Layer>>> {
+        let mounts = self.mounts.lock().expect("mounts lock");
+        ids.iter()
+            .map(|id| mounts.get(id).map(|entry| Arc::clone(&entry.served)))
+            .collect()
+    }
+
+    /// The layers a new mount of a layer whose index is `index` merges with it, given the
+    /// snapshots below it (`lowers`: nearest first, `None` when they are not all merged
+    /// remote layers); `None`: mounted alone.
+    fn merge_with(&self, index: &LayerIndex, lowers: Option<&[u64]>) -> Option<Vec<Arc<Layer>>> {
+        let lowers = lowers.filter(|_| self.merge_layers)?;
+        if lowers.len() >= streamsnap_fs::MAX_MERGED_LAYERS {
+            return None;
+        }
+        if self
+            .passthrough_min_file_bytes
+            .is_some_and(|min| index.worth_passthrough(min))
+        {
+            return None;
+        }
+        self.served_layers(lowers)
     }
 
     /// Uses only the optional kernel FUSE features `features` allows; give the mounter the
@@ -331,11 +379,16 @@ impl RemoteLayers {
     /// Finds the layer's streaming form, saves its TOC into `dir/toc` and mounts it on
     /// `dir/fs`. The image's first Prepare also starts resolving its other layers
     /// ([`resolve`]), which the Prepares that follow take ready.
+    ///
+    /// `lowers`: the snapshots below the layer, nearest first, when all are remote layers
+    /// mounted merged (empty for an image's first layer); the layer is then mounted merged with
+    /// them where it can be, which the returned source says.
     pub async fn mount(
         self: &Arc<Self>,
         id: u64,
         dir: &Path,
         request: &LayerRequest,
+        lowers: Option<&[u64]>,
     ) -> Result<RemoteSource, RemoteError> {
         let artifact = self.artifacts.get(request).await?;
         self.resolve_ahead(&artifact, request.layer_digest);
@@ -348,7 +401,7 @@ impl RemoteLayers {
         };
         let Resolved {
             toc_blob,
-            source,
+            mut source,
             fresh,
             held: _,
         } = resolved;
@@ -369,7 +422,16 @@ impl RemoteLayers {
                 source: e,
             }
         })?;
-        self.mount_layer(id, dir, &source, None, Some(fresh))?;
+        let merged = self.merge_with(&fresh.index, lowers);
+        source.merged = merged.is_some();
+        self.mount_layer(
+            id,
+            dir,
+            &source,
+            merged.unwrap_or_default(),
+            None,
+            Some(fresh),
+        )?;
         Ok(source)
     }
 
@@ -378,12 +440,14 @@ impl RemoteLayers {
     /// saved TOC if it is missing or damaged). With `held`, the connection the holder kept (the
     /// mount never went away): it is served again, and with `resend` the kernel is asked to
     /// resend what the previous daemon took and did not answer. Without, the layer is mounted
-    /// afresh (stale mounts of a dead daemon are detached first).
+    /// afresh (stale mounts of a dead daemon are detached first). A merged layer needs the
+    /// snapshots below it (`lowers`, nearest first) served again first.
     pub fn remount(
         &self,
         id: u64,
         dir: &Path,
         source: &RemoteSource,
+        lowers: &[u64],
         held: Option<FuseConnection>,
         resend: bool,
     ) -> Result<(), RemoteError> {
@@ -396,10 +460,19 @@ impl RemoteLayers {
                 source: error,
             });
         }
+        let merged = if source.merged {
+            self.served_layers(lowers).ok_or_else(|| RemoteError::Io {
+                action: "serving the layers below (they could not be served again) under",
+                path: dir.join("fs"),
+                source: std::io::ErrorKind::NotFound.into(),
+            })?
+        } else {
+            Vec::new()
+        };
         if held.is_none() {
             crate::mounter::detach_all_under(&dir.join("fs"));
         }
-        self.mount_layer(id, dir, source, held, None)?;
+        self.mount_layer(id, dir, source, merged, held, None)?;
         if resend {
             self.resend(id);
         }
@@ -488,13 +561,15 @@ impl RemoteLayers {
     }
 
     /// Mounts (or, with `held`, serves again) the layer of snapshot `id` from its files in
-    /// `dir`; `fresh`: what its resolution just made (its index, span table and profile
-    /// batches to fetch now, and its feed if the prefetch started already).
+    /// `dir`, merged with `lowers` (none: alone); `fresh`: what its resolution just made (its
+    /// index, span table and profile batches to fetch now, and its feed if the prefetch started
+    /// already).
     fn mount_layer(
         &self,
         id: u64,
         dir: &Path,
         source: &RemoteSource,
+        lowers: Vec<Arc<Layer>>,
         held: Option<FuseConnection>,
         fresh: Option<Fresh>,
     ) -> Result<(), RemoteError> {
@@ -549,8 +624,10 @@ impl RemoteLayers {
         let layer = Arc::new(layer);
         let fresh = held.is_none();
         let mounted = match held {
-            Some(connection) => self.mounter.attach(layer.clone(), connection, &fs_dir),
-            None => self.mounter.mount(layer.clone(), &fs_dir),
+            Some(connection) => self
+                .mounter
+                .attach(layer.clone(), lowers, connection, &fs_dir),
+            None => self.mounter.mount(layer.clone(), lowers, &fs_dir),
         }
         .map_err(|e| RemoteError::Io {
             action: "mounting a FUSE layer on",
@@ -588,6 +665,7 @@ impl RemoteLayers {
                 stop: stop.clone(),
                 layer: source.layer_digest,
                 log,
+                served: Arc::clone(&layer),
             },
         );
         self.metrics.remote_mounts.inc();

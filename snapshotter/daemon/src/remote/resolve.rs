@@ -258,6 +258,8 @@ impl RemoteLayers {
                 data_digest,
                 data_size,
                 checkpoints,
+                // Set by the mount, which decides.
+                merged: false,
             },
             fresh: Fresh {
                 index,
@@ -376,6 +378,7 @@ mod tests {
                 data_digest: toc.data_digest(),
                 data_size: toc.data_size(),
                 checkpoints: None,
+                merged: false,
             },
             fresh: Fresh {
                 index,

@@ -313,6 +313,17 @@ impl LayerIndex {
             })
     }
 
+    /// Whether the layer is worth FUSE passthrough, which costs every open of its files a
+    /// request (zero-message opens are off with it): when files of at least `min_file_bytes`
+    /// (the ones that get copies) hold at least half its bytes, as in layers of model weights
+    /// or data. Layers of libraries and code, where a start-up opens thousands of files and
+    /// reads little of each, keep zero-message opens (with such layers passed through too, the
+    /// bench's warm start took 15% longer: docs/benchmarks.md).
+    pub fn worth_passthrough(&self, min_file_bytes: u64) -> bool {
+        let (large, all) = self.file_bytes(min_file_bytes.max(1));
+        large > 0 && large >= all / 2
+    }
+
     pub(crate) fn statfs_totals(&self) -> (u64, u64) {
         (
             u64_at(&self.bytes, header::BLOCKS),
