@@ -100,6 +100,10 @@ pub struct Args {
     /// `prefetch_in_flight_bytes=8388608`), to compare with the default.
     #[arg(long = "fetch-config", value_name = "KEY=VALUE")]
     pub fetch_config: Vec<String>,
+    /// A `[fuse]` setting every daemon gets, as `key=value` in TOML (repeatable; e.g.
+    /// `merge_layers=false`), to compare with the default.
+    #[arg(long = "fuse-config", value_name = "KEY=VALUE")]
+    pub fuse_config: Vec<String>,
     /// Full pulls per point (the first round always has one: it records the access trace);
     /// the streamsnap contenders still run `--runs` times. A 30 GiB full pull takes minutes.
     #[arg(long)]
@@ -128,22 +132,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let streamsnap = workspace_bin("streamsnap")?;
     workspace_bin("streamsnap-snapshotterd")?;
     ensure!(args.runs >= 1, "--runs must be at least 1");
+    let mut fuse_lines = toml_lines("--fuse-config", &args.fuse_config)?;
     if !args.kernel_features_off.is_empty() {
         let list: Vec<String> = args
             .kernel_features_off
             .iter()
             .map(|name| format!("{name:?}"))
             .collect();
-        let _ = FUSE_LINES.set(format!("kernel_features_off = [{}]\n", list.join(", ")));
+        fuse_lines.push_str(&format!("kernel_features_off = [{}]\n", list.join(", ")));
     }
-    let mut fetch_lines = String::new();
-    for setting in &args.fetch_config {
-        let (key, value) = setting
-            .split_once('=')
-            .with_context(|| format!("--fetch-config {setting:?}: expected KEY=VALUE"))?;
-        fetch_lines.push_str(&format!("{} = {}\n", key.trim(), value.trim()));
-    }
-    let _ = FETCH_LINES.set(fetch_lines);
+    let _ = FUSE_LINES.set(fuse_lines);
+    let _ = FETCH_LINES.set(toml_lines("--fetch-config", &args.fetch_config)?);
     let shape = LinkShape::mbit(args.mbit, args.rtt_ms);
     let started = Instant::now();
 
@@ -718,7 +717,20 @@ pub(super) fn daemon_options() -> SnapshotterdOptions {
     .with_metrics()
 }
 
-/// `[fuse]` lines every daemon of this invocation gets (`--kernel-features-off`).
+/// `key = value` lines of a config section from `settings` given as `KEY=VALUE` to `flag`.
+fn toml_lines(flag: &str, settings: &[String]) -> anyhow::Result<String> {
+    let mut lines = String::new();
+    for setting in settings {
+        let (key, value) = setting
+            .split_once('=')
+            .with_context(|| format!("{flag} {setting:?}: expected KEY=VALUE"))?;
+        lines.push_str(&format!("{} = {}\n", key.trim(), value.trim()));
+    }
+    Ok(lines)
+}
+
+/// `[fuse]` lines every daemon of this invocation gets (`--fuse-config`,
+/// `--kernel-features-off`).
 static FUSE_LINES: OnceLock<String> = OnceLock::new();
 
 /// `[fetch]` lines every daemon of this invocation gets (`--fetch-config`).

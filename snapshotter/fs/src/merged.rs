@@ -317,9 +317,14 @@ impl Merged {
         self.layer_index(pos, load)?.1.readlink(local)
     }
 
-    /// Some layer has an xattr (or an opaque marker, which is not presented).
+    /// Some layer has an xattr of the image's own (opaque markers are applied, not presented):
+    /// without, the mount answers every xattr query ENOSYS once and the kernel stops asking
+    /// (overlayfs asks each directory for its opaque and redirect markers).
     pub(crate) fn has_xattrs(&self, load: Load<'_>) -> Result<bool, Errno> {
-        Ok(self.indexes(load)?.iter().any(|index| index.has_xattrs()))
+        Ok(self
+            .indexes(load)?
+            .iter()
+            .any(|index| index.has_image_xattrs()))
     }
 
     /// The xattr of the node's layer; opaque markers are applied here, not presented.
@@ -471,6 +476,55 @@ mod tests {
             offset = first.offset;
         }
         assert_eq!(names(&resumed), names(&all));
+    }
+
+    #[test]
+    fn opaque_markers_are_applied_not_shown_and_only_image_xattrs_keep_xattr_queries() {
+        let lower = layer(|b| {
+            b.file("d/old", 0o644, b"hidden");
+        });
+        let upper = layer(|b| {
+            b.dir("d", 0o755);
+            b.opaque("d");
+            b.file("d/new", 0o644, b"shown");
+        });
+        let merged = Merged::new(vec![Arc::clone(&upper), Arc::clone(&lower)]).unwrap();
+        assert!(
+            load(&upper).unwrap().has_xattrs(),
+            "the layer alone shows the marker"
+        );
+        assert!(!merged.has_xattrs(&load).unwrap(), "nothing to show merged");
+        let d = merged.lookup(ROOT, OsStr::new("d"), &load).unwrap();
+        assert_eq!(d.nlink, 2, "one layer's directory keeps its count");
+        assert_eq!(
+            names(&merged.readdir(d.ino, 0, &load).unwrap()),
+            [".", "..", "new"]
+        );
+        assert_eq!(
+            merged.getxattr(d.ino, OsStr::new(OPAQUE_XATTR), &load),
+            Err(Errno::ENODATA)
+        );
+        assert_eq!(merged.listxattr(d.ino, &load).unwrap(), b"");
+
+        let with_xattr = layer(|b| {
+            b.file("cap", 0o755, b"x")
+                .xattrs
+                .push(streamsnap_format::api::Xattr {
+                    name: "security.capability".into(),
+                    value: vec![1, 2],
+                });
+        });
+        let merged = Merged::new(vec![upper, with_xattr]).unwrap();
+        assert!(merged.has_xattrs(&load).unwrap());
+        let cap = merged.lookup(ROOT, OsStr::new("cap"), &load).unwrap();
+        assert_eq!(
+            merged.getxattr(cap.ino, OsStr::new("security.capability"), &load),
+            Ok(vec![1, 2])
+        );
+        assert_eq!(
+            merged.listxattr(cap.ino, &load).unwrap(),
+            b"security.capability\0"
+        );
     }
 
     #[test]

@@ -296,6 +296,12 @@ impl LayerIndex {
         u32_at(&self.bytes, header::FLAGS) & HAS_XATTRS != 0
     }
 
+    /// Whether some inode has an xattr of the image's own (opaque markers aside): what a
+    /// merged mount, which applies opaque directories instead of presenting them, can show.
+    pub fn has_image_xattrs(&self) -> bool {
+        self.xattr_count() > 0
+    }
+
     /// Bytes of the regular files of at least `min` bytes, and of all regular files (each
     /// inode once, however many names it has; a pass over every inode).
     pub fn file_bytes(&self, min: u64) -> (u64, u64) {
