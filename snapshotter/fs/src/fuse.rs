@@ -37,7 +37,7 @@ use tracing::Instrument as _;
 use crate::features::{KernelFeature, KernelFeatures};
 use crate::index::LayerIndex;
 use crate::layer::{Attr, FileKind};
-use crate::merged::{Merged, MergedEntry, decode};
+use crate::merged::{Merged, decode};
 use crate::metadata::Layer;
 use crate::metrics::{Metrics, Op};
 use crate::mount::IntoLayer;
@@ -374,28 +374,11 @@ impl FuseLayer {
             None => Ok(self.index()?.has_xattrs()),
         }
     }
+}
 
-    /// The merged listing of `ino` after `offset` with every entry's attributes (as a lookup
-    /// answers, which remembers the directories listed).
-    fn merged_listing(
-        &self,
-        merged: &Merged,
-        ino: u64,
-        offset: u64,
-    ) -> Result<Vec<(MergedEntry, Attr)>, Errno> {
-        let load = |layer: &Layer| self.load(layer);
-        let entries = merged.readdir(ino, offset, &load)?;
-        let mut out = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let attr = if entry.name == b"." || entry.name == b".." {
-                merged.getattr(entry.ino, &load)?
-            } else {
-                merged.lookup(ino, OsStr::from_bytes(&entry.name), &load)?
-            };
-            out.push((entry, attr));
-        }
-        Ok(out)
-    }
+/// Where a listing of `len` entries resumes after `offset` (past the end: nothing left).
+fn listing_start(offset: u64, len: usize) -> usize {
+    usize::try_from(offset).unwrap_or(usize::MAX).min(len)
 }
 
 fn errno(error: Errno) -> FuseErrno {
@@ -749,9 +732,9 @@ impl Filesystem for FuseLayer {
     ) {
         let started = Instant::now();
         if let Some(merged) = &self.merged {
-            match merged.readdir(ino.0, offset, &|layer| self.load(layer)) {
-                Ok(entries) => {
-                    for entry in entries {
+            match merged.listing(ino.0, &|layer| self.load(layer)) {
+                Ok(listing) => {
+                    for entry in &listing[listing_start(offset, listing.len())..] {
                         let name = OsStr::from_bytes(&entry.name);
                         if reply.add(
                             INodeNo(entry.ino),
@@ -812,13 +795,30 @@ impl Filesystem for FuseLayer {
     ) {
         let started = Instant::now();
         if let Some(merged) = &self.merged {
-            match self.merged_listing(merged, ino.0, offset) {
-                Ok(entries) => {
-                    for (entry, attr) in entries {
+            let load = |layer: &Layer| self.load(layer);
+            match merged.listing(ino.0, &load) {
+                Ok(listing) => {
+                    let mut failed = None;
+                    for entry in &listing[listing_start(offset, listing.len())..] {
+                        let name = OsStr::from_bytes(&entry.name);
+                        // As a lookup answers (which remembers the directories listed); only
+                        // for the entries that fit in the reply.
+                        let attr = if entry.name == b"." || entry.name == b".." {
+                            merged.getattr(entry.ino, &load)
+                        } else {
+                            merged.lookup(ino.0, name, &load)
+                        };
+                        let attr = match attr {
+                            Ok(attr) => attr,
+                            Err(error) => {
+                                failed = Some(error);
+                                break;
+                            }
+                        };
                         if reply.add(
                             INodeNo(entry.ino),
                             entry.offset,
-                            OsStr::from_bytes(&entry.name),
+                            name,
                             &self.ttl,
                             &self.attr(&attr),
                             Generation(0),
@@ -826,8 +826,11 @@ impl Filesystem for FuseLayer {
                             break;
                         }
                     }
-                    self.metrics.observe(Op::Readdirplus, started, None);
-                    reply.ok();
+                    self.metrics.observe(Op::Readdirplus, started, failed);
+                    match failed {
+                        None => reply.ok(),
+                        Some(error) => reply.error(errno(error)),
+                    }
                 }
                 Err(error) => {
                     self.metrics.observe(Op::Readdirplus, started, Some(error));

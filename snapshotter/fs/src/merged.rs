@@ -18,9 +18,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
+use std::num::NonZeroUsize;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use lru::LruCache;
 use nix::errno::Errno;
 
 use crate::index::{Kind, LayerIndex};
@@ -58,6 +60,14 @@ struct DirInfo {
 /// Loads a layer's index (the FUSE adapter's loader, which logs failures).
 pub(crate) type Load<'a> = &'a dyn Fn(&Layer) -> Result<Arc<LayerIndex>, Errno>;
 
+/// Listings kept for the requests that page through them.
+const KEPT_LISTINGS: usize = 8;
+/// Entries of the largest listing kept (larger ones are built again for each request).
+pub(crate) const MAX_KEPT_LISTING: usize = 100_000;
+
+/// A directory's whole merged listing.
+pub(crate) type Listing = Arc<[MergedEntry]>;
+
 /// One entry of a merged listing.
 #[derive(Clone, Debug)]
 pub(crate) struct MergedEntry {
@@ -75,6 +85,10 @@ pub(crate) struct Merged {
     /// Merged directories looked up so far, by presented number: at most one per directory of
     /// the layers, which their validated indexes bound.
     dirs: Mutex<HashMap<u64, DirInfo>>,
+    /// The last listings built, by directory.
+    listings: Mutex<LruCache<u64, Listing>>,
+    /// Whether some layer has xattrs of its own, once known (asked at every xattr query).
+    has_xattrs: OnceLock<bool>,
 }
 
 fn kind_of(kind: Kind) -> FileKind {
@@ -97,6 +111,10 @@ impl Merged {
         Some(Self {
             layers,
             dirs: Mutex::default(),
+            listings: Mutex::new(LruCache::new(
+                NonZeroUsize::new(KEPT_LISTINGS).expect("not zero"),
+            )),
+            has_xattrs: OnceLock::new(),
         })
     }
 
@@ -264,15 +282,20 @@ impl Merged {
         self.attr(ino, &index, local, parts)
     }
 
-    /// The listing of directory `ino` after `offset`: `.`, `..`, then the merged entries sorted
-    /// by name (the topmost layer's entry of each name; whiteouts and what they hide left out).
-    /// Each entry's `offset` resumes the listing after it.
-    pub(crate) fn readdir(
-        &self,
-        ino: u64,
-        offset: u64,
-        load: Load<'_>,
-    ) -> Result<Vec<MergedEntry>, Errno> {
+    /// The listing of directory `ino`: `.`, `..`, then the merged entries sorted by name (the
+    /// topmost layer's entry of each name; whiteouts and what they hide left out). Entry `i`
+    /// has offset `i + 1`: a listing resumes after an entry at its offset. Built once for the
+    /// requests that page through it (the last few are kept, up to
+    /// [`MAX_KEPT_LISTING`] entries each).
+    pub(crate) fn listing(&self, ino: u64, load: Load<'_>) -> Result<Listing, Errno> {
+        if let Some(listing) = self
+            .listings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ino)
+        {
+            return Ok(Arc::clone(listing));
+        }
         let (pos, local) = decode(ino);
         let (_, index) = self.layer_index(pos, load)?;
         if index.node(local).ok_or(Errno::ENOENT)?.kind() != Kind::Dir {
@@ -298,18 +321,38 @@ impl Merged {
             .into_iter()
             .filter(|(_, (_, _, kind))| *kind != Kind::Whiteout)
             .map(|(name, (pos, child, kind))| (name, encode(pos, child), kind_of(kind)));
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        Ok(dots
+        let listing: Listing = dots
             .chain(entries)
             .enumerate()
-            .skip(start)
             .map(|(i, (name, ino, kind))| MergedEntry {
                 ino,
                 offset: i as u64 + 1,
                 kind,
                 name: name.to_vec(),
             })
-            .collect())
+            .collect();
+        if listing.len() <= MAX_KEPT_LISTING {
+            self.listings
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .put(ino, Arc::clone(&listing));
+        }
+        Ok(listing)
+    }
+
+    /// The entries of [`listing`](Self::listing) after `offset`.
+    #[cfg(test)]
+    pub(crate) fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        load: Load<'_>,
+    ) -> Result<Vec<MergedEntry>, Errno> {
+        let listing = self.listing(ino, load)?;
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(listing.len());
+        Ok(listing[start..].to_vec())
     }
 
     pub(crate) fn readlink(&self, ino: u64, load: Load<'_>) -> Result<Vec<u8>, Errno> {
@@ -321,10 +364,14 @@ impl Merged {
     /// without, the mount answers every xattr query ENOSYS once and the kernel stops asking
     /// (overlayfs asks each directory for its opaque and redirect markers).
     pub(crate) fn has_xattrs(&self, load: Load<'_>) -> Result<bool, Errno> {
-        Ok(self
+        if let Some(&has) = self.has_xattrs.get() {
+            return Ok(has);
+        }
+        let has = self
             .indexes(load)?
             .iter()
-            .any(|index| index.has_image_xattrs()))
+            .any(|index| index.has_image_xattrs());
+        Ok(*self.has_xattrs.get_or_init(|| has))
     }
 
     /// The xattr of the node's layer; opaque markers are applied here, not presented.
