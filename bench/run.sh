@@ -25,6 +25,8 @@ if [ "${1:-}" = --quick ]; then
     quick=1
     shift
 fi
+# The command the Markdown section shows: with the arguments passed on.
+[ $# -eq 0 ] || command="$command $*"
 log() { printf '\n== %s\n' "$*" >&2; }
 started=$(date +%s)
 

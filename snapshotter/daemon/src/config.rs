@@ -9,6 +9,8 @@ use serde::Deserialize;
 
 pub const DEFAULT_ADDRESS: &str = "/run/streamsnap/snapshotter.sock";
 pub const DEFAULT_ROOT: &str = "/var/lib/streamsnap";
+/// Most seconds `[fetch] profile_wait_seconds` may say.
+const MAX_PROFILE_WAIT_SECONDS: u64 = 600;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -67,6 +69,9 @@ pub struct FetchSection {
     /// to 2 MiB). A link stays full only when this covers its bandwidth times its round trip:
     /// the default, 16 MiB, fills 1 Gbit/s up to about 130 ms. At most 256 MiB.
     pub prefetch_in_flight_bytes: u64,
+    /// Seconds a layer whose TOC has arrived waits for the image's start-up profile before it
+    /// mounts without the prefetch (0: only a profile already there is used). At most 600.
+    pub profile_wait_seconds: u64,
     /// A mirror that answers a range read with the whole blob (a pull-through cache that has
     /// not cached the blob yet) is read through at most this many bytes before the range;
     /// reads further into the blob go to the next mirror or the registry itself.
@@ -115,7 +120,9 @@ pub struct FuseSection {
     /// Mount each streamed layer merged with the streamed layers below it, so a container's
     /// overlay has one lower directory and a lookup one FUSE request, instead of one mount per
     /// layer asked in turn. Layers worth passthrough (see above) and the layers above them are
-    /// mounted one per layer. Applies to layers mounted from now on.
+    /// mounted one per layer. Applies to layers mounted from now on. Off by default: it makes
+    /// fewer requests and walks trees faster, but the bench's start-up measured slower with it
+    /// (docs/benchmarks.md).
     pub merge_layers: bool,
 }
 
@@ -303,6 +310,7 @@ impl Default for FetchSection {
             prefetch_profile: true,
             prefetch_max_bytes: crate::remote::DEFAULT_PREFETCH_MAX_BYTES,
             prefetch_in_flight_bytes: crate::remote::DEFAULT_PREFETCH_IN_FLIGHT,
+            profile_wait_seconds: crate::remote::DEFAULT_PROFILE_WAIT.as_secs(),
             mirror_max_skip_bytes: crate::remote::DEFAULT_MIRROR_MAX_SKIP,
         }
     }
@@ -323,7 +331,7 @@ impl Default for FuseSection {
             kernel_features_off: Vec::new(),
             passthrough_max_bytes: 2 << 30,
             passthrough_min_file_bytes: 64 << 20,
-            merge_layers: true,
+            merge_layers: false,
         }
     }
 }
@@ -407,6 +415,11 @@ impl Config {
             "fetch.prefetch_in_flight_bytes must be between 1 and {} (256 MiB)",
             crate::remote::MAX_PREFETCH_IN_FLIGHT
         );
+        anyhow::ensure!(
+            self.fetch.profile_wait_seconds <= MAX_PROFILE_WAIT_SECONDS,
+            "fetch.profile_wait_seconds must be at most {MAX_PROFILE_WAIT_SECONDS}: a pull waits \
+             this long for a profile that does not come"
+        );
         anyhow::ensure!(self.fuse.threads > 0, "fuse.threads must be at least 1");
         anyhow::ensure!(
             self.cache.max_request_bytes > 0,
@@ -439,6 +452,18 @@ mod tests {
             Config::parse("[fuse]\nmetadata_idle_seconds = 0\nmetadata_cache_bytes = 0\n").unwrap();
         assert_eq!(config.fuse.metadata().idle, None, "0: never for idleness");
         assert_eq!(config.fuse.metadata().max_bytes, 0);
+    }
+
+    #[test]
+    fn profile_wait_defaults_to_5_seconds_and_is_bounded() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.fetch.profile_wait_seconds, 5);
+        let config = Config::parse("[fetch]\nprofile_wait_seconds = 0\n").unwrap();
+        assert_eq!(config.fetch.profile_wait_seconds, 0);
+        let error = Config::parse("[fetch]\nprofile_wait_seconds = 601\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("fetch.profile_wait_seconds"), "{error}");
     }
 
     #[test]

@@ -300,6 +300,7 @@ fn build_remote(
     .with_metadata(metadata)
     .with_trust(trust)
     .with_kernel_features(config.fuse.kernel_features())
+    .with_profile_wait(Duration::from_secs(config.fetch.profile_wait_seconds))
     .with_merged_mounts(
         config.fuse.merge_layers,
         config

@@ -38,6 +38,7 @@ pub use self::labels::{LayerRequest, TARGET_LABEL};
 use self::profile::{AccessLog, LayerJob, Prefetcher};
 pub use self::registry_blob::DEFAULT_MIRROR_MAX_SKIP;
 use self::registry_blob::{MirrorHealth, RegistryBlob};
+pub use self::resolve::DEFAULT_PROFILE_WAIT;
 use self::resolve::{Ahead, Feed, Resolved};
 use self::source::CacheReader;
 use self::spans::{GzipSpans, SpanTable};
@@ -173,6 +174,8 @@ pub struct RemoteLayers {
     features_logged: AtomicBool,
     /// Mount each layer merged with the layers below it (`[fuse] merge_layers`).
     merge_layers: bool,
+    /// How long a layer whose TOC is in waits for its image's profile.
+    profile_wait: Duration,
     /// `[fuse] passthrough_min_file_bytes` where passthrough is on: a layer worth passthrough
     /// is mounted alone (a merged mount decides passthrough for all its files at once).
     passthrough_min_file_bytes: Option<u64>,
@@ -226,7 +229,15 @@ impl RemoteLayers {
             features_logged: AtomicBool::new(false),
             merge_layers: false,
             passthrough_min_file_bytes: None,
+            profile_wait: resolve::DEFAULT_PROFILE_WAIT,
         }
+    }
+
+    /// A layer whose TOC is in waits at most `wait` for its image's start-up profile, then
+    /// mounts without the prefetch.
+    pub fn with_profile_wait(mut self, wait: Duration) -> Self {
+        self.profile_wait = wait;
+        self
     }
 
     /// Mounts each layer merged with the layers below it where they allow (all remote and

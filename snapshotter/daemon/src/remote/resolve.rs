@@ -43,9 +43,10 @@ const MAX_AHEAD_TOC_BYTES: u64 = 64 << 20;
 const MAX_AHEAD_INDEX_BYTES: u64 = 128 << 20;
 /// TOCs fetched at once by one image's resolution ahead.
 const AHEAD_FETCHES: usize = 8;
-/// How long a layer whose TOC is in waits for the image's start-up profile: a registry that
-/// stalls the profile delays a pull by this much, not by its request timeouts and retries.
-pub const PROFILE_GRACE: Duration = Duration::from_secs(5);
+/// How long a layer whose TOC is in waits for the image's start-up profile by default
+/// (`[fetch] profile_wait_seconds`): a registry that stalls the profile delays a pull by this
+/// much, not by its request timeouts and retries.
+pub const DEFAULT_PROFILE_WAIT: Duration = Duration::from_secs(5);
 /// A layer resolved ahead and not taken by a Prepare within this is dropped.
 pub(super) const AHEAD_TTL: Duration = Duration::from_secs(120);
 
@@ -161,12 +162,12 @@ impl RemoteLayers {
             .get_blob_bytes(repo, &toc_descriptor.digest, MAX_TOC_BLOB)
             .await?;
         // The profile has been on its way (in a task of its own) beside the TOC. It is only a
-        // hint: a layer waits for it [`PROFILE_GRACE`] at most, then reads on demand.
+        // hint: a layer waits for it `profile_wait` at most, then reads on demand.
         let profile = if self.prefetch {
-            tokio::time::timeout(PROFILE_GRACE, artifact.profile())
+            tokio::time::timeout(self.profile_wait, artifact.profile())
                 .await
                 .unwrap_or_else(|_| {
-                    tracing::warn!(%layer, grace = ?PROFILE_GRACE, "the image's start-up profile has not arrived; this layer is mounted without its prefetch");
+                    tracing::warn!(%layer, waited = ?self.profile_wait, "the image's start-up profile has not arrived; this layer is mounted without its prefetch (see [fetch] profile_wait_seconds)");
                     None
                 })
         } else {
