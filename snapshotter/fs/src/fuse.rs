@@ -376,6 +376,35 @@ impl FuseLayer {
     }
 }
 
+impl FuseLayer {
+    /// Adds `entries` (node, offset, name, attributes) to a READDIRPLUS reply until it is full;
+    /// an entry's attributes are worked out only when it is reached. The error of the first
+    /// entry without attributes, which ends the reply.
+    fn add_plus<'a>(
+        &self,
+        reply: &mut ReplyDirectoryPlus,
+        entries: impl Iterator<Item = (u64, u64, &'a OsStr, Result<Attr, Errno>)>,
+    ) -> Option<Errno> {
+        for (ino, offset, name, attr) in entries {
+            let attr = match attr {
+                Ok(attr) => attr,
+                Err(error) => return Some(error),
+            };
+            if reply.add(
+                INodeNo(ino),
+                offset,
+                name,
+                &self.ttl,
+                &self.attr(&attr),
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        None
+    }
+}
+
 /// Where a listing of `len` entries resumes after `offset` (past the end: nothing left).
 fn listing_start(offset: u64, len: usize) -> usize {
     usize::try_from(offset).unwrap_or(usize::MAX).min(len)
@@ -731,57 +760,32 @@ impl Filesystem for FuseLayer {
         mut reply: ReplyDirectory,
     ) {
         let started = Instant::now();
-        if let Some(merged) = &self.merged {
-            match merged.listing(ino.0, &|layer| self.load(layer)) {
-                Ok(listing) => {
-                    for entry in &listing[listing_start(offset, listing.len())..] {
-                        let name = OsStr::from_bytes(&entry.name);
-                        if reply.add(
-                            INodeNo(entry.ino),
-                            entry.offset,
-                            file_type(entry.kind),
-                            name,
-                        ) {
-                            break;
-                        }
-                    }
-                    self.metrics.observe(Op::Readdir, started, None);
-                    reply.ok();
+        // Adds entries until the reply is full.
+        let mut add = |entries: &mut dyn Iterator<Item = (u64, u64, FileKind, &OsStr)>| {
+            for (ino, offset, kind, name) in entries {
+                if reply.add(INodeNo(ino), offset, file_type(kind), name) {
+                    break;
                 }
-                Err(error) => {
-                    self.metrics.observe(Op::Readdir, started, Some(error));
-                    reply.error(errno(error));
-                }
-            }
-            return;
-        }
-        let index = match self.index() {
-            Ok(index) => index,
-            Err(error) => {
-                self.metrics.observe(Op::Readdir, started, Some(error));
-                reply.error(errno(error));
-                return;
             }
         };
-        match index.readdir_iter(ino.0, offset) {
-            Ok(entries) => {
-                for entry in entries {
-                    if reply.add(
-                        INodeNo(entry.ino),
-                        entry.offset,
-                        file_type(entry.kind),
-                        entry.name,
-                    ) {
-                        break;
-                    }
-                }
-                self.metrics.observe(Op::Readdir, started, None);
-                reply.ok();
-            }
-            Err(error) => {
-                self.metrics.observe(Op::Readdir, started, Some(error));
-                reply.error(errno(error));
-            }
+        let result = match &self.merged {
+            Some(merged) => merged
+                .listing(ino.0, &|layer| self.load(layer))
+                .map(|listing| {
+                    add(&mut listing[listing_start(offset, listing.len())..]
+                        .iter()
+                        .map(|e| (e.ino, e.offset, e.kind, OsStr::from_bytes(&e.name))));
+                }),
+            None => self.index().and_then(|index| {
+                index.readdir_iter(ino.0, offset).map(|entries| {
+                    add(&mut entries.map(|e| (e.ino, e.offset, e.kind, e.name)));
+                })
+            }),
+        };
+        self.done(Op::Readdir, started, &result);
+        match result {
+            Ok(()) => reply.ok(),
+            Err(error) => reply.error(errno(error)),
         }
     }
 
@@ -794,91 +798,45 @@ impl Filesystem for FuseLayer {
         mut reply: ReplyDirectoryPlus,
     ) {
         let started = Instant::now();
-        if let Some(merged) = &self.merged {
-            let load = |layer: &Layer| self.load(layer);
-            match merged.listing(ino.0, &load) {
-                Ok(listing) => {
-                    let mut failed = None;
-                    for entry in &listing[listing_start(offset, listing.len())..] {
-                        let name = OsStr::from_bytes(&entry.name);
-                        // As a lookup answers (which remembers the directories listed); only
-                        // for the entries that fit in the reply.
-                        let attr = if entry.name == b"." || entry.name == b".." {
-                            merged.getattr(entry.ino, &load)
-                        } else {
-                            merged.lookup(ino.0, name, &load)
-                        };
-                        let attr = match attr {
-                            Ok(attr) => attr,
-                            Err(error) => {
-                                failed = Some(error);
-                                break;
-                            }
-                        };
-                        if reply.add(
-                            INodeNo(entry.ino),
-                            entry.offset,
-                            name,
-                            &self.ttl,
-                            &self.attr(&attr),
-                            Generation(0),
-                        ) {
-                            break;
-                        }
+        let failed = match &self.merged {
+            Some(merged) => {
+                let load = |layer: &Layer| self.load(layer);
+                match merged.listing(ino.0, &load) {
+                    Ok(listing) => {
+                        let entries =
+                            listing[listing_start(offset, listing.len())..]
+                                .iter()
+                                .map(|entry| {
+                                    // As a lookup answers (which remembers the directories
+                                    // listed).
+                                    let name = OsStr::from_bytes(&entry.name);
+                                    let attr = if entry.name == b"." || entry.name == b".." {
+                                        merged.getattr(entry.ino, &load)
+                                    } else {
+                                        merged.lookup(ino.0, name, &load)
+                                    };
+                                    (entry.ino, entry.offset, name, attr)
+                                });
+                        self.add_plus(&mut reply, entries)
                     }
-                    self.metrics.observe(Op::Readdirplus, started, failed);
-                    match failed {
-                        None => reply.ok(),
-                        Some(error) => reply.error(errno(error)),
-                    }
-                }
-                Err(error) => {
-                    self.metrics.observe(Op::Readdirplus, started, Some(error));
-                    reply.error(errno(error));
+                    Err(error) => Some(error),
                 }
             }
-            return;
-        }
-        let index = match self.index() {
-            Ok(index) => index,
-            Err(error) => {
-                self.metrics.observe(Op::Readdirplus, started, Some(error));
-                reply.error(errno(error));
-                return;
-            }
+            None => match self.index() {
+                Ok(index) => match index.readdir_iter(ino.0, offset) {
+                    Ok(entries) => self.add_plus(
+                        &mut reply,
+                        entries.map(|e| (e.ino, e.offset, e.name, index.getattr(e.ino))),
+                    ),
+                    Err(error) => Some(error),
+                },
+                Err(error) => Some(error),
+            },
         };
-        match index.readdir_iter(ino.0, offset) {
-            Ok(entries) => {
-                let mut failed = None;
-                for entry in entries {
-                    let attr = match index.getattr(entry.ino) {
-                        Ok(attr) => attr,
-                        Err(error) => {
-                            failed = Some(error);
-                            break;
-                        }
-                    };
-                    if reply.add(
-                        INodeNo(entry.ino),
-                        entry.offset,
-                        entry.name,
-                        &self.ttl,
-                        &self.attr(&attr),
-                        Generation(0),
-                    ) {
-                        break;
-                    }
-                }
-                self.metrics.observe(Op::Readdirplus, started, failed);
-                match failed {
-                    None => reply.ok(),
-                    Some(error) => reply.error(errno(error)),
-                }
-            }
-            Err(error) => {
-                self.metrics.observe(Op::Readdirplus, started, Some(error));
-                reply.error(errno(error));
-            }
+        self.metrics.observe(Op::Readdirplus, started, failed);
+        match failed {
+            None => reply.ok(),
+            Some(error) => reply.error(errno(error)),
         }
     }
 

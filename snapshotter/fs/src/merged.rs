@@ -28,6 +28,7 @@ use nix::errno::Errno;
 use crate::index::{Kind, LayerIndex};
 use crate::layer::{Attr, BLOCK_SIZE, FileKind, NAME_MAX, OPAQUE_XATTR, StatFs};
 use crate::metadata::Layer;
+use crate::ops::file_kind;
 use crate::table::ROOT;
 
 /// Most layers one merged mount serves: the position must fit the high half of a node number,
@@ -89,17 +90,6 @@ pub(crate) struct Merged {
     listings: Mutex<LruCache<u64, Listing>>,
     /// Whether some layer has xattrs of its own, once known (asked at every xattr query).
     has_xattrs: OnceLock<bool>,
-}
-
-fn kind_of(kind: Kind) -> FileKind {
-    match kind {
-        Kind::Dir => FileKind::Directory,
-        Kind::Regular => FileKind::RegularFile,
-        Kind::Symlink => FileKind::Symlink,
-        Kind::CharDevice | Kind::Whiteout => FileKind::CharDevice,
-        Kind::BlockDevice => FileKind::BlockDevice,
-        Kind::Fifo => FileKind::NamedPipe,
-    }
 }
 
 impl Merged {
@@ -320,7 +310,7 @@ impl Merged {
         let entries = names
             .into_iter()
             .filter(|(_, (_, _, kind))| *kind != Kind::Whiteout)
-            .map(|(name, (pos, child, kind))| (name, encode(pos, child), kind_of(kind)));
+            .map(|(name, (pos, child, kind))| (name, encode(pos, child), file_kind(kind)));
         let listing: Listing = dots
             .chain(entries)
             .enumerate()

@@ -19,7 +19,7 @@ use crate::layer::{
 /// million, each needing a slot while its chunk is found.
 const MAX_PIECES_AT_ONCE: usize = 64 << 10;
 
-fn file_kind(kind: Kind) -> FileKind {
+pub(crate) fn file_kind(kind: Kind) -> FileKind {
     match kind {
         Kind::Dir => FileKind::Directory,
         Kind::Regular => FileKind::RegularFile,

@@ -2,7 +2,8 @@
 //! exactly what overlayfs shows over one mount per layer: for generated stacks of layers with
 //! files, directories, symlinks, hard links, xattrs, whiteouts and opaque directories, the two
 //! trees under a container's overlay (an upper directory over the lower mounts) are compared
-//! entry by entry, content included. Needs root, /dev/fuse and overlayfs.
+//! entry by entry, content included, with listings by READDIRPLUS and by plain READDIR. Needs
+//! root, /dev/fuse and overlayfs.
 
 mod common;
 
@@ -14,7 +15,7 @@ use std::sync::Arc;
 
 use nix::mount::MsFlags;
 use streamsnap_format::api;
-use streamsnap_fs::{FsOptions, Layer, LayerFs, MountOptions};
+use streamsnap_fs::{FsOptions, KernelFeature, KernelFeatures, Layer, LayerFs, MountOptions};
 
 use common::testutil::LayerBuilder;
 use common::{DetachOnDrop, fuse_available, mount_options, runtime};
@@ -196,20 +197,9 @@ fn walk(root: &Path, dir: &Path, phantoms: bool, out: &mut BTreeMap<String, Stri
 }
 
 fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
-    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    let name = std::ffi::CString::new(name).unwrap();
-    let mut buf = vec![0u8; 256];
-    // SAFETY: both strings are NUL-terminated and live across the call; the buffer is as long
-    // as the length passed.
-    let n = unsafe {
-        libc::lgetxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    (n >= 0).then(|| buf[..n as usize].to_vec())
+    common::getxattr(path, name, 256)
+        .ok()
+        .map(|(_, value)| value)
 }
 
 /// A container's overlay over `lowers` (top first) with an empty upper directory.
@@ -238,6 +228,19 @@ fn overlay(lowers: &[&Path], scratch: &Path) -> DetachOnDrop {
     )
     .unwrap_or_else(|e| panic!("mount -t overlay -o {options}: {e}"));
     DetachOnDrop(merged)
+}
+
+/// Odd seeds list directories with plain READDIR (the fallback without READDIRPLUS).
+fn options_for(seed: u8) -> MountOptions {
+    let kernel_features = if seed % 2 == 1 {
+        KernelFeatures::without([KernelFeature::Readdirplus])
+    } else {
+        KernelFeatures::all()
+    };
+    MountOptions {
+        kernel_features,
+        ..mount_options()
+    }
 }
 
 #[test]
@@ -269,7 +272,7 @@ fn a_merged_mount_shows_what_overlayfs_shows_over_one_mount_per_layer() {
                     Arc::clone(layer),
                     &dir,
                     rt.handle().clone(),
-                    &mount_options(),
+                    &options_for(seed),
                 )
                 .unwrap(),
             );
@@ -285,7 +288,7 @@ fn a_merged_mount_shows_what_overlayfs_shows_over_one_mount_per_layer() {
         fs::create_dir_all(&merged_dir).unwrap();
         let options = MountOptions {
             lowers: layers[..depth - 1].iter().rev().cloned().collect(),
-            ..mount_options()
+            ..options_for(seed)
         };
         let top = Arc::clone(&layers[depth - 1]);
         let merged = streamsnap_fs::mount(top, &merged_dir, rt.handle().clone(), &options).unwrap();

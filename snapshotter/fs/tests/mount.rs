@@ -3,10 +3,8 @@
 
 mod common;
 
-use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,7 +16,10 @@ use streamsnap_format::api::{EntryType, Xattr};
 use streamsnap_fs::{FsOptions, LayerFs, force_unmount, is_stale_mount};
 
 use common::testutil::{LayerBuilder, MemoryChunks};
-use common::{DetachOnDrop, Mounted, fuse_available, mount_entry, pattern, runtime, wait_until};
+use common::{
+    DetachOnDrop, Mounted, c_path, fuse_available, getxattr, mount_entry, pattern, runtime,
+    wait_until,
+};
 
 const MAX_CHUNK: u32 = 4096;
 const BIG_LEN: usize = 50_000;
@@ -64,32 +65,6 @@ fn sample() -> (Arc<Toc>, Arc<MemoryChunks>) {
         );
     }
     b.build()
-}
-
-fn c_path(path: &Path) -> CString {
-    CString::new(path.as_os_str().as_bytes()).unwrap()
-}
-
-/// `lgetxattr`; with `size` 0 it returns the value's length as the kernel reports it.
-fn getxattr(path: &Path, name: &str, size: usize) -> io::Result<(isize, Vec<u8>)> {
-    let path = c_path(path);
-    let name = CString::new(name).unwrap();
-    let mut buf = vec![0u8; size];
-    // SAFETY: both strings are NUL-terminated and outlive the call; `buf` is writable for
-    // `buf.len()` bytes (a null-sized buffer is allowed with size 0).
-    let n = unsafe {
-        libc::lgetxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(if size == 0 { 0 } else { n as usize });
-    Ok((n, buf))
 }
 
 fn listxattr(path: &Path) -> io::Result<Vec<u8>> {

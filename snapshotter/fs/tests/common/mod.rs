@@ -2,6 +2,9 @@
 //! cleans up even when a test fails.
 #![allow(dead_code)]
 
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -158,4 +161,30 @@ pub fn metric(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str
         }
     }
     0.0
+}
+
+pub fn c_path(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).unwrap()
+}
+
+/// `lgetxattr`; with `size` 0 it returns the value's length as the kernel reports it.
+pub fn getxattr(path: &Path, name: &str, size: usize) -> io::Result<(isize, Vec<u8>)> {
+    let path = c_path(path);
+    let name = CString::new(name).unwrap();
+    let mut buf = vec![0u8; size];
+    // SAFETY: both strings are NUL-terminated and outlive the call; `buf` is writable for
+    // `buf.len()` bytes (a null-sized buffer is allowed with size 0).
+    let n = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(if size == 0 { 0 } else { n as usize });
+    Ok((n, buf))
 }
