@@ -155,14 +155,22 @@ impl Snapshotter {
         // The snapshots below, nearest first, when they are all merged remote layers.
         let lowers = match parent {
             Some(parent) => {
-                let chain = self.chain(Some(parent))?;
-                if chain[0].kind != Kind::Committed {
+                let parent_record = self.record(parent)?;
+                if parent_record.kind != Kind::Committed {
                     return Err(Error::FailedPrecondition(format!(
                         "parent {parent:?} is not committed"
                     )));
                 }
-                let merged = chain[0].remote.as_ref().is_some_and(|source| source.merged);
-                merged.then(|| chain.iter().map(|record| record.id).collect::<Vec<_>>())
+                match &parent_record.remote {
+                    // Its mount holds the layers below it: their ids are only needed then.
+                    Some(source) if source.merged => {
+                        let below = self.chain(parent_record.parent.as_deref())?;
+                        let ids =
+                            std::iter::once(parent_record.id).chain(below.iter().map(|r| r.id));
+                        Some(ids.collect::<Vec<_>>())
+                    }
+                    _ => None,
+                }
             }
             None => Some(Vec::new()),
         };

@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 use crate::remote::RemoteLayers;
 use crate::store::{Kind, Record, Store, Timestamp};
 
+/// Most ancestors a snapshot may have (deeper chains are refused as damaged).
+pub(crate) const MAX_CHAIN: usize = 4096;
+
 /// A mount containerd performs to use a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mount {
@@ -143,7 +146,7 @@ impl Snapshotter {
         })
     }
 
-    /// Records of `parent` and its ancestors, nearest first.
+    /// Records of `parent` and its ancestors, nearest first (at most [`MAX_CHAIN`]).
     pub(crate) fn chain(&self, parent: Option<&str>) -> Result<Vec<Record>> {
         let mut chain = Vec::new();
         let mut next = parent.map(str::to_owned);
@@ -151,7 +154,7 @@ impl Snapshotter {
             let record = self.record(&key)?;
             next = record.parent.clone();
             chain.push(record);
-            if chain.len() > 4096 {
+            if chain.len() > MAX_CHAIN {
                 return Err(Error::FailedPrecondition(format!(
                     "snapshot chain of {key:?} is too deep"
                 )));

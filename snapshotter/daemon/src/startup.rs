@@ -11,7 +11,7 @@ use anyhow::Context;
 use streamsnap_fs::FuseConnection;
 
 use crate::metrics::Metrics;
-use crate::snapshotter::Snapshotter;
+use crate::snapshotter::{MAX_CHAIN, Snapshotter};
 
 /// An exclusive lock on the root directory, held for the daemon's life.
 #[derive(Debug)]
@@ -78,28 +78,31 @@ pub fn remount_remote_snapshots(
     }
     let mut cannot_resend_logged = false;
     let (mut mounted, mut failed) = (0, 0);
-    // Layers below first: a merged layer's mount serves them too. Each with the snapshots
-    // below it, nearest first.
-    let mut remote_records = Vec::new();
-    for (key, record) in snapshotter.store.list()? {
-        if record.remote.is_none() {
-            continue;
-        }
-        let lowers: Vec<u64> = match snapshotter.chain(record.parent.as_deref()) {
-            Ok(chain) => chain.iter().map(|lower| lower.id).collect(),
-            Err(error) => {
-                failed += 1;
-                tracing::error!(key, error = %crate::error::chain(&error), "cannot serve a remote snapshot again: its parents are not all there");
-                continue;
-            }
-        };
-        remote_records.push((key, record, lowers));
-    }
-    remote_records.sort_by_key(|(_, _, lowers)| lowers.len());
-    for (key, record, lowers) in remote_records {
+    // Layers below first: a merged layer's mount serves them too, and needs the ids of the
+    // snapshots below it, nearest first (found in the listing, not read again).
+    let records = snapshotter.store.list()?;
+    let parents: HashMap<&str, (u64, Option<&str>)> = records
+        .iter()
+        .map(|(key, record)| (key.as_str(), (record.id, record.parent.as_deref())))
+        .collect();
+    let mut remote_records: Vec<_> = records
+        .iter()
+        .filter(|(_, record)| record.remote.is_some())
+        .map(|(key, record)| (key, record, below(&parents, record.parent.as_deref())))
+        .collect();
+    remote_records.sort_by_key(|(_, _, (lowers, _))| lowers.len());
+    for (key, record, (lowers, whole)) in remote_records {
         let Some(source) = &record.remote else {
             continue;
         };
+        if source.merged && !whole {
+            failed += 1;
+            tracing::error!(
+                key,
+                "cannot serve a merged remote snapshot again: the snapshots below it are not all there"
+            );
+            continue;
+        }
         let (connection, resend, kind) = match held.remove(&record.id) {
             Some(connection) if clean => (Some(connection), false, "graceful"),
             Some(connection) if connection.resend_supported() && remote.resend_allowed() => {
@@ -150,4 +153,45 @@ pub fn remount_remote_snapshots(
         crate::mounter::detach_all_under(&snapshotter.snapshot_dir(id));
     }
     Ok((mounted, failed))
+}
+
+/// The ids of the snapshots below `parent` (itself first) in `parents` (key -> id and parent),
+/// and whether they reach the image's first layer (false: a parent missing, or a chain deeper
+/// than [`MAX_CHAIN`]).
+fn below<'a>(
+    parents: &HashMap<&'a str, (u64, Option<&'a str>)>,
+    mut parent: Option<&'a str>,
+) -> (Vec<u64>, bool) {
+    let mut ids = Vec::new();
+    while let Some(key) = parent {
+        match parents.get(key) {
+            Some(&(id, next)) if ids.len() < MAX_CHAIN => {
+                ids.push(id);
+                parent = next;
+            }
+            _ => return (ids, false),
+        }
+    }
+    (ids, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_snapshots_below_are_found_in_the_listing_and_a_gap_is_told() {
+        let parents: HashMap<&str, (u64, Option<&str>)> = [
+            ("base", (1, None)),
+            ("mid", (2, Some("base"))),
+            ("top", (3, Some("mid"))),
+            ("orphan", (4, Some("gone"))),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(below(&parents, Some("top")), (vec![3, 2, 1], true));
+        assert_eq!(below(&parents, None), (vec![], true));
+        assert_eq!(below(&parents, Some("orphan")), (vec![4], false));
+        assert_eq!(below(&parents, Some("gone")), (vec![], false));
+    }
 }

@@ -358,9 +358,7 @@ impl FuseLayer {
     /// over all of them when merged).
     fn worth_passthrough(&self, min_file_bytes: u64) -> bool {
         match &self.merged {
-            Some(merged) => merged
-                .file_bytes(min_file_bytes.max(1), &|layer| self.load(layer))
-                .is_ok_and(|(large, all)| large > 0 && large >= all / 2),
+            Some(merged) => merged.worth_passthrough(min_file_bytes, &|layer| self.load(layer)),
             None => self
                 .index()
                 .is_ok_and(|index| index.worth_passthrough(min_file_bytes)),

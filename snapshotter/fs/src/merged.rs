@@ -212,6 +212,8 @@ impl Merged {
         let info = self.dir(parent, load)?;
         let name = name.as_bytes();
         let mut found: Vec<Part> = Vec::new();
+        // The index of the topmost directory found, which presents it.
+        let mut top_index = None;
         for &(pos, dir) in info.parts.iter() {
             let (_, index) = self.layer_index(pos, load)?;
             let node = index.node(dir).ok_or(Errno::EIO)?;
@@ -224,7 +226,9 @@ impl Merged {
                 Kind::Whiteout => break,
                 Kind::Dir => {
                     found.push((pos, child));
-                    if child_node.opaque() {
+                    let opaque = child_node.opaque();
+                    top_index.get_or_insert(index);
+                    if opaque {
                         break;
                     }
                 }
@@ -233,7 +237,7 @@ impl Merged {
                 _ => break,
             }
         }
-        let Some(&(pos, top)) = found.first() else {
+        let (Some(&(pos, top)), Some(index)) = (found.first(), top_index) else {
             return Err(Errno::ENOENT);
         };
         let ino = encode(pos, top);
@@ -245,7 +249,6 @@ impl Merged {
                 parent,
             },
         );
-        let (_, index) = self.layer_index(pos, load)?;
         self.attr(ino, &index, top, parts)
     }
 
@@ -406,15 +409,16 @@ impl Merged {
         })
     }
 
-    /// Bytes in regular files of at least `min` bytes, and in all regular files, of every layer.
-    pub(crate) fn file_bytes(&self, min: u64, load: Load<'_>) -> Result<(u64, u64), Errno> {
-        let (mut large, mut all) = (0u64, 0u64);
-        for index in self.indexes(load)? {
-            let (l, a) = index.file_bytes(min);
-            large = large.saturating_add(l);
-            all = all.saturating_add(a);
-        }
-        Ok((large, all))
+    /// [`LayerIndex::worth_passthrough`] over the bytes of every layer.
+    pub(crate) fn worth_passthrough(&self, min_file_bytes: u64, load: Load<'_>) -> bool {
+        let Ok(indexes) = self.indexes(load) else {
+            return false;
+        };
+        let (large, all) = indexes.iter().fold((0u64, 0u64), |(large, all), index| {
+            let (l, a) = index.file_bytes(min_file_bytes.max(1));
+            (large.saturating_add(l), all.saturating_add(a))
+        });
+        crate::index::worth_passthrough(large, all)
     }
 }
 

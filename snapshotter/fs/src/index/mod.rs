@@ -57,6 +57,12 @@ mod header {
     pub const FILES: usize = 152;
 }
 
+/// The rule of [`LayerIndex::worth_passthrough`]: `large` bytes in files big enough for copies
+/// out of `all` bytes in files.
+pub(crate) fn worth_passthrough(large: u64, all: u64) -> bool {
+    large > 0 && large >= all / 2
+}
+
 /// `flags` bit of the header: some inode has an xattr (or an opaque marker).
 const HAS_XATTRS: u32 = 1;
 /// Node flag bit: the directory is opaque.
@@ -327,7 +333,7 @@ impl LayerIndex {
     /// bench's warm start took 15% longer: docs/benchmarks.md).
     pub fn worth_passthrough(&self, min_file_bytes: u64) -> bool {
         let (large, all) = self.file_bytes(min_file_bytes.max(1));
-        large > 0 && large >= all / 2
+        worth_passthrough(large, all)
     }
 
     pub(crate) fn statfs_totals(&self) -> (u64, u64) {
