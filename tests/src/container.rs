@@ -215,17 +215,32 @@ impl Drop for RootfsGuard<'_> {
     }
 }
 
-/// Checks `sha256sum`'s output `out` has the line `DIGEST  PATH` for each of `files` (path,
-/// sha256 hex): every file was read with the right bytes.
-pub fn ensure_sha256sums(out: &str, files: &[(String, String)]) -> anyhow::Result<()> {
-    for (path, digest) in files {
-        let line = format!("{digest}  {path}");
-        anyhow::ensure!(
-            out.lines().any(|l| l == line),
-            "{path}: wrong content or missing; sha256sum said:\n{out}"
-        );
-    }
-    Ok(())
+/// A shell command for a container that checks every one of `files` (path, sha256 hex) with
+/// `sha256sum -c` and exits non-zero unless each digest matches: run it with [`run_container`],
+/// which fails on a non-zero exit. The exit status is the verdict, not the output: under load
+/// `ctr run` can lose what a short-lived container printed (CI saw a `sha256sum` that exited 0
+/// with empty output), never its exit status.
+pub fn sha256_check(files: &[(String, String)]) -> String {
+    let lines: Vec<String> = files
+        .iter()
+        .map(|(path, digest)| format!("'{digest}  {path}'"))
+        .collect();
+    format!("printf '%s\\n' {} | sha256sum -c -", lines.join(" "))
+}
+
+/// [`sha256_check`] for each of `files` at once (one reader per file), exiting non-zero when
+/// any check fails.
+pub fn sha256_check_parallel(files: &[(String, String)]) -> String {
+    let readers: String = files
+        .iter()
+        .map(|file| {
+            format!(
+                "{{ {}; }} & pids=\"$pids $!\"; ",
+                sha256_check(std::slice::from_ref(file))
+            )
+        })
+        .collect();
+    format!("pids=; {readers}for p in $pids; do wait $p || exit 1; done")
 }
 
 /// Mounts the rootfs of `image` (pulled before, or unpacked now by `ctr`) read-only at

@@ -52,7 +52,8 @@ use anyhow::bail;
 pub use bins::{run, workspace_bin};
 pub use busybox::busybox_layer;
 pub use container::{
-    RootfsGuard, ensure_sha256sums, mount_rootfs, pull, rpull, run_container, run_container_with,
+    RootfsGuard, mount_rootfs, pull, rpull, run_container, run_container_with, sha256_check,
+    sha256_check_parallel,
 };
 pub use containerd::{CRI_NAMESPACE, Containerd, ContainerdOptions};
 pub use image::{Compression, ImageSpec, LayerBlob, OciLayout, WrittenImage, WrittenIndex};

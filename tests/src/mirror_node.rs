@@ -49,19 +49,14 @@ impl MirrorNode {
         files: &[(String, String)],
     ) -> anyhow::Result<()> {
         rpull(&self.containerd, image, "streamsnap", true)?;
-        let script = files
-            .iter()
-            .map(|(path, _)| format!("sha256sum {path} &"))
-            .collect::<Vec<_>>()
-            .join(" ")
-            + " wait";
-        let out = run_container(
+        let script = crate::sha256_check_parallel(files);
+        run_container(
             &self.containerd,
             image,
             "streamsnap",
             id,
             &["sh", "-c", &script],
         )?;
-        crate::ensure_sha256sums(&out, files)
+        Ok(())
     }
 }

@@ -94,12 +94,17 @@ impl StreamingNode {
         Ok(node)
     }
 
-    /// Runs `sha256sum` on `files` in a new container and checks every digest.
+    /// Checks every digest of `files` with `sha256sum -c` in a new container.
     pub fn check_digests(&self, id: &str, files: &[(String, String)]) -> anyhow::Result<()> {
-        let mut args = vec!["sha256sum"];
-        args.extend(files.iter().map(|(p, _)| p.as_str()));
-        let out = run_container(&self.containerd, &self.image, "streamsnap", id, &args)?;
-        crate::ensure_sha256sums(&out, files)
+        let check = crate::sha256_check(files);
+        run_container(
+            &self.containerd,
+            &self.image,
+            "streamsnap",
+            id,
+            &["sh", "-c", &check],
+        )?;
+        Ok(())
     }
 
     pub fn metrics(&self) -> anyhow::Result<String> {
