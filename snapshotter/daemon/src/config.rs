@@ -58,6 +58,14 @@ pub struct FetchSection {
     /// chunks that follow it in the background (0: off). Readers moving forward through a layer
     /// (imports, sequential reads) then find their next chunks cached.
     pub readahead_bytes: u64,
+    /// After a read that is not sequential and had to go to the network (a cache miss of a
+    /// starting container), also fetch this many compressed bytes of the chunks that follow it
+    /// in the background (0: off). Files a start reads one after another often sit next to each
+    /// other in the layer (a package's modules), so the next miss may already be on its way:
+    /// it pays where round trips are long. Costs bytes the start may never read. Layers an
+    /// image's start-up profile covers never do it (the prefetch brings their start). At most
+    /// 16 MiB.
+    pub readahead_after_miss_bytes: u64,
     /// When an image has a start-up profile (`streamsnap artifact-streaming profile`), fetch
     /// the chunks it lists as soon as each layer is mounted, in a few large requests.
     pub prefetch_profile: bool,
@@ -307,6 +315,7 @@ impl Default for FetchSection {
             retries: 3,
             verify_attempts: 5,
             readahead_bytes: 4 << 20,
+            readahead_after_miss_bytes: crate::remote::DEFAULT_READAHEAD_AFTER_MISS,
             prefetch_profile: true,
             prefetch_max_bytes: crate::remote::DEFAULT_PREFETCH_MAX_BYTES,
             prefetch_in_flight_bytes: crate::remote::DEFAULT_PREFETCH_IN_FLIGHT,
@@ -416,6 +425,11 @@ impl Config {
             crate::remote::MAX_PREFETCH_IN_FLIGHT
         );
         anyhow::ensure!(
+            self.fetch.readahead_after_miss_bytes <= crate::remote::MAX_READAHEAD_AFTER_MISS,
+            "fetch.readahead_after_miss_bytes must be at most {} (16 MiB)",
+            crate::remote::MAX_READAHEAD_AFTER_MISS
+        );
+        anyhow::ensure!(
             self.fetch.profile_wait_seconds <= MAX_PROFILE_WAIT_SECONDS,
             "fetch.profile_wait_seconds must be at most {MAX_PROFILE_WAIT_SECONDS}: a pull waits \
              this long for a profile that does not come"
@@ -464,6 +478,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("fetch.profile_wait_seconds"), "{error}");
+    }
+
+    #[test]
+    fn readahead_after_miss_bytes_has_its_default_and_is_bounded() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(
+            config.fetch.readahead_after_miss_bytes,
+            crate::remote::DEFAULT_READAHEAD_AFTER_MISS
+        );
+        let config = Config::parse("[fetch]\nreadahead_after_miss_bytes = 0\n").unwrap();
+        assert_eq!(config.fetch.readahead_after_miss_bytes, 0);
+        let text = format!(
+            "[fetch]\nreadahead_after_miss_bytes = {}\n",
+            crate::remote::MAX_READAHEAD_AFTER_MISS + 1
+        );
+        let error = format!("{:#}", Config::parse(&text).unwrap_err());
+        assert!(
+            error.contains("fetch.readahead_after_miss_bytes"),
+            "{error}"
+        );
     }
 
     #[test]

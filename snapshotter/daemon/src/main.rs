@@ -291,6 +291,7 @@ fn build_remote(
         metrics.clone(),
     )
     .with_readahead(config.fetch.readahead_bytes)
+    .with_readahead_after_miss(config.fetch.readahead_after_miss_bytes)
     .with_mirror_max_skip(config.fetch.mirror_max_skip_bytes)
     .with_prefetch(
         config.fetch.prefetch_profile,

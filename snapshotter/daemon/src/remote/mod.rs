@@ -60,6 +60,8 @@ pub const DEFAULT_PREFETCH_MAX_BYTES: u64 = 1 << 30;
 pub use profile::{
     DEFAULT_IN_FLIGHT as DEFAULT_PREFETCH_IN_FLIGHT, MAX_IN_FLIGHT as MAX_PREFETCH_IN_FLIGHT,
 };
+/// The default and the largest `[fetch] readahead_after_miss_bytes`.
+pub use source::{DEFAULT_READAHEAD_AFTER_MISS, MAX_READAHEAD_AFTER_MISS};
 /// A fallback is logged once per image per this period.
 const FALLBACK_LOG_PERIOD: Duration = Duration::from_secs(600);
 
@@ -155,6 +157,8 @@ pub struct RemoteLayers {
     holder: Option<HolderClient>,
     /// Compressed bytes fetched ahead after a read that missed the cache.
     readahead_bytes: u64,
+    /// Compressed bytes fetched ahead after a random read that missed the cache.
+    readahead_after_miss_bytes: u64,
     /// Fetch the chunks an image's start-up profile lists as soon as its layers mount.
     prefetch: bool,
     /// Most decoded bytes one image's profile may prefetch, over all its layers.
@@ -217,6 +221,7 @@ impl RemoteLayers {
             metrics,
             holder: None,
             readahead_bytes: 0,
+            readahead_after_miss_bytes: 0,
             prefetch: false,
             prefetch_max_bytes: DEFAULT_PREFETCH_MAX_BYTES,
             reads: Arc::default(),
@@ -363,6 +368,13 @@ impl RemoteLayers {
     /// chunks that follow in the background.
     pub fn with_readahead(mut self, bytes: u64) -> Self {
         self.readahead_bytes = bytes;
+        self
+    }
+
+    /// After a read that is not sequential and misses the cache, fetch up to `bytes`
+    /// (compressed) of the chunks that follow in the background (0: off).
+    pub fn with_readahead_after_miss(mut self, bytes: u64) -> Self {
+        self.readahead_after_miss_bytes = bytes;
         self
     }
 
@@ -595,21 +607,35 @@ impl RemoteLayers {
                 source: e,
             })?;
         }
-        let (index, prefetch, feed) = match fresh {
+        // A layer its image's start-up profile covers gets its start's chunks from the
+        // prefetch: a miss there is a read the profile did not foresee, and fetching past it
+        // would only take the link from the prefetch (measured: docs/benchmarks.md).
+        let (index, prefetch, feed, profiled) = match fresh {
             Some(Fresh {
                 index,
                 spans,
                 prefetch,
                 feed,
             }) => {
+                let profiled = prefetch.is_some() || feed.is_some();
                 let feed = match feed {
                     Some(feed) => feed,
                     None => self.feed(source, spans)?,
                 };
-                (Some(index), prefetch, feed)
+                (Some(index), prefetch, feed, profiled)
             }
             // A remount reads the index kind's span table from beside the TOC.
-            None => (None, None, self.feed(source, saved_spans(dir, source)?)?),
+            None => (
+                None,
+                None,
+                self.feed(source, saved_spans(dir, source)?)?,
+                false,
+            ),
+        };
+        let after_miss = if profiled {
+            0
+        } else {
+            self.readahead_after_miss_bytes
         };
         let blob = feed.blob.clone();
         let log = Arc::new(AccessLog::new(self.reads.clone()));
@@ -620,6 +646,7 @@ impl RemoteLayers {
                 self.background.on_demand.clone(),
                 self.readahead_bytes,
             )
+            .with_readahead_after_miss(after_miss)
             .with_log(log.clone()),
         );
         let mut layer = Layer::open(
