@@ -26,6 +26,11 @@ impl MirrorNode {
                 .map(|m| format!("[registry.hosts.\"{origin}\"]\nmirrors = [\"{m}\"]\n"))
                 .unwrap_or_default(),
             fetch_timeout_seconds: timeout_seconds,
+            // The mirror tests count what reads cost each registry and which chunks a later
+            // read still has to fetch: the read-ahead after a miss would fetch chunks no read
+            // asked for, in the background, as fast as the machine lets it (CI saw a probe read
+            // find its chunks already cached).
+            fetch_lines: "readahead_after_miss_bytes = 0\n".into(),
             metrics: true,
             ..SnapshotterdOptions::default()
         })?;
