@@ -87,14 +87,18 @@ pub fn remount_remote_snapshots(
         .collect();
     let mut remote_records: Vec<_> = records
         .iter()
-        .filter(|(_, record)| record.remote.is_some())
-        .map(|(key, record)| (key, record, below(&parents, record.parent.as_deref())))
+        .filter_map(|(key, record)| {
+            let source = record.remote.as_ref()?;
+            Some((
+                key,
+                record,
+                source,
+                below(&parents, record.parent.as_deref()),
+            ))
+        })
         .collect();
-    remote_records.sort_by_key(|(_, _, (lowers, _))| lowers.len());
-    for (key, record, (lowers, whole)) in remote_records {
-        let Some(source) = &record.remote else {
-            continue;
-        };
+    remote_records.sort_by_key(|(_, _, _, (lowers, _))| lowers.len());
+    for (key, record, source, (lowers, whole)) in remote_records {
         if source.merged && !whole {
             failed += 1;
             tracing::error!(

@@ -607,35 +607,29 @@ impl RemoteLayers {
                 source: e,
             })?;
         }
-        // A layer its image's start-up profile covers gets its start's chunks from the
-        // prefetch: a miss there is a read the profile did not foresee, and fetching past it
-        // would only take the link from the prefetch (measured: docs/benchmarks.md).
-        let (index, prefetch, feed, profiled) = match fresh {
+        // A layer its image's start-up profile covers (its prefetch to start, or started) gets
+        // its start's chunks from the prefetch: a miss there is a read the profile did not
+        // foresee, and fetching past it would only take the link from the prefetch (measured:
+        // docs/benchmarks.md).
+        let after_miss = match &fresh {
+            Some(fresh) if fresh.prefetch.is_some() || fresh.feed.is_some() => 0,
+            _ => self.readahead_after_miss_bytes,
+        };
+        let (index, prefetch, feed) = match fresh {
             Some(Fresh {
                 index,
                 spans,
                 prefetch,
                 feed,
             }) => {
-                let profiled = prefetch.is_some() || feed.is_some();
                 let feed = match feed {
                     Some(feed) => feed,
                     None => self.feed(source, spans)?,
                 };
-                (Some(index), prefetch, feed, profiled)
+                (Some(index), prefetch, feed)
             }
             // A remount reads the index kind's span table from beside the TOC.
-            None => (
-                None,
-                None,
-                self.feed(source, saved_spans(dir, source)?)?,
-                false,
-            ),
-        };
-        let after_miss = if profiled {
-            0
-        } else {
-            self.readahead_after_miss_bytes
+            None => (None, None, self.feed(source, saved_spans(dir, source)?)?),
         };
         let blob = feed.blob.clone();
         let log = Arc::new(AccessLog::new(self.reads.clone()));

@@ -193,11 +193,11 @@ impl CacheReader {
         ahead
     }
 
-    /// Notes a read of chunks `first..=last` and, when the reads are sequential (or this one
-    /// `missed` the cache and [`Self::with_readahead_after_miss`] is set), starts fetching what
-    /// follows unless a read-ahead of this layer still runs. Runs inside the runtime (it
-    /// spawns).
-    fn read_ahead(&self, table: &dyn ChunkTable, first: u32, last: u32, missed: bool) {
+    /// Notes a read of chunks `first..=last` (`refs`) and, when the reads are sequential (or
+    /// this one misses the cache and [`Self::with_readahead_after_miss`] is set), starts
+    /// fetching what follows unless a read-ahead of this layer still runs. The cache is asked
+    /// about `refs` only when that decides it. Runs inside the runtime (it spawns).
+    fn read_ahead(&self, table: &dyn ChunkTable, refs: &[ChunkRef], first: u32, last: u32) {
         let mut window = if self.readahead_bytes == 0 {
             0
         } else {
@@ -206,7 +206,11 @@ impl CacheReader {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .record(first, last, self.readahead_bytes)
         };
-        if window == 0 && missed {
+        if window == 0
+            && self.after_miss_bytes > 0
+            && !self.reading_ahead.load(Ordering::Acquire)
+            && refs.iter().any(|chunk| !self.cache.contains(&chunk.digest))
+        {
             window = self.after_miss_bytes;
         }
         if window == 0 || self.reading_ahead.swap(true, Ordering::AcqRel) {
@@ -257,9 +261,7 @@ impl ChunkReader for CacheReader {
         Box::pin(async move {
             let _reading = OnDemandRead::begin(&self.on_demand);
             if let Some((first, last)) = span {
-                let missed = self.after_miss_bytes > 0
-                    && refs.iter().any(|chunk| !self.cache.contains(&chunk.digest));
-                self.read_ahead(table, first, last, missed);
+                self.read_ahead(table, &refs, first, last);
             }
             let result = self
                 .cache
